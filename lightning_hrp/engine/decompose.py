@@ -118,3 +118,9 @@ def svd_of_products(
         for position, index in enumerate(indices):
             results[index] = ProductSVD(stacked.U[position], stacked.S[position], stacked.Vh[position])
     return results  # type: ignore[return-value]
+
+
+def energy_kept(S: Tensor, top: int) -> float:
+    """Share of the squared Frobenius norm that the ``top`` leading singular values hold (NaN for zero)."""
+    total = float((S.double() ** 2).sum())
+    return float((S[:top].double() ** 2).sum()) / total if total > 0 else float("nan")

@@ -1,0 +1,24 @@
+"""The HRP engine: plain torch and peft, no Lightning.
+
+Finding LoRA layers (:mod:`.lora`), rank-R preheat adapters outside the model (:mod:`.preheat`),
+the exact batched decomposition (:mod:`.decompose`), the init rules (:mod:`.init_rules`) and the
+collectives for multi-process runs (:mod:`.distributed`).
+"""
+
+from lightning_hrp.engine.decompose import ProductSVD, svd_of_product, svd_of_products
+from lightning_hrp.engine.init_rules import DirectionScale, InitRule, new_adapter_weights
+from lightning_hrp.engine.lora import LoraTarget, find_lora_targets
+from lightning_hrp.engine.preheat import PreheatAdapters, PreheatMode
+
+__all__ = [
+    "DirectionScale",
+    "InitRule",
+    "LoraTarget",
+    "PreheatAdapters",
+    "PreheatMode",
+    "ProductSVD",
+    "find_lora_targets",
+    "new_adapter_weights",
+    "svd_of_product",
+    "svd_of_products",
+]

@@ -1,0 +1,146 @@
+"""Collectives HRP needs, written so that a single process needs no process group at all."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from lightning_hrp.engine.decompose import ProductSVD, group_by_key, product_group_key, svd_of_product
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank_and_world_size() -> tuple[int, int]:
+    if not is_distributed():
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _communication_device(fallback: torch.device) -> torch.device:
+    if is_distributed() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return fallback
+
+
+def broadcast_int(value: int, src: int = 0) -> int:
+    """``value`` as held by rank ``src``, on every rank."""
+    if not is_distributed():
+        return value
+    buffer = torch.tensor([value], dtype=torch.int64, device=_communication_device(torch.device("cpu")))
+    dist.broadcast(buffer, src=src)
+    return int(buffer.item())
+
+
+def all_reduce_mean_(tensors: Sequence[Tensor]) -> None:
+    """Average ``tensors`` in place over all ranks with one flattened all-reduce.
+
+    All tensors must share a device and dtype (they are one optimizer's gradients plus its loss).
+    """
+    if not is_distributed() or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    device = flat.device
+    flat = flat.to(_communication_device(device))
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat = flat.to(device) / dist.get_world_size()
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def read_full(param: Tensor) -> Tensor:
+    """The whole value of a parameter, gathering it if it is a sharded DTensor (FSDP2)."""
+    if isinstance(param, DTensor):
+        return param.full_tensor()
+    return param.detach()
+
+
+def local_data(param: Tensor) -> Tensor:
+    """The part of ``param`` stored on this rank (its local shard for a DTensor)."""
+    if isinstance(param, DTensor):
+        return param.to_local()
+    return param.data
+
+
+@torch.no_grad()
+def write_full_(param: Tensor, value: Tensor) -> None:
+    """Copy ``value`` (the whole tensor, identical on every rank) into ``param`` in place.
+
+    For a DTensor only the local shard is written; no communication happens because every rank
+    already holds the whole value.
+    """
+    value = value.to(dtype=param.dtype)
+    if isinstance(param, DTensor):
+        shard = distribute_tensor(value.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+        param.to_local().copy_(shard.to_local())
+    else:
+        param.data.copy_(value.to(param.device))
+
+
+def shared_svd_of_products(
+    products: Sequence[tuple[Tensor, Tensor]], tops: Sequence[int], *, dtype: torch.dtype = torch.float32
+) -> list[ProductSVD]:
+    """Like :func:`~lightning_hrp.engine.decompose.svd_of_products`, with the work split over ranks.
+
+    Each group of equally shaped products is decomposed, batched, by one rank (groups are dealt
+    out largest first to the least-loaded rank) and broadcast from there, so the wall time falls
+    as the world grows and every rank ends with bitwise the same result.
+    """
+    keys = [product_group_key(B, A, top) for (B, A), top in zip(products, tops)]
+    groups = list(group_by_key(keys).values())
+    rank, world_size = rank_and_world_size()
+    owners = _deal_out(groups, products, world_size)
+
+    results: list[ProductSVD | None] = [None] * len(products)
+    for indices, owner in zip(groups, owners):
+        B0, A0 = products[indices[0]]
+        top = tops[indices[0]]
+        if owner == rank:
+            svd = svd_of_product(
+                torch.stack([products[i][0] for i in indices]),
+                torch.stack([products[i][1] for i in indices]),
+                top=top,
+                dtype=dtype,
+            )
+            U, S, Vh = svd.U.contiguous(), svd.S.contiguous(), svd.Vh.contiguous()
+        else:
+            k = min(B0.shape[0], A0.shape[1], B0.shape[1])
+            U = B0.new_empty(len(indices), B0.shape[0], top, dtype=dtype)
+            S = B0.new_empty(len(indices), k, dtype=dtype)
+            Vh = B0.new_empty(len(indices), top, A0.shape[1], dtype=dtype)
+        if world_size > 1:
+            for tensor in (U, S, Vh):
+                _broadcast_(tensor, src=owner)
+        for position, index in enumerate(indices):
+            results[index] = ProductSVD(U[position], S[position], Vh[position])
+    return results  # type: ignore[return-value]
+
+
+def _deal_out(groups: list[list[int]], products: Sequence[tuple[Tensor, Tensor]], world_size: int) -> list[int]:
+    """Owner rank of each group: largest cost first, to the least-loaded rank (deterministic)."""
+    def cost(indices: list[int]) -> int:
+        B, A = products[indices[0]]
+        return len(indices) * (B.shape[0] + A.shape[1]) * B.shape[1] ** 2
+
+    loads = [0] * world_size
+    owners = [0] * len(groups)
+    for g in sorted(range(len(groups)), key=lambda g: (-cost(groups[g]), g)):
+        owner = min(range(world_size), key=lambda r: (loads[r], r))
+        owners[g] = owner
+        loads[owner] += cost(groups[g])
+    return owners
+
+
+def _broadcast_(tensor: Tensor, src: int) -> None:
+    device = tensor.device
+    buffer = tensor.to(_communication_device(device))
+    dist.broadcast(buffer, src=src)
+    if buffer is not tensor:
+        tensor.copy_(buffer.to(device))
