@@ -1,0 +1,431 @@
+"""HRPPreheatCallback through a real Trainer on real peft models."""
+
+import math
+import subprocess
+import sys
+import warnings
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from peft import LoraConfig
+from peft.tuners.lora import LoraLayer
+
+from lightning_hrp import HRPConfigurationError, HRPPreheatCallback, PreheatFailedError
+from lightning_hrp.demos import FactorisationToy
+from modules import TinyCausalLM, tiny_llama, all_weights, assert_bitwise_equal, lora_weights
+
+
+def make_trainer(**overrides) -> pl.Trainer:
+    kwargs = dict(
+        accelerator="cpu",
+        devices=1,
+        max_steps=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    kwargs.update(overrides)
+    return pl.Trainer(**kwargs)
+
+
+class WeightsAtTrainStart(Callback):
+    """Records the LoRA weights and outputs right after the callbacks before it ran on_train_start."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.lora = lora_weights(pl_module)
+        pl_module.eval()
+        with torch.no_grad():
+            self.logits = pl_module(PROBE_INPUT)
+        pl_module.train()
+
+
+PROBE_INPUT = torch.arange(24).reshape(2, 12) % 64
+
+
+def _lora_layers(module):
+    return [m for m in module.modules() if isinstance(m, LoraLayer)]
+
+
+# --- the initialisation itself ------------------------------------------------------------------
+
+
+def test_default_init_keeps_model_output_and_sets_orthogonal_directions():
+    pl.seed_everything(0)
+    module = TinyCausalLM()
+    module.eval()
+    with torch.no_grad():
+        logits_before = module(PROBE_INPUT)
+    module.train()
+    before = lora_weights(module)
+    hrp = HRPPreheatCallback(preheat_rank=16, preheat_steps=4)
+    probe = WeightsAtTrainStart()
+    make_trainer(callbacks=[hrp, probe], max_steps=1).fit(module)
+
+    assert torch.equal(probe.logits, logits_before)
+    changed_A = [n for n in before if "lora_A" in n and not torch.equal(before[n], probe.lora[n])]
+    assert len(changed_A) == len(hrp.report.layers) == 14
+    for name, A in probe.lora.items():
+        if "lora_B" in name:
+            assert torch.count_nonzero(A) == 0
+        else:
+            gram = A @ A.T
+            # Rows are orthogonal with equal norms, and the norm is the default init's.
+            torch.testing.assert_close(gram, torch.eye(4) * gram[0, 0], atol=1e-5, rtol=0)
+            torch.testing.assert_close(torch.linalg.matrix_norm(A), torch.linalg.matrix_norm(before[name]), rtol=1e-5, atol=0)
+    assert all(not layer._forward_hooks for layer in _lora_layers(module))
+
+
+def test_preheating_trains_through_the_users_training_step_and_reports():
+    pl.seed_everything(0)
+    module = TinyCausalLM()
+    hrp = HRPPreheatCallback(preheat_rank=8, preheat_steps=6, preheat_lr=3e-2)
+    make_trainer(callbacks=[hrp], max_steps=2).fit(module)
+    losses = hrp.report.preheat_losses
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    assert len(module.seen_batches) == 6 + 2
+    for layer in hrp.report.layers:
+        assert layer.preheat_rank == 8 and len(layer.singular_values) == 8
+        assert 0 < layer.energy_kept <= 1
+        assert layer.singular_values == sorted(layer.singular_values, reverse=True)
+
+
+def test_keep_progress_starts_main_training_from_the_truncated_preheated_update():
+    pl.seed_everything(0)
+    toy = FactorisationToy(rank=4)
+    initial_loss = float((toy.target**2).sum())
+    hrp = HRPPreheatCallback(preheat_rank=32, preheat_steps=30, mode="classic", init_rule="keep_progress", preheat_lr=2e-2)
+    probe = ToyLossAtTrainStart()
+    make_trainer(callbacks=[hrp, probe], max_steps=1).fit(toy)
+    # The best rank-4 approximation of M leaves sum_{i>4} 1/i^2; the kept progress lies between.
+    optimum = sum(1 / i**2 for i in range(5, 65))
+    assert optimum < probe.loss < 0.9 * initial_loss
+    # ||M - T_r(W)|| <= ||M - W|| + ||W - T_r(W)|| <= 2 ||M - W|| + ||M - M_r|| for the preheated W.
+    bound = 2 * math.sqrt(hrp.report.preheat_losses[-1]) + math.sqrt(optimum)
+    assert math.sqrt(probe.loss) <= bound
+
+
+class ToyLossAtTrainStart(Callback):
+    def on_train_start(self, trainer, toy):
+        with torch.no_grad():
+            eye = torch.eye(toy.hparams.n)
+            self.loss = float(((toy(eye) - eye @ toy.target.T) ** 2).sum())
+
+
+def test_same_seed_same_init_and_seed_everything_governs_the_default():
+    def init(seed_everything, seed=None):
+        pl.seed_everything(seed_everything)
+        module = TinyCausalLM()
+        probe = WeightsAtTrainStart()
+        make_trainer(callbacks=[HRPPreheatCallback(8, 2, seed=seed), probe], max_steps=1).fit(module)
+        return probe.lora
+
+    assert_bitwise_equal(init(3), init(3))
+    first, second = init(3), init(4)
+    assert any(not torch.equal(first[n], second[n]) for n in first)
+
+
+# --- the spec's section 3 toy through the real callback -----------------------------------------
+
+N, RANK = 64, 4
+NORM_M = sum(1 / i**2 for i in range(1, N + 1))
+RANDOM_EXPECTATION = (1 - RANK / N) * NORM_M  # E over random A of the converged asymmetric loss
+OPTIMUM = sum(1 / i**2 for i in range(RANK + 1, N + 1))
+
+
+def _toy_converged_loss(seed: int, preheat_rank: int | None) -> float:
+    pl.seed_everything(seed)
+    toy = FactorisationToy(n=N, rank=RANK)
+    callbacks = [HRPPreheatCallback(preheat_rank, 20, mode="asymmetric")] if preheat_rank else []
+    make_trainer(callbacks=callbacks, max_steps=1).fit(toy)
+    return toy.converged_asymmetric_loss()
+
+
+def test_toy_hrp_beats_random_init_and_improves_with_preheat_rank():
+    seeds = range(5)
+    by_rank = {R: [_toy_converged_loss(s, R) for s in seeds] for R in (4 * RANK, 16 * RANK)}
+    means = {R: sum(v) / len(v) for R, v in by_rank.items()}
+    assert all(loss >= OPTIMUM - 1e-6 for losses in by_rank.values() for loss in losses)
+    assert means[4 * RANK] < RANDOM_EXPECTATION
+    assert means[16 * RANK] < means[4 * RANK]
+
+
+def test_toy_main_training_reaches_the_projection_the_theory_predicts():
+    pl.seed_everything(0)
+    toy = FactorisationToy(n=N, rank=RANK, lr=2e-2)
+    hrp = HRPPreheatCallback(16 * RANK, 20, mode="asymmetric")
+    trainer = make_trainer(callbacks=[hrp], max_steps=400)
+    trainer.fit(toy)
+    eye = torch.eye(N)
+    with torch.no_grad():
+        final = float(((toy(eye) - eye @ toy.target.T) ** 2).sum())
+    assert final == pytest.approx(toy.converged_asymmetric_loss(), rel=0.02)
+    assert final < RANDOM_EXPECTATION
+
+
+# --- the main run is the run it would have been -------------------------------------------------
+
+
+def test_main_run_sees_the_same_data_order_steps_and_schedule():
+    def run(with_hrp: bool):
+        pl.seed_everything(0)
+        module = TinyCausalLM(shuffle=True)
+        callbacks = [HRPPreheatCallback(8, 3)] if with_hrp else []
+        trainer = make_trainer(callbacks=callbacks, max_steps=5, accumulate_grad_batches=2)
+        trainer.fit(module)
+        return module, trainer
+
+    plain, plain_trainer = run(False)
+    hrp, hrp_trainer = run(True)
+    preheat_batches = 3 * 2
+    assert len(hrp.seen_batches) == preheat_batches + len(plain.seen_batches)
+    for a, b in zip(plain.seen_batches, hrp.seen_batches[preheat_batches:]):
+        assert torch.equal(a, b)
+    assert hrp_trainer.global_step == plain_trainer.global_step == 5
+    assert hrp_trainer.lr_scheduler_configs[0].scheduler.last_epoch == 5
+    assert not hrp_trainer.optimizers[0].state.keys() - {p for p in hrp.parameters() if p.requires_grad}
+
+
+def test_logging_goes_to_hrp_metrics_without_polluting_the_main_run(tmp_path):
+    pl.seed_everything(0)
+    module = TinyCausalLM()
+    logger = CSVLogger(tmp_path, name="run")
+    make_trainer(callbacks=[HRPPreheatCallback(8, 5)], max_steps=3, logger=logger, log_every_n_steps=1).fit(module)
+    import csv
+
+    with open(f"{logger.log_dir}/metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    preheat = [r for r in rows if r.get("hrp/preheat_loss")]
+    main = [r for r in rows if r.get("train_loss")]
+    assert len(preheat) == 5
+    assert len(main) == 3  # the preheat steps' self.log calls left no rows
+    assert any(r.get("hrp/energy_kept_mean") for r in rows)
+    assert any(key.startswith("hrp/energy_kept/") for key in rows[0])
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "32-true"])
+def test_epochs_validation_and_precision(precision):
+    pl.seed_everything(0)
+    module = TinyCausalLM(dataset_size=16)
+    hrp = HRPPreheatCallback(8, 3)
+    trainer = make_trainer(
+        callbacks=[hrp], max_steps=-1, max_epochs=2, precision=precision, limit_val_batches=1.0, num_sanity_val_steps=1
+    )
+    trainer.fit(module)
+    assert trainer.current_epoch == 2 and trainer.global_step == 4
+    assert "val_loss" in trainer.callback_metrics
+    assert all(math.isfinite(x) for x in hrp.report.preheat_losses)
+
+
+class DictOrSkip(TinyCausalLM):
+    def training_step(self, batch, batch_idx):
+        if batch_idx % 2 == 1:
+            return None
+        return {"loss": super().training_step(batch, batch_idx)}
+
+
+def test_training_step_returning_a_dict_or_none():
+    pl.seed_everything(0)
+    module = DictOrSkip()
+    hrp = HRPPreheatCallback(8, 4)
+    make_trainer(callbacks=[hrp], max_steps=2).fit(module)
+    assert len(hrp.report.preheat_losses) == 4
+
+
+# --- resume --------------------------------------------------------------------------------------
+
+
+def test_resume_after_preheating_does_not_preheat_again_and_continues_identically(tmp_path):
+    def fit(max_steps, ckpt_path=None, checkpoint=None):
+        pl.seed_everything(0)
+        module = TinyCausalLM(dataset_size=24)  # 3 batches: the checkpoint at step 3 ends an epoch
+        hrp = HRPPreheatCallback(8, 4)
+        callbacks = [hrp] + ([checkpoint] if checkpoint else [])
+        trainer = make_trainer(callbacks=callbacks, max_steps=max_steps, enable_checkpointing=checkpoint is not None)
+        trainer.fit(module, ckpt_path=ckpt_path)
+        return module, hrp
+
+    straight, _ = fit(6)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1)
+    fit(3, checkpoint=checkpoint)
+    resumed, hrp = fit(6, ckpt_path=tmp_path / "epoch=0-step=3.ckpt")
+    assert hrp.report is None  # not preheated again
+    assert len(resumed.seen_batches) == 3
+    assert_bitwise_equal(lora_weights(straight), lora_weights(resumed))
+
+
+def test_state_dict_round_trip():
+    hrp = HRPPreheatCallback(8, 2)
+    restored = HRPPreheatCallback(8, 2)
+    restored.load_state_dict({"preheat_finished": True})
+    assert hrp.state_dict() == {"preheat_finished": False}
+    assert restored.state_dict() == {"preheat_finished": True}
+
+
+# --- bad input -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "argument"),
+    [
+        (dict(preheat_rank=1, preheat_steps=5), "preheat_rank"),
+        (dict(preheat_rank=8.0, preheat_steps=5), "preheat_rank"),
+        (dict(preheat_rank=8, preheat_steps=0), "preheat_steps"),
+        (dict(preheat_rank=8, preheat_steps=True), "preheat_steps"),
+        (dict(preheat_rank=8, preheat_steps=5, mode="symmetric"), "mode"),
+        (dict(preheat_rank=8, preheat_steps=5, init_rule="pissa"), "init_rule"),
+        (dict(preheat_rank=8, preheat_steps=5, direction_scale="big"), "direction_scale"),
+        (dict(preheat_rank=8, preheat_steps=5, on_failure="ignore"), "on_failure"),
+        (dict(preheat_rank=8, preheat_steps=5, svd_dtype="float16"), "svd_dtype"),
+        (dict(preheat_rank=8, preheat_steps=5, preheat_lr=-1.0), "preheat_lr"),
+        (dict(preheat_rank=8, preheat_steps=5, preheat_lr=1e-3, preheat_optimizer=torch.optim.SGD), "preheat_optimizer"),
+    ],
+)
+def test_bad_arguments_are_refused_at_construction(kwargs, argument):
+    with pytest.raises(HRPConfigurationError, match=argument):
+        HRPPreheatCallback(**kwargs)
+
+
+class PlainModule(TinyCausalLM):
+    def __init__(self):
+        super().__init__()
+        self.model = tiny_llama()
+
+
+class FrozenAdapter(TinyCausalLM):
+    def __init__(self):
+        super().__init__()
+        for name, p in self.named_parameters():
+            if "lora_" in name:
+                p.requires_grad_(False)
+        self.extra = torch.nn.Parameter(torch.zeros(1))  # so the optimizer has something to hold
+
+
+class TwoAdapters(TinyCausalLM):
+    def __init__(self):
+        super().__init__()
+        self.model.add_adapter("second", LoraConfig(r=4, target_modules=["q_proj"]))
+
+
+class ManualOptimization(TinyCausalLM):
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+
+@pytest.mark.parametrize(
+    ("module_class", "callback_kwargs", "argument"),
+    [
+        (TinyCausalLM, dict(preheat_rank=4), "preheat_rank"),
+        (PlainModule, {}, "LoraLayer"),
+        (TwoAdapters, {}, "adapter_name"),
+        (TwoAdapters, dict(adapter_name="third"), "adapter_name"),
+        (FrozenAdapter, {}, "trainable"),
+        (ManualOptimization, {}, "automatic"),
+    ],
+)
+def test_bad_setups_are_refused_before_anything_changes(module_class, callback_kwargs, argument):
+    pl.seed_everything(0)
+    module = module_class()
+    before = all_weights(module)
+    kwargs = dict(preheat_rank=8, preheat_steps=2) | callback_kwargs
+    with pytest.raises(HRPConfigurationError, match=argument):
+        make_trainer(callbacks=[HRPPreheatCallback(**kwargs)]).fit(module)
+    assert_bitwise_equal(before, all_weights(module))
+
+
+def test_two_adapters_work_with_adapter_name():
+    pl.seed_everything(0)
+    module = TwoAdapters()
+    hrp = HRPPreheatCallback(8, 2, adapter_name="default")
+    make_trainer(callbacks=[hrp], max_steps=1).fit(module)
+    assert len(hrp.report.layers) == 14
+
+
+def test_short_dataloader_is_cycled_with_one_warning():
+    pl.seed_everything(0)
+    module = TinyCausalLM(dataset_size=16)  # 2 batches
+    hrp = HRPPreheatCallback(8, 5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(callbacks=[hrp], max_steps=1).fit(module)
+    cycled = [w for w in caught if "cycled" in str(w.message)]
+    assert len(cycled) == 1
+    assert len(hrp.report.preheat_losses) == 5
+
+
+def test_preheat_rank_above_layer_size_is_clamped_with_one_warning():
+    pl.seed_everything(0)
+    toy = FactorisationToy(n=16, rank=2)
+    hrp = HRPPreheatCallback(preheat_rank=40, preheat_steps=3)
+    with pytest.warns(UserWarning, match="preheat_rank=40") as caught:
+        make_trainer(callbacks=[hrp], max_steps=1).fit(toy)
+    assert len([w for w in caught if "preheat_rank=40" in str(w.message)]) == 1
+    assert hrp.report.layers[0].preheat_rank == 16
+
+
+# --- failures leave the model as it was ---------------------------------------------------------
+
+
+class FailsDuringPreheat(TinyCausalLM):
+    def __init__(self, failure: str, on_call: int = 2):
+        super().__init__()
+        self.failure, self.on_call, self.calls = failure, on_call, 0
+
+    def training_step(self, batch, batch_idx):
+        self.calls += 1
+        loss = super().training_step(batch, batch_idx)
+        if self.calls == self.on_call:
+            if self.failure == "nan":
+                return loss * float("nan")
+            if self.failure == "error":
+                raise RuntimeError("boom")
+            raise KeyboardInterrupt
+        return loss
+
+
+@pytest.mark.parametrize(("failure", "error"), [("nan", PreheatFailedError), ("error", RuntimeError)])
+def test_failed_preheat_raises_and_leaves_the_model_bit_identical(failure, error):
+    pl.seed_everything(0)
+    module = FailsDuringPreheat(failure)
+    before = all_weights(module)
+    with pytest.raises(error):
+        make_trainer(callbacks=[HRPPreheatCallback(8, 4)]).fit(module)
+    assert_bitwise_equal(before, all_weights(module))
+    assert all(not layer._forward_hooks for layer in _lora_layers(module))
+    assert all(p.grad is None for p in module.parameters())
+
+
+def test_interrupted_preheat_leaves_the_model_bit_identical():
+    pl.seed_everything(0)
+    module = FailsDuringPreheat("interrupt")
+    before = all_weights(module)
+    trainer = make_trainer(callbacks=[HRPPreheatCallback(8, 4)])
+    with pytest.raises(SystemExit):  # Lightning turns the KeyboardInterrupt into a graceful exit
+        trainer.fit(module)
+    assert trainer.interrupted
+    assert_bitwise_equal(before, all_weights(module))
+    assert all(not layer._forward_hooks for layer in _lora_layers(module))
+
+
+def test_on_failure_continue_warns_and_trains_from_the_untouched_default_init():
+    pl.seed_everything(0)
+    module = FailsDuringPreheat("nan")
+    before = lora_weights(module)
+    probe = WeightsAtTrainStart()
+    hrp = HRPPreheatCallback(8, 4, on_failure="continue")
+    with pytest.warns(UserWarning, match="on_failure='continue'"):
+        trainer = make_trainer(callbacks=[hrp, probe], max_steps=2)
+        trainer.fit(module)
+    assert_bitwise_equal(before, probe.lora)
+    assert trainer.global_step == 2 and hrp.report is None
+
+
+def test_engine_does_not_import_lightning():
+    code = "import sys, lightning_hrp.engine; assert not any(m.startswith('lightning.') or m == 'lightning' for m in sys.modules)"
+    subprocess.run([sys.executable, "-c", code], check=True)
