@@ -537,10 +537,12 @@ class SequenceClassifier(pl.LightningModule):
             backbone = AutoModelForSequenceClassification.from_pretrained(
                 source, num_labels=hp.num_labels, use_safetensors=True
             )
-        except (OSError, ValueError) as error:
+        except (OSError, ValueError, RuntimeError) as error:
+            # RuntimeError: weights that do not fit the config, e.g. a head trained for another num_labels.
             raise OSError(
-                f"model_name_or_path: could not load a sequence-classification model from {source!r} ({error}). "
-                "Expected a Hugging Face model folder (config.json, model.safetensors) or a hub model name."
+                f"model_name_or_path: could not load a sequence-classification model with num_labels="
+                f"{hp.num_labels} from {source!r} ({error}). Expected a Hugging Face model folder (config.json, "
+                "model.safetensors) or a hub model name."
             ) from error
         targets = hp.target_modules
         if targets is None:

@@ -1,0 +1,290 @@
+"""Low-rank matrix regression: the HRP paper's theory made concrete (spec sections 1 and 3).
+
+A frozen linear layer ``W0`` must be fine-tuned to ``W_target = W0 + M``, where the update ``M``
+is low-rank dominated (singular values ``sigma_i = update_scale * i**-spectrum_decay``). LoRA
+learns ``s * B @ A`` on a finite, noisy sample: ``y = W_target x + noise`` with anisotropic
+Gaussian inputs (a seeded random rotation of log-spaced variances). A held-out set measures how
+well the rank-r update generalises, which is where the start direction of LoRA matters.
+
+Everything is seeded: the task (``W0``, ``M``, input covariance, samples and noise) by
+``task_seed``; LoRA's random start by ``seed_everything``.
+
+Run: ``lightning-hrp fit --config recipes/configs/matrix_regression_lora.yaml`` (plain LoRA) or
+``..._hrp.yaml`` (with High-Rank Preheating).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import lightning.pytorch as pl
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+# --------------------------------------------------------------------------------------------
+# The task
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RegressionTask:
+    """The ground truth of one seeded regression task.
+
+    Attributes:
+        base_weight: ``W0``, ``(out, in)``: the frozen pretrained weight.
+        target_update: ``M = W_target - W0``, ``(out, in)``: what LoRA should learn.
+        input_covariance_sqrt: ``Sigma**0.5``, ``(in, in)``, symmetric: inputs are ``z @ Sigma**0.5``.
+    """
+
+    base_weight: Tensor
+    target_update: Tensor
+    input_covariance_sqrt: Tensor
+
+
+def make_base_weight(in_features: int, out_features: int, task_seed: int) -> Tensor:
+    """``W0 ~ N(0, 1/in)``, the same for a given seed wherever it is built (module and data)."""
+    generator = torch.Generator().manual_seed(task_seed)
+    return torch.randn(out_features, in_features, generator=generator) / in_features**0.5
+
+
+def _random_orthonormal(rows: int, cols: int, generator: torch.Generator) -> Tensor:
+    q, r = torch.linalg.qr(torch.randn(rows, cols, generator=generator))
+    # Fix QR's sign ambiguity so the result depends on the seed only, not on the LAPACK build.
+    return q * torch.sign(torch.diagonal(r)).unsqueeze(0)
+
+
+def make_task(
+    in_features: int,
+    out_features: int,
+    task_seed: int,
+    update_scale: float,
+    spectrum_decay: float,
+    input_condition: float,
+) -> RegressionTask:
+    """Build ``W0``, a low-rank-dominated ``M`` and an anisotropic input covariance from one seed."""
+    base_weight = make_base_weight(in_features, out_features, task_seed)
+    # A second stream, so that W0 does not depend on the other task parameters.
+    generator = torch.Generator().manual_seed(task_seed + 1)
+    full_rank = min(in_features, out_features)
+    left = _random_orthonormal(out_features, full_rank, generator)
+    right = _random_orthonormal(in_features, full_rank, generator)
+    singular_values = update_scale * torch.arange(1, full_rank + 1, dtype=torch.float32) ** -spectrum_decay
+    target_update = left @ torch.diag(singular_values) @ right.T
+    rotation = _random_orthonormal(in_features, in_features, generator)
+    # Variances log-spaced from 1 down to 1/input_condition.
+    variances = input_condition ** -torch.linspace(0.0, 1.0, in_features)
+    input_covariance_sqrt = rotation @ torch.diag(variances.sqrt()) @ rotation.T
+    return RegressionTask(base_weight, target_update, input_covariance_sqrt)
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+
+
+class MatrixRegressionDataModule(pl.LightningDataModule):
+    """Finite noisy samples of ``y = (W0 + M) x + noise``: train, validation and test sets.
+
+    Args:
+        in_features: Input dimension (must match the module's).
+        out_features: Output dimension (must match the module's).
+        task_seed: Seeds the task and all samples (must match the module's, which builds ``W0``).
+        update_scale: Largest singular value of ``M``.
+        spectrum_decay: ``M``'s singular values decay as ``i**-spectrum_decay`` (1.0: the spec's 1/i).
+        input_condition: Ratio of the largest to the smallest input variance (1.0: isotropic).
+        noise_std: Standard deviation of the Gaussian label noise.
+        train_size: Training examples; small enough that a high-rank update overfits the noise.
+        val_size: Validation examples.
+        test_size: Test examples.
+        batch_size: Training and evaluation batch size.
+    """
+
+    def __init__(
+        self,
+        in_features: int = 64,
+        out_features: int = 64,
+        task_seed: int = 0,
+        update_scale: float = 1.0,
+        spectrum_decay: float = 1.0,
+        input_condition: float = 10.0,
+        noise_std: float = 0.1,
+        train_size: int = 256,
+        val_size: int = 512,
+        test_size: int = 2048,
+        batch_size: int = 32,
+    ) -> None:
+        super().__init__()
+        for name, value in {
+            "in_features": in_features,
+            "out_features": out_features,
+            "train_size": train_size,
+            "val_size": val_size,
+            "test_size": test_size,
+            "batch_size": batch_size,
+        }.items():
+            if value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value}.")
+        if input_condition < 1.0:
+            raise ValueError(f"input_condition is a ratio of variances, largest over smallest: >= 1, got {input_condition}.")
+        if noise_std < 0.0:
+            raise ValueError(f"noise_std must be >= 0, got {noise_std}.")
+        self.save_hyperparameters()
+        self.task = make_task(in_features, out_features, task_seed, update_scale, spectrum_decay, input_condition)
+        # Samples are drawn here, not in setup, so every process and every stage sees the same data.
+        generator = torch.Generator().manual_seed(task_seed + 2)
+        self.train_set = self._sample(train_size, generator)
+        self.val_set = self._sample(val_size, generator)
+        self.test_set = self._sample(test_size, generator)
+
+    def _sample(self, size: int, generator: torch.Generator) -> TensorDataset:
+        task = self.task
+        inputs = torch.randn(size, self.hparams.in_features, generator=generator) @ task.input_covariance_sqrt
+        noise = self.hparams.noise_std * torch.randn(size, self.hparams.out_features, generator=generator)
+        targets = inputs @ (task.base_weight + task.target_update).T + noise
+        return TensorDataset(inputs, targets)
+
+    def target_update(self) -> Tensor:
+        """The true update ``M = W_target - W0``, ``(out, in)`` (for oracle inits and diagnostics)."""
+        return self.task.target_update.clone()
+
+    def base_weight(self) -> Tensor:
+        """The frozen weight ``W0``, ``(out, in)``."""
+        return self.task.base_weight.clone()
+
+    def input_covariance(self) -> Tensor:
+        """The input covariance ``Sigma``, ``(in, in)``."""
+        return self.task.input_covariance_sqrt @ self.task.input_covariance_sqrt
+
+    def train_dataloader(self) -> DataLoader:
+        # Shuffled with its own seeded generator: the data order does not depend on global RNG use.
+        generator = torch.Generator().manual_seed(self.hparams.task_seed + 3)
+        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=True, generator=generator)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=self.hparams.batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self.test_set, batch_size=self.hparams.batch_size)
+
+
+# --------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------
+
+
+class LinearRegressor(nn.Module):
+    """The pretrained model: one bias-free linear layer named ``proj`` (LoRA's target)."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(in_features, out_features, bias=False)
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        return self.proj(inputs)
+
+
+class MatrixRegressionModule(pl.LightningModule):
+    """A peft LoRA adapter on the frozen ``W0``, trained with mean squared error.
+
+    Args:
+        in_features: Input dimension (must match the data's).
+        out_features: Output dimension (must match the data's).
+        task_seed: Seeds ``W0`` (must match the data's).
+        lora_rank: LoRA rank ``r``.
+        lora_alpha: LoRA alpha; the adapter's scale is ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA).
+        use_rslora: Use rank-stabilised scaling.
+        init_lora_weights: peft's LoRA init (``True``: random ``A``, ``B = 0``; or a peft init name
+            such as ``"gaussian"``, ``"pissa"``, ``"olora"``), passed through to ``LoraConfig``.
+        learning_rate: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+    """
+
+    def __init__(
+        self,
+        in_features: int = 64,
+        out_features: int = 64,
+        task_seed: int = 0,
+        lora_rank: int = 4,
+        lora_alpha: float = 4.0,
+        use_rslora: bool = False,
+        init_lora_weights: bool | str = True,
+        learning_rate: float = 1e-2,
+        weight_decay: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        base = LinearRegressor(in_features, out_features)
+        with torch.no_grad():
+            base.proj.weight.copy_(make_base_weight(in_features, out_features, task_seed))
+        # Built here, before any strategy wraps the module: HRP writes these adapters in place.
+        lora_config = LoraConfig(
+            r=lora_rank,
+            lora_alpha=lora_alpha,
+            use_rslora=use_rslora,
+            target_modules=["proj"],
+            init_lora_weights=init_lora_weights,
+        )
+        self.model: PeftModel = get_peft_model(base, lora_config)
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        return self.model(inputs)
+
+    def setup(self, stage: str) -> None:
+        # Module and data each build W0 from (in_features, out_features, task_seed); a mismatch
+        # would silently train towards a different target, so refuse it.
+        datamodule = self.trainer.datamodule
+        if isinstance(datamodule, MatrixRegressionDataModule):
+            mismatched = [
+                name
+                for name in ("in_features", "out_features", "task_seed")
+                if datamodule.hparams[name] != self.hparams[name]
+            ]
+            if mismatched:
+                raise ValueError(
+                    f"MatrixRegressionModule and MatrixRegressionDataModule disagree on {mismatched}: "
+                    + ", ".join(f"{n}={self.hparams[n]} vs {datamodule.hparams[n]}" for n in mismatched)
+                    + ". Give both the same values (model.init_args and data.init_args)."
+                )
+
+    def configure_model(self) -> None:
+        # ModelParallelStrategy hands the module a device mesh and expects it to shard itself;
+        # other strategies wrap the module on their own and leave device_mesh unset.
+        if self.device_mesh is None:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(self.model, mesh=self.device_mesh["data_parallel"])
+
+    def _loss(self, batch: tuple[Tensor, Tensor]) -> Tensor:
+        inputs, targets = batch
+        return F.mse_loss(self(inputs), targets)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        loss = self._loss(batch)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self.log("val/loss", self._loss(batch), prog_bar=True, sync_dist=True)
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self.log("test/loss", self._loss(batch), sync_dist=True)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        return torch.optim.AdamW(trainable, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
+
+    def lora_layer(self) -> LoraLayer:
+        """The one peft LoRA layer (wrapping ``proj``)."""
+        return self.model.get_submodule("base_model.model.proj")
+
+    @torch.no_grad()
+    def learned_update(self) -> Tensor:
+        """The update the adapter currently adds to ``W0``: ``s * B @ A``, ``(out, in)``."""
+        layer = self.lora_layer()
+        adapter = self.model.active_adapter
+        return layer.get_delta_weight(adapter).detach().clone()

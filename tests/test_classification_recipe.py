@@ -1,0 +1,279 @@
+"""The sequence-classification recipe: data split and loading, model building, errors, and real fits
+of a tiny random BERT (with and without HRP) on a slice of the real Rotten Tomatoes data."""
+
+from __future__ import annotations
+
+import bz2
+import importlib.util
+import random
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from peft.tuners.lora import LoraLayer
+
+from lightning_hrp import HRPPreheatCallback
+from recipes.classification import (
+    GlueDataModule,
+    RottenTomatoesDataModule,
+    SequenceClassifier,
+    default_model_path,
+    default_rotten_tomatoes_path,
+    load_rotten_tomatoes,
+    split_rotten_tomatoes,
+)
+
+NUM_LAYERS = 2
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A random 2-layer BERT encoder (hidden 32, no head, like the MiniLM folder) with the offline
+    MiniLM tokenizer: a real model folder."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=NUM_LAYERS,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def tiny_data(model_dir: str, **overrides) -> RottenTomatoesDataModule:
+    settings = dict(train_size=48, val_size=24, test_size=24, tokenizer=model_dir, max_length=32, batch_size=8, eval_batch_size=16)
+    return RottenTomatoesDataModule(**{**settings, **overrides})
+
+
+def trainer(max_steps: int, callbacks: list[Callback] | None = None, **overrides) -> pl.Trainer:
+    settings = dict(
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        val_check_interval=max_steps,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks or [],
+    )
+    return pl.Trainer(**{**settings, **overrides})
+
+
+def lora_layers(module: torch.nn.Module) -> dict[str, LoraLayer]:
+    return {name: layer for name, layer in module.named_modules() if isinstance(layer, LoraLayer)}
+
+
+# ---------------------------------------------------------------------------- data
+
+
+def test_rotten_tomatoes_split_is_fixed_disjoint_and_order_independent():
+    examples = load_rotten_tomatoes(default_rotten_tomatoes_path())
+    split = split_rotten_tomatoes(examples)
+    assert {name: len(part) for name, part in split.items()} == {"train": 10752, "validation": 1000, "test": 1000}
+    texts = {name: {text for text, _ in part} for name, part in split.items()}
+    assert not texts["train"] & texts["validation"]
+    assert not texts["train"] & texts["test"]
+    assert not texts["validation"] & texts["test"]
+    assert {label for part in split.values() for _, label in part} == {0, 1}
+
+    shuffled = list(examples)
+    random.Random(1).shuffle(shuffled)
+    assert split_rotten_tomatoes(shuffled) == split
+
+
+def test_rotten_tomatoes_drops_plot_rows_and_duplicates(tmp_path):
+    path = tmp_path / "reviews.csv.bz2"
+    rows = [
+        "category,text,movie_name",
+        "fresh,A joy.,m1",
+        "rotten,A bore.,m2",
+        "fresh,A joy.,m3",  # duplicate text, same label: kept once
+        "fresh,Mixed.,m4",
+        "rotten,Mixed.,m5",  # same text with both labels: dropped
+        "plot,Somebody does something.,m6",
+    ]
+    path.write_bytes(bz2.compress("\n".join(rows).encode()))
+    assert sorted(load_rotten_tomatoes(path)) == [("A bore.", 0), ("A joy.", 1)]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "no file at"),
+        (b"category,text\nfresh,plain text, not bz2\n", "could not read"),
+        (bz2.compress(b"label,sentence\nfresh,A joy.\n"), "lacks the column(s) ['category', 'text']"),
+        (bz2.compress(b"category,text\nplot,Only plots.\n"), "no rows of category fresh or rotten"),
+    ],
+)
+def test_bad_data_file_names_the_path_and_what_was_expected(tmp_path, content, message):
+    path = tmp_path / "reviews.csv.bz2"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises((FileNotFoundError, ValueError)) as error:
+        load_rotten_tomatoes(path)
+    assert message in str(error.value)
+    assert str(path) in str(error.value)
+    assert "category" in str(error.value)
+
+
+def test_data_module_batches_are_padded_and_labelled(tiny_model_dir):
+    data = tiny_data(tiny_model_dir)
+    data.setup("fit")
+    assert [len(data.datasets[split]) for split in ("train", "validation", "test")] == [48, 24, 24]
+    batch = next(iter(data.train_dataloader()))
+    assert batch["input_ids"].shape[0] == 8 and batch["input_ids"].shape[1] <= 32
+    assert batch["attention_mask"].shape == batch["input_ids"].shape
+    assert batch["labels"].dtype == torch.long and set(batch["labels"].tolist()) <= {0, 1}
+    lengths = [int(b["attention_mask"].sum(dim=1).max()) for b in data.val_dataloader()]
+    assert lengths == sorted(lengths)  # evaluation goes in order of length
+
+
+@pytest.mark.skipif(importlib.util.find_spec("datasets") is not None, reason="datasets is installed here")
+def test_glue_without_datasets_says_how_to_install_it(tiny_model_dir):
+    data = GlueDataModule(task="mnli", tokenizer=tiny_model_dir)
+    assert data.num_labels == 3
+    with pytest.raises(ImportError, match="pip install datasets"):
+        data.prepare_data()
+
+
+def test_glue_rejects_unknown_task():
+    with pytest.raises(ValueError, match="stsb"):
+        GlueDataModule(task="stsb")
+
+
+# ---------------------------------------------------------------------------- model
+
+
+def test_lora_targets_attention_and_optionally_mlp(tiny_model_dir):
+    attention = lora_layers(SequenceClassifier(tiny_model_dir, lora_r=4))
+    suffixes = {name.split(f"layer.{i}.", 1)[1] for name in attention for i in range(NUM_LAYERS) if f"layer.{i}." in name}
+    assert suffixes == {"attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"}
+    assert len(attention) == 4 * NUM_LAYERS
+
+    with_mlp = lora_layers(SequenceClassifier(tiny_model_dir, lora_r=4, lora_on_mlp=True))
+    assert len(with_mlp) == 6 * NUM_LAYERS
+    assert not any("pooler" in name for name in with_mlp)
+
+
+def test_only_adapters_and_head_train_and_explicit_targets_work(tiny_model_dir):
+    module = SequenceClassifier(tiny_model_dir, lora_r=4, target_modules=["query", "value"], use_rslora=True)
+    layers = lora_layers(module)
+    assert len(layers) == 2 * NUM_LAYERS
+    assert all(layer.scaling["default"] == pytest.approx(16.0 / 4**0.5) for layer in layers.values())
+    trainable = [name for name, p in module.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in name or "classifier" in name for name in trainable)
+    assert module.model.training  # dropout on, as in fine-tuning
+
+
+@pytest.mark.parametrize("layout", ["missing", "file", "no_config", "no_safetensors"])
+def test_bad_model_folder_names_the_path_and_what_was_expected(tmp_path, tiny_model_dir, layout):
+    target = tmp_path / "model"
+    if layout == "file":
+        target.write_text("not a folder")
+    elif layout == "no_config":
+        target.mkdir()
+    elif layout == "no_safetensors":
+        target.mkdir()
+        (target / "config.json").write_text((Path(tiny_model_dir) / "config.json").read_text())
+        (target / "pytorch_model.bin").write_bytes(b"pickles are refused")
+    expected = {"missing": "no folder at", "file": "is a file", "no_config": "no config.json", "no_safetensors": "no model.safetensors"}
+    with pytest.raises(OSError) as error:
+        SequenceClassifier(str(target))
+    assert expected[layout] in str(error.value)
+    assert str(target) in str(error.value)
+
+
+def test_malformed_config_names_the_path(tmp_path):
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "config.json").write_text("{not json")
+    (target / "model.safetensors").write_bytes(b"")
+    with pytest.raises(OSError, match="could not load") as error:
+        SequenceClassifier(str(target))
+    assert str(target) in str(error.value)
+
+
+def test_num_labels_must_match_the_data(tiny_model_dir):
+    module = SequenceClassifier(tiny_model_dir, num_labels=3)
+    with pytest.raises(ValueError, match="num_labels=3 but the data has 2 classes"):
+        trainer(2).fit(module, datamodule=tiny_data(tiny_model_dir))
+
+
+# ---------------------------------------------------------------------------- training
+
+
+class _RecordLearningRates(Callback):
+    def __init__(self) -> None:
+        self.rates: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.rates.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+@pytest.mark.parametrize(("scheduler", "factors"), [("linear", [1 / 3, 2 / 3, 1.0, 0.5]), ("constant", [1 / 3, 2 / 3, 1.0, 1.0])])
+def test_warmup_then_schedule(tiny_model_dir, scheduler, factors):
+    recorder = _RecordLearningRates()
+    module = SequenceClassifier(tiny_model_dir, learning_rate=1e-3, warmup_ratio=0.5, scheduler=scheduler)
+    trainer(4, [recorder], limit_val_batches=0).fit(module, datamodule=tiny_data(tiny_model_dir))
+    assert recorder.rates == pytest.approx([1e-3 * f for f in factors])
+
+
+def test_lora_fit_trains_adapters_only_and_logs_metrics(tiny_model_dir):
+    pl.seed_everything(0)
+    module = SequenceClassifier(tiny_model_dir, lora_r=4, learning_rate=1e-2)
+    frozen_before = {n: p.detach().clone() for n, p in module.named_parameters() if not p.requires_grad}
+    fit = trainer(4)
+    fit.fit(module, datamodule=tiny_data(tiny_model_dir))
+
+    assert fit.global_step == 4
+    assert all(torch.equal(p, frozen_before[n]) for n, p in module.named_parameters() if not p.requires_grad)
+    assert all(layer.lora_B["default"].weight.abs().sum() > 0 for layer in lora_layers(module).values())
+    for key in ("train/loss", "val/loss", "val/acc", "val/f1", "val/mcc"):
+        assert torch.isfinite(fit.callback_metrics[key])
+    tested = fit.test(module, datamodule=tiny_data(tiny_model_dir), verbose=False)[0]
+    assert set(tested) == {"test/loss", "test/acc", "test/f1", "test/mcc"}
+    assert 0.0 <= tested["test/acc"] <= 1.0
+
+
+class _SnapshotAdapters(Callback):
+    """Placed after HRP: sees the adapters as HRP left them, before the first main step."""
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.before = {n: l.lora_A["default"].weight.detach().clone() for n, l in lora_layers(pl_module).items()}
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        layers = lora_layers(pl_module)
+        self.A = {n: l.lora_A["default"].weight.detach().clone() for n, l in layers.items()}
+        self.B = {n: l.lora_B["default"].weight.detach().clone() for n, l in layers.items()}
+
+
+def test_hrp_fit_reinitialises_adapters_then_trains(tiny_model_dir):
+    pl.seed_everything(0)
+    module = SequenceClassifier(tiny_model_dir, lora_r=4, learning_rate=1e-2)
+    hrp = HRPPreheatCallback(preheat_rank=16, preheat_steps=3, mode="classic", seed=0)
+    snapshot = _SnapshotAdapters()
+    fit = trainer(4, [hrp, snapshot])
+    fit.fit(module, datamodule=tiny_data(tiny_model_dir))
+
+    assert fit.global_step == 4  # preheat steps come on top of the main steps
+    assert hrp.report is not None and len(hrp.report.preheat_losses) == 3
+    assert len(hrp.report.layers) == 4 * NUM_LAYERS
+    for name, A in snapshot.A.items():
+        assert not torch.allclose(A, snapshot.before[name])  # a new direction...
+        assert torch.count_nonzero(snapshot.B[name]) == 0  # ...with B = 0 (the "direction" rule)
+        gram = A @ A.T  # rows: scaled top singular vectors, so mutually orthogonal
+        assert torch.allclose(gram, torch.diag(torch.diagonal(gram)), atol=1e-5 * float(gram.diagonal().max()))
+    assert torch.isfinite(fit.callback_metrics["val/acc"])

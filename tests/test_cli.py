@@ -1,0 +1,179 @@
+"""The ``lightning-hrp`` command: every shipped config parses (with the exact command its header
+gives), HRP is configurable from the command line, bad input is refused, real runs go through it,
+and ``demo`` dispatches to the demo (run in full only with ``-m slow``)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from recipes.cli import main, parse
+from recipes.classification import default_model_path
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "recipes" / "configs").rglob("*.yaml"))
+LORA_CONFIG = "recipes/configs/classification_rotten_tomatoes_lora.yaml"
+
+
+def header_commands(config: Path) -> list[list[str]]:
+    """The ``lightning-hrp ...`` commands in the config's leading comment block, as argv lists."""
+    commands = []
+    for line in config.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        match = re.search(r"\blightning-hrp\s+(.*)$", line)
+        if match:
+            commands.append(shlex.split(match.group(1)))
+    return commands
+
+
+def test_there_are_configs():
+    assert any(path.name.startswith("classification_") for path in CONFIGS)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda path: str(path.relative_to(REPO / "recipes" / "configs")))
+def test_config_header_command_parses(config, monkeypatch):
+    monkeypatch.chdir(REPO)  # the header commands use paths relative to the repository root
+    commands = header_commands(config)
+    relative = str(config.relative_to(REPO))
+    fits = [argv for argv in commands if argv[0] == "fit" and argv[1:3] == ["--config", relative]]
+    assert fits, f"{relative} needs a header comment with its run command: lightning-hrp fit --config {relative}"
+    for argv in commands:
+        assert argv[0] in ("fit", "validate", "test"), f"unknown subcommand in {relative}: {argv}"
+        parsed = parse(argv)
+        section = parsed[argv[0]]
+        assert section.model.class_path and section.data.class_path
+
+
+def test_hrp_callback_from_the_command_line():
+    parsed = parse(
+        [
+            "fit",
+            "--config",
+            str(REPO / LORA_CONFIG),
+            "--trainer.callbacks+=lightning_hrp.HRPPreheatCallback",
+            "--trainer.callbacks.preheat_rank=32",
+            "--trainer.callbacks.preheat_steps=7",
+            "--trainer.callbacks.mode=asymmetric",
+        ]
+    )
+    callbacks = parsed.fit.trainer.callbacks
+    hrp = [c for c in callbacks if c.class_path == "lightning_hrp.HRPPreheatCallback"]
+    assert len(hrp) == 1 and len(callbacks) == 3  # added to the config's two
+    assert (hrp[0].init_args.preheat_rank, hrp[0].init_args.preheat_steps, hrp[0].init_args.mode) == (32, 7, "asymmetric")
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--model.init_args.lora_rank=4"],  # no such argument (it is lora_r)
+        ["--model.init_args.scheduler=exponential"],  # not one of the choices
+        ["--data.class_path=recipes.classification.NoSuchDataModule"],
+        ["--trainer.callbacks+=lightning_hrp.HRPPreheatCallback", "--trainer.callbacks.mode=classic"],  # no rank/steps
+    ],
+)
+def test_bad_command_lines_are_refused(extra, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse(["fit", "--config", str(REPO / LORA_CONFIG), *extra])
+    assert exit_info.value.code != 0
+
+
+def test_predict_is_not_offered(capsys):
+    with pytest.raises(SystemExit):
+        parse(["predict", "--config", str(REPO / LORA_CONFIG)])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    folder = tmp_path_factory.mktemp("tiny_bert_cli")
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+    )
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def test_fit_then_test_through_the_cli_with_hrp(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the config's relative runs/ paths land here
+    config = str(REPO / "recipes/configs/classification_rotten_tomatoes_hrp.yaml")
+    overrides = [
+        f"--model.init_args.model_name_or_path={tiny_model_dir}",
+        "--model.init_args.lora_r=4",
+        f"--data.init_args.tokenizer={tiny_model_dir}",
+        "--data.init_args.train_size=32",
+        "--data.init_args.val_size=16",
+        "--data.init_args.test_size=16",
+        "--data.init_args.batch_size=8",
+        "--trainer.enable_progress_bar=false",
+    ]
+    # A callbacks override addresses the last callback in the list: here HRP.
+    hrp = ["--trainer.callbacks.preheat_rank=16", "--trainer.callbacks.preheat_steps=2"]
+    assert main(["fit", "--config", config, *overrides, *hrp, "--trainer.max_steps=3", "--trainer.val_check_interval=3"]) == 0
+
+    logs = tmp_path / "runs" / "classification_rotten_tomatoes_hrp" / "lightning_logs" / "version_0"
+    metrics = (logs / "metrics.csv").read_text()
+    assert "hrp/preheat_loss" in metrics and "val/acc" in metrics
+    saved = yaml.safe_load((logs / "config.yaml").read_text())
+    assert saved["trainer"]["callbacks"][-1]["init_args"]["preheat_steps"] == 2
+
+    # The test command of the config's header, on the checkpoint the fit wrote.
+    checkpoint = "runs/classification_rotten_tomatoes_hrp/checkpoints/last.ckpt"
+    assert main(["test", "--config", config, *overrides, "--ckpt_path", checkpoint]) == 0
+    tested = (tmp_path / "runs" / "classification_rotten_tomatoes_hrp" / "lightning_logs" / "version_1" / "metrics.csv").read_text()
+    assert "test/acc" in tested
+
+
+def test_demo_dispatch_with_a_tiny_model(tiny_model_dir, tmp_path, capsys):
+    argv = [
+        "demo", "--model", tiny_model_dir, "--output-dir", str(tmp_path), "--steps", "2", "--val-every", "1",
+        "--train-size", "32", "--val-size", "16", "--test-size", "16", "--batch-size", "8",
+        "--lora-r", "4", "--preheat-rank", "16", "--preheat-steps", "1", "--accelerator", "cpu",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^LoRA\s+\|\s+2\s+\|", out, re.MULTILINE)
+    assert re.search(r"^HRP\s+\|\s+2 \+ 1 preheat\s+\|", out, re.MULTILINE)
+    assert "HRP overhead:" in out
+    assert (tmp_path / "learning_curves.png").stat().st_size > 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    for method in ("lora", "hrp"):
+        run = results["runs"][method]
+        assert run["curve"]["val_steps"] == [1, 2]
+        assert len(run["curve"]["train_loss"]) == 2
+        assert 0.0 <= run["test"]["test/acc"] <= 1.0
+    assert results["runs"]["hrp"]["preheat_seconds"] > 0
+
+
+def test_demo_help(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--help"])
+    assert exit_info.value.code == 0
+    assert "lightning-hrp demo" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_full_demo(tmp_path, capsys):
+    """The README's first command, with its defaults: both runs must beat the majority class."""
+    assert main(["demo", "--output-dir", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    test_size = results["settings"]["test_size"]
+    from recipes.classification import default_rotten_tomatoes_path, load_rotten_tomatoes, split_rotten_tomatoes
+
+    test_labels = [label for _, label in split_rotten_tomatoes(load_rotten_tomatoes(default_rotten_tomatoes_path()))["test"][:test_size]]
+    majority = max(sum(test_labels), len(test_labels) - sum(test_labels)) / len(test_labels)
+    for method in ("lora", "hrp"):
+        assert results["runs"][method]["test"]["test/acc"] > majority
+    assert (tmp_path / "learning_curves.png").stat().st_size > 0
+    assert "HRP overhead:" in capsys.readouterr().out
