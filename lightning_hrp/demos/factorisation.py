@@ -73,6 +73,12 @@ class FactorisationToy(pl.LightningModule):
         """The adapter's current ``A`` (``r x n``)."""
         return self.model.base_model.model.proj.lora_A["default"].weight.detach()
 
+    @torch.no_grad()
+    def current_loss(self) -> float:
+        """``||s * B @ A - M||_F^2`` now."""
+        eye = torch.eye(self.hparams.n, device=self.target.device)
+        return float(((self(eye) - eye @ self.target.T) ** 2).sum())
+
     def converged_asymmetric_loss(self) -> float:
         """``||M||_F^2 - ||M P_A||_F^2``: where asymmetric training from the current ``A`` ends."""
         M = self.target.double()
