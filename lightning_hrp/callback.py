@@ -11,14 +11,14 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import AbstractContextManager, closing, contextmanager, nullcontext
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.trainer import call
 from lightning.pytorch.trainer.connectors.logger_connector.result import _ResultCollection
 from lightning.pytorch.utilities import CombinedLoader
@@ -31,10 +31,9 @@ from lightning_hrp.engine.decompose import energy_kept
 from lightning_hrp.engine.distributed import (
     all_reduce_mean_,
     broadcast_int,
-    local_data,
-    read_full,
+    read_lora_weights,
     shared_svd_of_products,
-    write_full_,
+    write_lora_weights,
 )
 from lightning_hrp.engine.init_rules import DirectionScale, InitRule, new_adapter_weights
 from lightning_hrp.engine.lora import LoraTarget, find_lora_targets
@@ -185,17 +184,17 @@ class HRPPreheatCallback(Callback):
         if not trainer.optimizers:
             raise HRPConfigurationError("HRP found no optimizer: configure_optimizers must return the main optimizer.")
 
-        originals = [(p, local_data(p).clone()) for t in targets for p in (t.lora_A, t.lora_B)]
+        # Whole copies, read through the strategy: under FSDP1 with use_orig_params=False the weights have
+        # no valid local view outside summon_full_params.
+        originals = read_lora_weights(trainer.strategy.model, targets)
         seed = self.seed if self.seed is not None else broadcast_int(torch.initial_seed() % 2**62)
         adapters = PreheatAdapters(targets, self.preheat_rank, self.mode, seed)
         report = HRPReport(seed=seed)
         try:
             self._preheat(trainer, pl_module, adapters, report)
-            self._initialise(trainer, targets, adapters, report)
+            self._initialise(trainer, targets, originals, adapters, report)
         except BaseException as error:
-            with torch.no_grad():
-                for param, original in originals:
-                    local_data(param).copy_(original)
+            write_lora_weights(trainer.strategy.model, targets, originals)
             if not isinstance(error, Exception) or self.on_failure == "raise":
                 raise
             rank_zero_warn(
@@ -282,7 +281,12 @@ class HRPPreheatCallback(Callback):
 
     @torch.no_grad()
     def _initialise(
-        self, trainer: pl.Trainer, targets: list[LoraTarget], adapters: PreheatAdapters, report: HRPReport
+        self,
+        trainer: pl.Trainer,
+        targets: list[LoraTarget],
+        originals: list[tuple[Tensor, Tensor]],
+        adapters: PreheatAdapters,
+        report: HRPReport,
     ) -> None:
         start = time.perf_counter()
         svds = shared_svd_of_products(
@@ -290,18 +294,18 @@ class HRPPreheatCallback(Callback):
         )
         if not all(bool(torch.isfinite(s.S).all() and torch.isfinite(s.Vh).all()) for s in svds):
             raise PreheatFailedError("the decomposition of a preheated update holds NaN or Inf.")
-        with _full_parameters(trainer):
-            for target, svd, preheat_scaling in zip(targets, svds, adapters.scalings):
-                A, B = new_adapter_weights(
-                    svd,
-                    rule=self.init_rule,
-                    scale=self.direction_scale,
-                    current_A=read_full(target.lora_A),
-                    preheat_scaling=preheat_scaling,
-                    scaling=target.scaling,
-                )
-                write_full_(target.lora_A, A)
-                write_full_(target.lora_B, B)
+        new_weights = [
+            new_adapter_weights(
+                svd,
+                rule=self.init_rule,
+                scale=self.direction_scale,
+                current_A=current_A,
+                preheat_scaling=preheat_scaling,
+                scaling=target.scaling,
+            )
+            for target, svd, preheat_scaling, (current_A, _) in zip(targets, svds, adapters.scalings, originals)
+        ]
+        write_lora_weights(trainer.strategy.model, targets, new_weights)
         report.decompose_seconds = time.perf_counter() - start
         report.layers = [
             LayerDiagnostics(
@@ -433,12 +437,3 @@ def _isolated_from_main_run(trainer: pl.Trainer, pl_module: pl.LightningModule) 
             scaler.load_state_dict(scaler_state)
         random.setstate(python_rng)
         pl_module.zero_grad(set_to_none=True)
-
-
-def _full_parameters(trainer: pl.Trainer) -> AbstractContextManager:
-    """FSDP1 shards flat parameters outside the DTensor API: gather them whole for the write."""
-    if isinstance(trainer.strategy, FSDPStrategy):
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
-        return FullyShardedDataParallel.summon_full_params(trainer.strategy.model, writeback=True)
-    return nullcontext()

@@ -1,15 +1,26 @@
-"""Collectives HRP needs, written so that a single process needs no process group at all."""
+"""Collectives and sharded-weight access HRP needs; a single process needs no process group at all.
+
+How the rank-r LoRA weights are read whole and written in place, per strategy:
+
+* plain parameters (one process, DDP): directly;
+* DTensors (FSDP2, ``ModelParallelStrategy``): read with ``full_tensor()``, write the local shard;
+* FSDP1 (``FullyShardedDataParallel``, flat shards outside the DTensor API, ``use_orig_params`` either
+  way): inside ``summon_full_params(writeback=True)`` of just the units that own the weights.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
+from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from lightning_hrp.engine.decompose import ProductSVD, group_by_key, product_group_key, svd_of_product
+from lightning_hrp.engine.lora import LoraTarget
 
 
 def is_distributed() -> bool:
@@ -144,3 +155,77 @@ def _broadcast_(tensor: Tensor, src: int) -> None:
     dist.broadcast(buffer, src=src)
     if buffer is not tensor:
         tensor.copy_(buffer.to(device))
+
+
+def read_lora_weights(root: nn.Module, targets: Sequence[LoraTarget]) -> list[tuple[Tensor, Tensor]]:
+    """Whole copies of every target's ``(A, B)``, identical on every rank.
+
+    A collective under FSDP1 and FSDP2: every rank must call it with the same targets.
+
+    Args:
+        root: The model as the strategy wrapped it (``trainer.strategy.model``).
+        targets: The LoRA layers, in the same order on every rank.
+    """
+    weights: list[tuple[Tensor, Tensor] | None] = [None] * len(targets)
+    for indices, units in _fsdp1_groups(root, targets):
+        with _summoned(units, writeback=False):
+            for i in indices:
+                weights[i] = (read_full(targets[i].lora_A).clone(), read_full(targets[i].lora_B).clone())
+    return weights  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def write_lora_weights(root: nn.Module, targets: Sequence[LoraTarget], weights: Sequence[tuple[Tensor, Tensor]]) -> None:
+    """Copy whole ``(A, B)`` values (identical on every rank) into every target's weights, in place.
+
+    The parameters keep their identity, so the strategy's wrapping and the optimizers stay bound to
+    them. A collective under FSDP1: every rank must call it with the same targets.
+    """
+    for indices, units in _fsdp1_groups(root, targets):
+        with _summoned(units, writeback=True):
+            for i in indices:
+                A, B = weights[i]
+                write_full_(targets[i].lora_A, A)
+                write_full_(targets[i].lora_B, B)
+
+
+def _fsdp1_groups(root: nn.Module, targets: Sequence[LoraTarget]) -> list[tuple[list[int], tuple[nn.Module, ...]]]:
+    """Targets grouped by the FSDP1 units that own their weights, in module order (the same on every rank).
+
+    Summoning the root would unshard every unit at once, the whole model on every rank; one group at
+    a time keeps the peak at about one unit, as in a forward pass. Without FSDP1: one group, no units.
+    """
+    owners = _fsdp1_owners(root)
+    if not owners:
+        return [(list(range(len(targets))), ())]
+    groups: dict[tuple[nn.Module, ...], list[int]] = {}
+    for i, target in enumerate(targets):
+        holders = (target.layer.lora_A[target.adapter_name], target.layer.lora_B[target.adapter_name])
+        units = tuple(dict.fromkeys(owners[holder] for holder in holders))
+        groups.setdefault(units, []).append(i)
+    return [(indices, units) for units, indices in groups.items()]
+
+
+def _fsdp1_owners(root: nn.Module) -> dict[nn.Module, FullyShardedDataParallel]:
+    """For each module under ``root``, the innermost FSDP1 unit whose flat parameter holds its weights (or itself)."""
+    owners: dict[nn.Module, FullyShardedDataParallel] = {}
+
+    def visit(module: nn.Module, unit: FullyShardedDataParallel | None) -> None:
+        if isinstance(module, FullyShardedDataParallel):
+            unit = module
+        if unit is not None:
+            owners[module] = unit
+        for child in module.children():
+            visit(child, unit)
+
+    visit(root, None)
+    return owners
+
+
+@contextmanager
+def _summoned(units: Sequence[nn.Module], writeback: bool) -> Iterator[None]:
+    """Unshard just ``units`` (not their children) for the duration; write changes back if asked."""
+    with ExitStack() as stack:
+        for unit in units:
+            stack.enter_context(FullyShardedDataParallel.summon_full_params(unit, recurse=False, writeback=writeback))
+        yield
