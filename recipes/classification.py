@@ -20,7 +20,7 @@ import csv
 import hashlib
 import importlib.util
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.optim.lr_scheduler import LambdaLR
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 from torchmetrics import MetricCollection
 from torchmetrics.classification import Accuracy, F1Score, MatthewsCorrCoef
 
@@ -239,6 +239,43 @@ def split_rotten_tomatoes(
 TextExample = tuple[str | tuple[str, str], int]
 
 
+class LengthGroupedSampler(Sampler[int]):
+    """A random order in which each run of ``batch_size`` indices has examples of similar length.
+
+    Padding to the longest example of a batch then wastes little, which on a CPU is most of the
+    speed (as transformers' ``group_by_length``). Each epoch: a random permutation is cut into
+    windows of ``window`` batches, each window is sorted by length, cut into batches, and the full
+    batches are shuffled (a partial one goes last). The seed of each epoch comes from the global
+    torch RNG, as ``RandomSampler``'s does, so ``seed_everything`` fixes the order.
+
+    Args:
+        lengths: Length of each example.
+        batch_size: The DataLoader's batch size.
+        window: Batches per sorting window; larger groups better but mixes less.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, window: int = 50) -> None:
+        self.lengths = list(lengths)
+        self.batch_size = batch_size
+        self.window = window
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(int(torch.empty((), dtype=torch.int64).random_().item()))
+        order = torch.randperm(len(self.lengths), generator=generator).tolist()
+        span = self.window * self.batch_size
+        batches = []
+        for start in range(0, len(order), span):
+            chunk = sorted(order[start : start + span], key=lambda i: self.lengths[i])
+            batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        full = [batch for batch in batches if len(batch) == self.batch_size]
+        partial = [batch for batch in batches if len(batch) < self.batch_size]
+        shuffled = [full[i] for i in torch.randperm(len(full), generator=generator).tolist()]
+        return iter([index for batch in shuffled + partial for index in batch])
+
+
 class TextClassificationDataModule(pl.LightningDataModule):
     """Tokenises ``(text or text pair, label)`` splits and serves padded batches.
 
@@ -253,6 +290,8 @@ class TextClassificationDataModule(pl.LightningDataModule):
         batch_size: Training batch size.
         eval_batch_size: Validation and test batch size.
         num_workers: DataLoader worker processes.
+        group_by_length: Train on batches of similar length (:class:`LengthGroupedSampler`)
+            instead of uniformly random ones; much less padding, hence faster on a CPU.
     """
 
     num_labels: int
@@ -264,6 +303,7 @@ class TextClassificationDataModule(pl.LightningDataModule):
         batch_size: int = 32,
         eval_batch_size: int = 64,
         num_workers: int = 0,
+        group_by_length: bool = False,
     ) -> None:
         super().__init__()
         for name, value in (("max_length", max_length), ("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
@@ -274,6 +314,7 @@ class TextClassificationDataModule(pl.LightningDataModule):
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
+        self.group_by_length = group_by_length
         self.tokenizer: Any = None
         self.datasets: dict[str, list[dict[str, Any]]] = {}
 
@@ -311,11 +352,16 @@ class TextClassificationDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
+        data = self.datasets["train"]
+        sampler = None
+        if self.group_by_length:
+            sampler = LengthGroupedSampler([len(example["input_ids"]) for example in data], self.batch_size)
         return DataLoader(
-            self.datasets["train"],
+            data,
             batch_size=self.batch_size,
-            shuffle=True,
-            drop_last=len(self.datasets["train"]) > self.batch_size,
+            shuffle=sampler is None,
+            sampler=sampler,
+            drop_last=len(data) > self.batch_size,
             collate_fn=self._collate,
             num_workers=self.num_workers,
         )
@@ -363,8 +409,9 @@ class RottenTomatoesDataModule(TextClassificationDataModule):
         batch_size: int = 32,
         eval_batch_size: int = 64,
         num_workers: int = 0,
+        group_by_length: bool = False,
     ) -> None:
-        super().__init__(tokenizer, max_length, batch_size, eval_batch_size, num_workers)
+        super().__init__(tokenizer, max_length, batch_size, eval_batch_size, num_workers, group_by_length)
         self.data_path = data_path
         self.sizes = {"train": train_size, "validation": val_size, "test": test_size}
         for name, size in zip(("train_size", "val_size", "test_size"), self.sizes.values()):
@@ -403,8 +450,9 @@ class GlueDataModule(TextClassificationDataModule):
         batch_size: int = 32,
         eval_batch_size: int = 64,
         num_workers: int = 0,
+        group_by_length: bool = False,
     ) -> None:
-        super().__init__(tokenizer, max_length, batch_size, eval_batch_size, num_workers)
+        super().__init__(tokenizer, max_length, batch_size, eval_batch_size, num_workers, group_by_length)
         if task not in GLUE_TASKS:
             raise ValueError(f"task must be one of the GLUE classification tasks {sorted(GLUE_TASKS)}, got {task!r}.")
         _take([], train_size, "train_size")

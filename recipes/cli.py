@@ -26,6 +26,11 @@ from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
 
 SUBCOMMANDS = ("fit", "validate", "test")
+DESCRIPTION = (
+    "lightning-hrp: High-Rank Preheating (HRP) for LoRA as a Lightning callback. 'fit', 'validate' and 'test' "
+    "run a recipe from a config (see recipes/configs/); 'lightning-hrp demo' compares plain LoRA with HRP "
+    "offline in minutes (lightning-hrp demo --help)."
+)
 
 
 class LightningHRPCLI(LightningCLI):
@@ -38,6 +43,7 @@ class LightningHRPCLI(LightningCLI):
             subclass_mode_model=True,
             subclass_mode_data=True,
             save_config_kwargs={"overwrite": True},
+            parser_kwargs={"description": DESCRIPTION},
             args=list(args) if args is not None else None,
             **kwargs,
         )

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
 
 from recipes.classification import RottenTomatoesDataModule, SequenceClassifier
@@ -118,6 +118,7 @@ def run_method(method: str, settings: DemoSettings) -> RunResult:
         max_length=settings.max_length,
         batch_size=settings.batch_size,
         eval_batch_size=64,
+        group_by_length=True,  # far less padding: most of the speed on a CPU
     )
     data.setup("fit")  # tokenise outside the timed fit, so both runs time training only
     model = SequenceClassifier(
@@ -129,7 +130,8 @@ def run_method(method: str, settings: DemoSettings) -> RunResult:
         warmup_ratio=settings.warmup_ratio,
     )
     recorder = LearningCurveRecorder()
-    callbacks: list[Callback] = [recorder]
+    # tqdm, like HRP's own preheat bar, so the two bars share one style.
+    callbacks: list[Callback] = [recorder, TQDMProgressBar()]
     hrp = None
     if method == "hrp":
         hrp = HRPPreheatCallback(

@@ -17,6 +17,7 @@ from peft.tuners.lora import LoraLayer
 from lightning_hrp import HRPPreheatCallback
 from recipes.classification import (
     GlueDataModule,
+    LengthGroupedSampler,
     RottenTomatoesDataModule,
     SequenceClassifier,
     default_model_path,
@@ -130,15 +131,34 @@ def test_bad_data_file_names_the_path_and_what_was_expected(tmp_path, content, m
 
 
 def test_data_module_batches_are_padded_and_labelled(tiny_model_dir):
-    data = tiny_data(tiny_model_dir)
+    data = tiny_data(tiny_model_dir, group_by_length=True)
     data.setup("fit")
     assert [len(data.datasets[split]) for split in ("train", "validation", "test")] == [48, 24, 24]
+    assert isinstance(data.train_dataloader().sampler, LengthGroupedSampler)
     batch = next(iter(data.train_dataloader()))
     assert batch["input_ids"].shape[0] == 8 and batch["input_ids"].shape[1] <= 32
     assert batch["attention_mask"].shape == batch["input_ids"].shape
     assert batch["labels"].dtype == torch.long and set(batch["labels"].tolist()) <= {0, 1}
     lengths = [int(b["attention_mask"].sum(dim=1).max()) for b in data.val_dataloader()]
     assert lengths == sorted(lengths)  # evaluation goes in order of length
+
+
+def test_length_grouped_sampler_is_a_seeded_permutation_with_little_padding():
+    lengths = [int(n) for n in torch.randint(1, 60, (1000,), generator=torch.Generator().manual_seed(0))]
+    sampler = LengthGroupedSampler(lengths, batch_size=10, window=20)
+    torch.manual_seed(3)
+    order = list(sampler)
+    assert sorted(order) == list(range(1000))
+    torch.manual_seed(3)
+    assert list(sampler) == order
+    assert list(sampler) != order  # the next epoch draws a new order
+
+    def padded_tokens(indices: list[int]) -> int:
+        batches = [indices[i : i + 10] for i in range(0, len(indices), 10)]
+        return sum(len(batch) * max(lengths[i] for i in batch) for batch in batches)
+
+    random_order = torch.randperm(1000, generator=torch.Generator().manual_seed(1)).tolist()
+    assert padded_tokens(order) < 0.7 * padded_tokens(random_order)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("datasets") is not None, reason="datasets is installed here")
