@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.optim import AdamW, Optimizer
 from tqdm.auto import tqdm
 
-from lightning_hrp.engine.decompose import energy_kept
+from lightning_hrp.engine.decompose import energy_kept, subspace_drift, svd_of_products
 from lightning_hrp.engine.distributed import (
     all_reduce_mean_,
     broadcast_int,
@@ -62,6 +62,7 @@ class HRPReport:
 
     seed: int
     preheat_losses: list[float] = field(default_factory=list)
+    subspace_drift: list[float] = field(default_factory=list)
     layers: list[LayerDiagnostics] = field(default_factory=list)
     preheat_seconds: float = 0.0
     decompose_seconds: float = 0.0
@@ -102,6 +103,11 @@ class HRPPreheatCallback(Callback):
             ``"continue"`` warns and trains from the untouched default init. A ``KeyboardInterrupt``
             always propagates.
         log_layer_metrics: Also log each layer's energy kept and leading singular value.
+        track_subspace_drift: After every preheat step, log ``hrp/subspace_drift``: how far the top-r
+            subspaces moved since the previous step (mean over layers of ``1 - ||V_t V_{t-1}^T||_F^2 / r``;
+            0 means settled). Costs one batched decomposition per step.
+        drift_tolerance: Stop preheating early, before ``preheat_steps``, once the drift falls below this
+            (implies tracking). A stopping rule the paper does not have.
     """
 
     def __init__(
@@ -119,6 +125,8 @@ class HRPPreheatCallback(Callback):
         svd_dtype: SvdDtype = "float32",
         on_failure: OnFailure = "raise",
         log_layer_metrics: bool = True,
+        track_subspace_drift: bool = False,
+        drift_tolerance: float | None = None,
     ) -> None:
         _check_positive_int("preheat_rank", preheat_rank, minimum=2)
         _check_positive_int("preheat_steps", preheat_steps, minimum=1)
@@ -129,6 +137,8 @@ class HRPPreheatCallback(Callback):
         _check_choice("on_failure", on_failure, OnFailure)
         if preheat_lr is not None and not (isinstance(preheat_lr, (int, float)) and math.isfinite(preheat_lr) and preheat_lr > 0):
             raise HRPConfigurationError(f"preheat_lr must be a positive number or None (the main optimizer's), got {preheat_lr!r}.")
+        if drift_tolerance is not None and not (isinstance(drift_tolerance, float) and 0 < drift_tolerance < 1):
+            raise HRPConfigurationError(f"drift_tolerance must be a float in (0, 1) or None, got {drift_tolerance!r}.")
         if preheat_lr is not None and preheat_optimizer is not None:
             raise HRPConfigurationError(
                 "Give either preheat_lr (for the default AdamW) or preheat_optimizer (which sets its own "
@@ -146,6 +156,8 @@ class HRPPreheatCallback(Callback):
         self.svd_dtype = svd_dtype
         self.on_failure = on_failure
         self.log_layer_metrics = log_layer_metrics
+        self.track_subspace_drift = track_subspace_drift or drift_tolerance is not None
+        self.drift_tolerance = drift_tolerance
         self.report: HRPReport | None = None
         self._finished = False
 
@@ -238,6 +250,7 @@ class HRPPreheatCallback(Callback):
         batches = _preheat_batches(trainer, pl_module, self.preheat_steps * trainer.accumulate_grad_batches)
         show_progress = trainer.is_global_zero and trainer.progress_bar_callback is not None
         start = time.perf_counter()
+        directions: list[Tensor] | None = None
         with closing(batches), _isolated_from_main_run(trainer, pl_module), adapters.attached(), tqdm(
             total=self.preheat_steps, desc="HRP preheat", disable=not show_progress, leave=False, dynamic_ncols=True
         ) as progress:
@@ -262,9 +275,22 @@ class HRPPreheatCallback(Callback):
                 if not math.isfinite(loss):
                     raise PreheatFailedError(f"the preheat loss is {loss} at preheat step {step}.")
                 report.preheat_losses.append(loss)
-                _log(trainer, {"hrp/preheat_loss": loss}, step=step)
+                metrics = {"hrp/preheat_loss": loss}
+                if self.track_subspace_drift:
+                    previous, directions = directions, _top_directions(adapters)
+                    if previous is not None:
+                        drift = sum(map(subspace_drift, previous, directions)) / len(directions)
+                        report.subspace_drift.append(drift)
+                        metrics["hrp/subspace_drift"] = drift
+                _log(trainer, metrics, step=step)
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss:.4g}")
+                if self.drift_tolerance is not None and report.subspace_drift and report.subspace_drift[-1] < self.drift_tolerance:
+                    rank_zero_info(
+                        f"HRP: the top-r subspaces moved {report.subspace_drift[-1]:.2e} < drift_tolerance="
+                        f"{self.drift_tolerance} at preheat step {step + 1}; preheating stops early."
+                    )
+                    break
         if not adapters.all_finite():
             raise PreheatFailedError("a preheat adapter holds NaN or Inf after preheating.")
         report.preheat_seconds = time.perf_counter() - start
@@ -343,6 +369,11 @@ class HRPPreheatCallback(Callback):
             f"{report.preheat_seconds:.2f} s (decomposition {report.decompose_seconds:.3f} s); the top r "
             f"directions keep {metrics['hrp/energy_kept_mean']:.1%} of the preheated update's energy on average."
         )
+
+
+def _top_directions(adapters: PreheatAdapters) -> list[Tensor]:
+    tops = [target.rank for target in adapters.targets]
+    return [svd.Vh for svd in svd_of_products(adapters.products(), tops)]
 
 
 def _check_positive_int(name: str, value: Any, minimum: int) -> None:

@@ -429,3 +429,22 @@ def test_on_failure_continue_warns_and_trains_from_the_untouched_default_init():
 def test_engine_does_not_import_lightning():
     code = "import sys, lightning_hrp.engine; assert not any(m.startswith('lightning.') or m == 'lightning' for m in sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_subspace_drift_is_tracked_and_can_stop_preheating_early():
+    pl.seed_everything(0)
+    toy = FactorisationToy(n=N, rank=RANK)
+    tracked = HRPPreheatCallback(32, 30, track_subspace_drift=True)
+    make_trainer(callbacks=[tracked], max_steps=1).fit(toy)
+    drift = tracked.report.subspace_drift
+    assert len(drift) == 29 and all(0 <= d <= 1 for d in drift)
+    assert drift[-1] < drift[0]  # the subspace settles as preheating converges
+
+    pl.seed_everything(0)
+    toy = FactorisationToy(n=N, rank=RANK)
+    tolerance = sorted(drift)[len(drift) // 2]  # reached somewhere within the 30 steps
+    stopping = HRPPreheatCallback(32, 30, drift_tolerance=tolerance)
+    make_trainer(callbacks=[stopping], max_steps=1).fit(toy)
+    first_below = next(i for i, d in enumerate(drift) if d < tolerance)
+    assert len(stopping.report.preheat_losses) == first_below + 2
+    assert stopping.report.subspace_drift == drift[: first_below + 1]

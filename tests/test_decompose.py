@@ -102,3 +102,12 @@ def test_rejects_bad_arguments(bad):
 
 def test_energy_kept():
     assert energy_kept(torch.tensor([3.0, 4.0, 0.0]), 1) == pytest.approx(9 / 25)
+
+
+def test_subspace_drift_is_zero_for_the_same_subspace_and_one_for_orthogonal():
+    from lightning_hrp.engine.decompose import subspace_drift
+
+    Q = torch.linalg.qr(torch.randn(10, 4, dtype=torch.float64)).Q.T
+    rotation = torch.linalg.qr(torch.randn(2, 2, dtype=torch.float64)).Q
+    assert subspace_drift(Q[:2], rotation @ Q[:2]) == pytest.approx(0, abs=1e-12)
+    assert subspace_drift(Q[:2], Q[2:]) == pytest.approx(1)

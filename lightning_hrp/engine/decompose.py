@@ -124,3 +124,13 @@ def energy_kept(S: Tensor, top: int) -> float:
     """Share of the squared Frobenius norm that the ``top`` leading singular values hold (NaN for zero)."""
     total = float((S.double() ** 2).sum())
     return float((S[:top].double() ** 2).sum()) / total if total > 0 else float("nan")
+
+
+def subspace_drift(previous: Tensor, current: Tensor) -> float:
+    """How far the row space of ``current`` moved from ``previous`` (both ``(r, in)``, orthonormal rows).
+
+    ``1 - ||previous @ current^T||_F^2 / r``: 0 for the same subspace, 1 for orthogonal ones (the
+    mean squared sine of the principal angles).
+    """
+    overlap = previous.double() @ current.double().mT
+    return float(1.0 - (overlap**2).sum() / previous.shape[-2])
