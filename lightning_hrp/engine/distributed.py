@@ -198,6 +198,12 @@ def _fsdp1_groups(root: nn.Module, targets: Sequence[LoraTarget]) -> list[tuple[
     owners = _fsdp1_owners(root)
     if not owners:
         return [(list(range(len(targets))), ())]
+    # Summoning a nested unit before the outermost one has run its lazy init (no forward yet) would make
+    # the nested unit take itself for the root and break the next forward; a brief summon of the
+    # outermost units' own parameters runs that init from the right place.
+    for outermost in _outermost_fsdp1(root):
+        with FullyShardedDataParallel.summon_full_params(outermost, recurse=False, writeback=False):
+            pass
     groups: dict[tuple[nn.Module, ...], list[int]] = {}
     for i, target in enumerate(targets):
         holders = (target.layer.lora_A[target.adapter_name], target.layer.lora_B[target.adapter_name])
@@ -220,6 +226,13 @@ def _fsdp1_owners(root: nn.Module) -> dict[nn.Module, FullyShardedDataParallel]:
 
     visit(root, None)
     return owners
+
+
+def _outermost_fsdp1(root: nn.Module) -> list[FullyShardedDataParallel]:
+    """The FSDP1 units under ``root`` that no other unit contains, in module order."""
+    if isinstance(root, FullyShardedDataParallel):
+        return [root]
+    return [unit for child in root.children() for unit in _outermost_fsdp1(child)]
 
 
 @contextmanager

@@ -1,0 +1,156 @@
+"""Multi-process HRP runs, launched by the distributed tests (and tests/gpu/run_all.sh) as a script.
+
+Lightning's ``ddp``-style strategies start the other ranks by re-running this script, so it must not
+be pytest itself. One invocation sets up the process group once and runs several strategies in turn
+(each a fresh Trainer), leaving JSON files in ``--out`` for the calling test to assert on:
+
+* ``{run}/first_rank{r}.json``, ``{run}/resumed_rank{r}.json``: see :func:`hrp_dist_toy.fit_then_resume`;
+* ``{run}/error_rank{r}.json``: the exception a run raised, if any (the next run still goes);
+* ``engine_rank{r}.json``: the decomposition shared out over ranks against a local one;
+* ``exit_codes.json`` (rank 0, last): every rank's exit status after the process group is destroyed.
+
+Usage:
+    python tests/distributed/hrp_dist_worker.py --runs ddp,model_parallel --devices 2 --batch-size 4 --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import traceback
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
+from torch import nn
+from torch.distributed.fsdp import FullyShardedDataParallel
+
+from hrp_dist_toy import _Block, fit_then_resume, write_json
+from lightning_hrp.engine.decompose import svd_of_products
+from lightning_hrp.engine.distributed import _deal_out, shared_svd_of_products
+
+# A rank that never joins a collective makes the others fail after this long instead of hanging.
+COLLECTIVE_TIMEOUT = timedelta(seconds=90)
+RUNS = ("ddp", "model_parallel", "fsdp", "fsdp_flat")
+
+
+class CPUFSDPStrategy(FSDPStrategy):
+    """Lightning's FSDPStrategy (FSDP1) on CPU, for tests only.
+
+    Lightning refuses ``strategy="fsdp"`` without a GPU, and FSDP1 itself needs ``device_id=cpu``
+    on a machine without an accelerator, which Lightning never passes; this wraps the model as
+    Lightning's ``_setup_model`` does, with that one argument added. Everything else (the
+    Trainer, FSDPPrecision, checkpointing) is Lightning's own.
+    """
+
+    def _setup_model(self, model: nn.Module) -> nn.Module:
+        return FullyShardedDataParallel(
+            module=model,
+            cpu_offload=self.cpu_offload,
+            mixed_precision=self.mixed_precision_config,
+            sharding_strategy=self.sharding_strategy,
+            device_id=torch.device("cpu"),
+            **self.kwargs,
+        )
+
+
+def make_strategy(run: str, accelerator: str, world_size: int) -> Strategy:
+    if run == "ddp":
+        return DDPStrategy(timeout=COLLECTIVE_TIMEOUT)
+    if run == "model_parallel":
+        # tensor_parallel_size defaults to the device count; here all devices shard data (FSDP2 only).
+        return ModelParallelStrategy(data_parallel_size=world_size, tensor_parallel_size=1, timeout=COLLECTIVE_TIMEOUT)
+    fsdp = CPUFSDPStrategy if accelerator == "cpu" else FSDPStrategy
+    # FSDP1's full state dict segfaults on CPU in torch 2.13 (with or without HRP): save sharded there.
+    state_dict_type = "sharded" if accelerator == "cpu" else "full"
+    if run == "fsdp":
+        # One unit per block: frozen base weights and trainable LoRA weights share a flat parameter.
+        return fsdp(auto_wrap_policy={_Block}, use_orig_params=True, state_dict_type=state_dict_type, timeout=COLLECTIVE_TIMEOUT)
+    if run == "fsdp_flat":
+        # use_orig_params=False needs uniform requires_grad per unit: every Linear (base, lora_A, lora_B)
+        # becomes its own unit, as peft's fsdp_auto_wrap_policy does.
+        return fsdp(auto_wrap_policy={nn.Linear}, use_orig_params=False, state_dict_type=state_dict_type, timeout=COLLECTIVE_TIMEOUT)
+    raise SystemExit(f"unknown run {run!r}; choose from {RUNS}")
+
+
+def check_shared_decomposition(out_dir: Path, device: torch.device) -> None:
+    """Decompose products of three shapes shared out over the ranks; compare with a local decomposition."""
+    generator = torch.Generator().manual_seed(7)
+    shapes = [(24, 8, 16), (16, 8, 24), (24, 8, 16), (40, 6, 12)]  # (out, R, in); two products share a shape
+    products = [
+        (torch.randn(o, r, generator=generator).to(device), torch.randn(r, i, generator=generator).to(device))
+        for o, r, i in shapes
+    ]
+    tops = [3, 3, 3, 2]
+    shared = shared_svd_of_products(products, tops)
+    local = svd_of_products(products, tops)
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    flat = torch.cat([t.reshape(-1) for s in shared for t in (s.U, s.S, s.Vh)])
+    gathered = [torch.empty_like(flat) for _ in range(world_size)]
+    dist.all_gather(gathered, flat)
+    write_json(
+        out_dir / f"engine_rank{rank}.json",
+        {
+            "owners": _deal_out([[0, 2], [1], [3]], products, world_size),
+            "bitwise_equal_across_ranks": all(torch.equal(gathered[0], g) for g in gathered[1:]),
+            "max_abs_diff_to_local": max(
+                float((a - b).abs().max())
+                for s, l in zip(shared, local)
+                for a, b in ((s.U, l.U), (s.S, l.S), (s.Vh, l.Vh))
+            ),
+        },
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", required=True, help=f"comma-separated, from {', '.join(RUNS)}")
+    parser.add_argument("--accelerator", default="cpu")
+    parser.add_argument("--devices", type=int, default=2)
+    parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    runs = args.runs.split(",")
+    unknown = sorted(set(runs) - set(RUNS))
+    if unknown:
+        parser.error(f"unknown runs {unknown}; choose from {RUNS}")
+
+    strategies: list[Strategy] = []
+    for run in runs:
+        out = args.out / run
+        out.mkdir(parents=True, exist_ok=True)
+
+        def strategy(run: str = run) -> Strategy:
+            strategies.append(make_strategy(run, args.accelerator, args.devices))
+            return strategies[-1]
+
+        try:
+            fit_then_resume(
+                strategy,
+                out,
+                devices=args.devices,
+                batch_size=args.batch_size,
+                accelerator=args.accelerator,
+                precision=args.precision,
+                fully_shard_blocks=run == "model_parallel",
+            )
+        except Exception as error:  # recorded for the test; a config error raised on every rank leaves the group usable
+            write_json(out / f"error_rank{dist.get_rank()}.json", {"error": repr(error), "traceback": traceback.format_exc()})
+            dist.barrier()
+
+    rank = dist.get_rank()
+    check_shared_decomposition(args.out, strategies[-1].root_device)
+    dist.barrier()
+    dist.destroy_process_group()
+
+    # Rank 0 launched the other local ranks (Lightning re-ran this script); wait for them to exit.
+    children = strategies[0].launcher.procs if rank == 0 else []
+    if rank == 0:
+        codes = {"0": 0, **{str(r + 1): child.wait(timeout=60) for r, child in enumerate(children)}}
+        write_json(args.out / "exit_codes.json", codes)
+
+
+if __name__ == "__main__":
+    main()
