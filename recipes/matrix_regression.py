@@ -15,7 +15,9 @@ Run: ``lightning-hrp fit --config recipes/configs/matrix_regression_lora.yaml`` 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -24,6 +26,8 @@ from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_hrp.inits import InitMethod, KnownTargetUpdates, LoraInit
 
 # --------------------------------------------------------------------------------------------
 # The task
@@ -86,7 +90,7 @@ def make_task(
 # --------------------------------------------------------------------------------------------
 
 
-class MatrixRegressionDataModule(pl.LightningDataModule):
+class MatrixRegressionDataModule(pl.LightningDataModule, KnownTargetUpdates):
     """Finite noisy samples of ``y = (W0 + M) x + noise``: train, validation and test sets.
 
     Args:
@@ -151,6 +155,10 @@ class MatrixRegressionDataModule(pl.LightningDataModule):
         """The true update ``M = W_target - W0``, ``(out, in)`` (for oracle inits and diagnostics)."""
         return self.task.target_update.clone()
 
+    def target_updates(self) -> Mapping[str, Tensor]:
+        """``{"proj": M}``: the true update of the one LoRA target (serves the ``oracle`` init)."""
+        return {"proj": self.target_update()}
+
     def base_weight(self) -> Tensor:
         """The frozen weight ``W0``, ``(out, in)``."""
         return self.task.base_weight.clone()
@@ -197,8 +205,10 @@ class MatrixRegressionModule(pl.LightningModule):
         lora_rank: LoRA rank ``r``.
         lora_alpha: LoRA alpha; the adapter's scale is ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA).
         use_rslora: Use rank-stabilised scaling.
-        init_lora_weights: peft's LoRA init (``True``: random ``A``, ``B = 0``; or a peft init name
-            such as ``"gaussian"``, ``"pissa"``, ``"olora"``), passed through to ``LoraConfig``.
+        init_method: How the adapter starts (:class:`lightning_hrp.inits.InitMethod`: ``lora``,
+            ``gaussian``, ``pissa``, ``olora``, ``lora_ga``, ``eva``, ``lora_one``, ``hrp``, ``oracle``,
+            or ``full`` for full fine-tuning of ``W0`` without LoRA).
+        init_options: The method's options (e.g. ``{"preheat_rank": 32, "preheat_steps": 8}`` for ``hrp``).
         learning_rate: AdamW learning rate.
         weight_decay: AdamW weight decay.
     """
@@ -211,24 +221,34 @@ class MatrixRegressionModule(pl.LightningModule):
         lora_rank: int = 4,
         lora_alpha: float = 4.0,
         use_rslora: bool = False,
-        init_lora_weights: bool | str = True,
+        init_method: InitMethod = InitMethod.lora,
+        init_options: dict[str, Any] | None = None,
         learning_rate: float = 1e-2,
         weight_decay: float = 0.0,
     ) -> None:
         super().__init__()
+        self.lora_init = LoraInit(init_method, init_options)
         self.save_hyperparameters()
+        self.hparams.init_method = self.lora_init.method.value  # a plain string in checkpoints and hparams.yaml
         base = LinearRegressor(in_features, out_features)
         with torch.no_grad():
             base.proj.weight.copy_(make_base_weight(in_features, out_features, task_seed))
+        if not self.lora_init.uses_lora:
+            self.model: PeftModel | LinearRegressor = base  # full fine-tuning: W0 itself is trained
+            return
         # Built here, before any strategy wraps the module: HRP writes these adapters in place.
         lora_config = LoraConfig(
             r=lora_rank,
             lora_alpha=lora_alpha,
             use_rslora=use_rslora,
             target_modules=["proj"],
-            init_lora_weights=init_lora_weights,
+            **self.lora_init.lora_config_kwargs(),
         )
-        self.model: PeftModel = get_peft_model(base, lora_config)
+        self.model = get_peft_model(base, lora_config)
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        # Data-driven inits (lora_ga, eva, lora_one, hrp, oracle) run as callbacks of this fit.
+        return self.lora_init.callbacks(self.trainer.callbacks)
 
     def forward(self, inputs: Tensor) -> Tensor:
         return self.model(inputs)
@@ -280,6 +300,8 @@ class MatrixRegressionModule(pl.LightningModule):
 
     def lora_layer(self) -> LoraLayer:
         """The one peft LoRA layer (wrapping ``proj``)."""
+        if not self.lora_init.uses_lora:
+            raise ValueError("init_method='full' trains W0 directly; the model has no LoRA layer.")
         return self.model.get_submodule("base_model.model.proj")
 
     @torch.no_grad()
