@@ -34,19 +34,19 @@ class DemoSettings:
     model: str | None = None
     data_path: str | None = None
     seed: int = 0
-    steps: int = 150
+    steps: int = 200
     batch_size: int = 32
     max_length: int = 48
     train_size: int | None = None
     val_size: int = 300
     test_size: int = 1000
     val_every: int = 25
-    learning_rate: float = 1e-3
+    learning_rate: float = 2e-3
     warmup_ratio: float = 0.06
     lora_r: int = 8
     lora_alpha: float = 16.0
     preheat_rank: int = 64
-    preheat_steps: int = 15
+    preheat_steps: int = 20
     preheat_mode: str = "classic"
     accelerator: str = "auto"
 

@@ -23,6 +23,8 @@ from recipes.classification import (
     default_model_path,
     default_rotten_tomatoes_path,
     load_rotten_tomatoes,
+    lora_target_modules,
+    resolve_pretrained,
     split_rotten_tomatoes,
 )
 
@@ -214,6 +216,25 @@ def test_bad_model_folder_names_the_path_and_what_was_expected(tmp_path, tiny_mo
         SequenceClassifier(str(target))
     assert expected[layout] in str(error.value)
     assert str(target) in str(error.value)
+
+
+def test_hub_names_pass_through_and_paths_do_not():
+    assert resolve_pretrained("FacebookAI/roberta-base", "model_name_or_path", needs_weights=True) == "FacebookAI/roberta-base"
+    assert resolve_pretrained("roberta-base", "model_name_or_path", needs_weights=True) == "roberta-base"
+    for path in ("./no/such/model", "/no/such/model", "no/such/model"):
+        with pytest.raises(FileNotFoundError, match="no folder at"):
+            resolve_pretrained(path, "model_name_or_path", needs_weights=True)
+
+
+def test_unknown_architecture_asks_for_explicit_targets():
+    with pytest.raises(ValueError, match="pass target_modules explicitly"):
+        lora_target_modules("gpt2", include_mlp=False)
+
+
+@pytest.mark.parametrize("argument", ["train_size", "val_size", "test_size"])
+def test_subset_sizes_must_be_positive(argument):
+    with pytest.raises(ValueError, match=argument):
+        RottenTomatoesDataModule(**{argument: 0})
 
 
 def test_malformed_config_names_the_path(tmp_path):
