@@ -285,7 +285,14 @@ class HRPPreheatCallback(Callback):
                 _log(trainer, metrics, step=step)
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss:.4g}")
-                if self.drift_tolerance is not None and report.subspace_drift and report.subspace_drift[-1] < self.drift_tolerance:
+                settled = (
+                    self.drift_tolerance is not None
+                    and bool(report.subspace_drift)
+                    and report.subspace_drift[-1] < self.drift_tolerance
+                )
+                # Each rank computes its own drift; should two ever round it differently, a rank stopping
+                # alone would hang the others' next all-reduce, so rank 0 decides for all.
+                if self.drift_tolerance is not None and broadcast_int(int(settled)):
                     rank_zero_info(
                         f"HRP: the top-r subspaces moved {report.subspace_drift[-1]:.2e} < drift_tolerance="
                         f"{self.drift_tolerance} at preheat step {step + 1}; preheating stops early."

@@ -9,7 +9,18 @@ import pytest
 from hrp_dist_toy import BATCH_SIZE, one_process_reference, run_worker
 
 WORLD_SIZE = 2
-CPU_RUNS = ("ddp", "model_parallel", "fsdp", "fsdp_flat")
+# Strategy names of hrp_dist_worker, each optionally @precision (default 32-true).
+CPU_RUNS = (
+    "ddp",
+    "model_parallel",
+    "fsdp",
+    "fsdp_flat",
+    "ddp@bf16-mixed",
+    "model_parallel@bf16-mixed",
+    "fsdp@bf16-mixed",
+    "ddp@bf16-true",
+    "model_parallel@bf16-true",
+)
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ two shapes), so FSDP2's ``fully_shard`` can be applied per block, to modules tha
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -38,6 +39,7 @@ PREHEAT_RANK = 8
 PREHEAT_STEPS = 3
 ACCUMULATE = 2
 MAIN_STEPS = 2
+PREHEAT_SGD_LR = 0.3
 # Per-process batch size of the multi-process runs (the one-process reference reads world size times as many).
 BATCH_SIZE = 4
 WORKER = Path(__file__).with_name("hrp_dist_worker.py")
@@ -260,8 +262,18 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
 
 
 def hrp_callback() -> HRPPreheatCallback:
-    # keep_progress writes both factors (B nonzero), so a broken write of either one shows.
-    return HRPPreheatCallback(PREHEAT_RANK, PREHEAT_STEPS, mode="classic", init_rule="keep_progress", preheat_lr=2e-2)
+    # keep_progress writes both factors (B nonzero), so a broken write of either one shows. SGD, unlike
+    # Adam, moves in proportion to the gradient, so a wrongly scaled all-reduce shows too (partial, not a
+    # lambda: ddp_spawn pickles the callback). The drift tolerance is never reached; it makes every rank
+    # take the early-stop decision each step, collectively.
+    return HRPPreheatCallback(
+        PREHEAT_RANK,
+        PREHEAT_STEPS,
+        mode="classic",
+        init_rule="keep_progress",
+        preheat_optimizer=functools.partial(torch.optim.SGD, lr=PREHEAT_SGD_LR),
+        drift_tolerance=1e-12,
+    )
 
 
 def fit_then_resume(

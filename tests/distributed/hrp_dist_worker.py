@@ -4,13 +4,15 @@ Lightning's ``ddp``-style strategies start the other ranks by re-running this sc
 be pytest itself. One invocation sets up the process group once and runs several strategies in turn
 (each a fresh Trainer), leaving JSON files in ``--out`` for the calling test to assert on:
 
+A run is a strategy name, optionally with its own precision: ``ddp@bf16-mixed``.
+
 * ``{run}/first_rank{r}.json``, ``{run}/resumed_rank{r}.json``: see :func:`hrp_dist_toy.fit_then_resume`;
 * ``{run}/error_rank{r}.json``: the exception a run raised, if any (the next run still goes);
 * ``engine_rank{r}.json``: the decomposition shared out over ranks against a local one;
 * ``exit_codes.json`` (rank 0, last): every rank's exit status after the process group is destroyed.
 
 Usage:
-    python tests/distributed/hrp_dist_worker.py --runs ddp,model_parallel --devices 2 --batch-size 4 --out DIR
+    python tests/distributed/hrp_dist_worker.py --runs ddp,model_parallel,ddp@bf16-mixed --devices 2 --batch-size 4 --out DIR
 """
 
 from __future__ import annotations
@@ -105,7 +107,9 @@ def check_shared_decomposition(out_dir: Path, device: torch.device) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", required=True, help=f"comma-separated, from {', '.join(RUNS)}")
+    parser.add_argument(
+        "--runs", required=True, help=f"comma-separated, from {', '.join(RUNS)}, each optionally @precision"
+    )
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument("--devices", type=int, default=2)
     parser.add_argument("--precision", default="32-true")
@@ -113,17 +117,18 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     runs = args.runs.split(",")
-    unknown = sorted(set(runs) - set(RUNS))
+    unknown = sorted({run.partition("@")[0] for run in runs} - set(RUNS))
     if unknown:
         parser.error(f"unknown runs {unknown}; choose from {RUNS}")
 
     strategies: list[Strategy] = []
     for run in runs:
+        name, _, precision = run.partition("@")
         out = args.out / run
         out.mkdir(parents=True, exist_ok=True)
 
-        def strategy(run: str = run) -> Strategy:
-            strategies.append(make_strategy(run, args.accelerator, args.devices))
+        def strategy(name: str = name) -> Strategy:
+            strategies.append(make_strategy(name, args.accelerator, args.devices))
             return strategies[-1]
 
         try:
@@ -133,8 +138,8 @@ def main() -> None:
                 devices=args.devices,
                 batch_size=args.batch_size,
                 accelerator=args.accelerator,
-                precision=args.precision,
-                fully_shard_blocks=run == "model_parallel",
+                precision=precision or args.precision,
+                fully_shard_blocks=name == "model_parallel",
             )
         except Exception as error:  # recorded for the test; a config error raised on every rank leaves the group usable
             write_json(out / f"error_rank{dist.get_rank()}.json", {"error": repr(error), "traceback": traceback.format_exc()})

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check of lightning-hrp in one go, on one or two CUDA GPUs, in well under 5 minutes:
 # HRP under DDP, FSDP1 (strategy="fsdp", use_orig_params True and False) and ModelParallelStrategy
-# (FSDP2), each with 32-true and bf16-mixed; then a compact pass/fail table.
+# (FSDP2), with 32-true, bf16-mixed and 16-mixed; then a compact pass/fail table.
 #
 # Usage (from anywhere):  tests/gpu/run_all.sh            PYTHON=/path/to/python tests/gpu/run_all.sh
 # Needs a CUDA build of torch in that Python's environment, with lightning-hrp installed (pip install -e .[dev]).
