@@ -6,22 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from hrp_dist_toy import BATCH_SIZE, one_process_reference, run_worker
-
-WORLD_SIZE = 2
-# Strategy names of hrp_dist_worker, each optionally @precision (default 32-true).
-CPU_RUNS = (
-    "ddp",
-    "model_parallel",
-    "fsdp",
-    "fsdp_flat",
-    "ddp@bf16-mixed",
-    "model_parallel@bf16-mixed",
-    "fsdp@bf16-mixed",
-    "ddp@bf16-true",
-    "model_parallel@bf16-true",
-)
-
+from hrp_dist_toy import BATCH_SIZE, CPU_RUNS, WORLD_SIZE, one_process_reference, run_worker
 
 @pytest.fixture(scope="session")
 def cpu_worker(tmp_path_factory: pytest.TempPathFactory) -> Path:

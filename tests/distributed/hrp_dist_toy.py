@@ -44,12 +44,26 @@ PREHEAT_SGD_LR = 0.3
 BATCH_SIZE = 4
 WORKER = Path(__file__).with_name("hrp_dist_worker.py")
 REPOSITORY_ROOT = Path(__file__).resolve().parents[2]
+# Processes of the CPU runs.
+WORLD_SIZE = 2
+# Strategy names of hrp_dist_worker, each optionally @precision (default 32-true).
+CPU_RUNS = (
+    "ddp",
+    "model_parallel",
+    "fsdp",
+    "fsdp_flat",
+    "ddp@bf16-mixed",
+    "model_parallel@bf16-mixed",
+    "fsdp@bf16-mixed",
+    "ddp@bf16-true",
+    "model_parallel@bf16-true",
+)
 # The seed each rank's global RNG gets in ``setup`` is this plus its rank, so only a broadcast of rank 0's
 # seed can make the preheat adapters agree.
 RANK_SEED_BASE = 1000
 
 
-class _Block(nn.Module):
+class Block(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.up = nn.Linear(WIDTH, HIDDEN)
@@ -62,7 +76,7 @@ class _Block(nn.Module):
 class _Net(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.blocks = nn.ModuleList([_Block(), _Block()])
+        self.blocks = nn.ModuleList([Block(), Block()])
 
     def forward(self, x: Tensor) -> Tensor:
         for block in self.blocks:

@@ -28,7 +28,7 @@ from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParalle
 from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel
 
-from hrp_dist_toy import _Block, fit_then_resume, write_json
+from hrp_dist_toy import Block, fit_then_resume, write_json
 from lightning_hrp.engine.decompose import svd_of_products
 from lightning_hrp.engine.distributed import _deal_out, shared_svd_of_products
 
@@ -68,7 +68,7 @@ def make_strategy(run: str, accelerator: str, world_size: int) -> Strategy:
     state_dict_type = "sharded" if accelerator == "cpu" else "full"
     if run == "fsdp":
         # One unit per block: frozen base weights and trainable LoRA weights share a flat parameter.
-        return fsdp(auto_wrap_policy={_Block}, use_orig_params=True, state_dict_type=state_dict_type, timeout=COLLECTIVE_TIMEOUT)
+        return fsdp(auto_wrap_policy={Block}, use_orig_params=True, state_dict_type=state_dict_type, timeout=COLLECTIVE_TIMEOUT)
     if run == "fsdp_flat":
         # use_orig_params=False needs uniform requires_grad per unit: every Linear (base, lora_A, lora_B)
         # becomes its own unit, as peft's fsdp_auto_wrap_policy does.

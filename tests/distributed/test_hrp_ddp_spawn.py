@@ -13,8 +13,7 @@ from pathlib import Path
 import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy
 
-from conftest import WORLD_SIZE
-from hrp_dist_toy import BATCH_SIZE, assert_distributed_run, fit_then_resume
+from hrp_dist_toy import BATCH_SIZE, WORLD_SIZE, assert_distributed_run, fit_then_resume
 
 
 def test_ddp_spawn_preheats_like_one_process_with_double_batch(tmp_path: Path, cpu_reference: dict) -> None:

@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import WORLD_SIZE
-from hrp_dist_toy import assert_distributed_run, read_results
+from hrp_dist_toy import WORLD_SIZE, assert_distributed_run, read_results
 
 
 @pytest.mark.parametrize("run", ["ddp", "model_parallel", "fsdp"])
