@@ -73,13 +73,6 @@ def read_full(param: Tensor) -> Tensor:
     return param.detach()
 
 
-def local_data(param: Tensor) -> Tensor:
-    """The part of ``param`` stored on this rank (its local shard for a DTensor)."""
-    if isinstance(param, DTensor):
-        return param.to_local()
-    return param.data
-
-
 @torch.no_grad()
 def write_full_(param: Tensor, value: Tensor) -> None:
     """Copy ``value`` (the whole tensor, identical on every rank) into ``param`` in place.
