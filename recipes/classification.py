@@ -33,6 +33,8 @@ from torch.utils.data import DataLoader, Sampler
 from torchmetrics import MetricCollection
 from torchmetrics.classification import Accuracy, F1Score, MatthewsCorrCoef
 
+from lightning_hrp.inits import InitMethod, LoraInit
+
 Scheduler = Literal["linear", "cosine", "constant"]
 
 ROTTEN_TOMATOES_FILE = "rotten_tomatoes_corpus_full.csv.bz2"
@@ -542,6 +544,9 @@ class SequenceClassifier(pl.LightningModule):
         weight_decay: AdamW weight decay on the trainable parameters.
         warmup_ratio: Fraction of the training steps with linear warm-up from 0.
         scheduler: Learning-rate shape after warm-up: linear or cosine decay to 0, or constant.
+        init_method: How the adapters start (:class:`lightning_hrp.inits.InitMethod`; ``full`` trains
+            the whole model without LoRA, ``oracle`` needs a task with a known update and does not apply).
+        init_options: The method's options (e.g. ``{"preheat_rank": 64, "preheat_steps": 50}`` for ``hrp``).
     """
 
     def __init__(
@@ -558,6 +563,8 @@ class SequenceClassifier(pl.LightningModule):
         weight_decay: float = 0.0,
         warmup_ratio: float = 0.06,
         scheduler: Scheduler = "linear",
+        init_method: InitMethod = InitMethod.lora,
+        init_options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if num_labels < 2:
@@ -570,7 +577,9 @@ class SequenceClassifier(pl.LightningModule):
             raise ValueError(f"scheduler must be 'linear', 'cosine' or 'constant', got {scheduler!r}.")
         if target_modules is not None and lora_on_mlp:
             raise ValueError("lora_on_mlp applies to the default targets only; add the MLP modules to target_modules instead.")
+        self.lora_init = LoraInit(init_method, init_options)
         self.save_hyperparameters()
+        self.hparams.init_method = self.lora_init.method.value  # a plain string in checkpoints and hparams.yaml
         self.model = self._build_model()
         self.val_metrics = _metrics(num_labels, "val/")
         self.test_metrics = _metrics(num_labels, "test/")
@@ -592,6 +601,8 @@ class SequenceClassifier(pl.LightningModule):
                 f"{hp.num_labels} from {source!r} ({error}). Expected a Hugging Face model folder (config.json, "
                 "model.safetensors) or a hub model name."
             ) from error
+        if not self.lora_init.uses_lora:
+            return backbone.train()  # full fine-tuning: every weight trains
         targets = hp.target_modules
         if targets is None:
             targets = lora_target_modules(backbone.config.model_type, hp.lora_on_mlp)
@@ -602,11 +613,16 @@ class SequenceClassifier(pl.LightningModule):
             lora_dropout=hp.lora_dropout,
             target_modules=targets,
             use_rslora=hp.use_rslora,
+            **self.lora_init.lora_config_kwargs(),
         )
         model = get_peft_model(backbone, config)
         # from_pretrained returns eval mode; fine-tuning trains with the model's dropout, and
         # Lightning keeps each submodule's mode as it finds it.
         return model.train()
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        # Data-driven inits (lora_ga, eva, lora_one, hrp) run as callbacks of this fit.
+        return self.lora_init.callbacks(self.trainer.callbacks)
 
     def setup(self, stage: str) -> None:
         datamodule = self.trainer.datamodule

@@ -1,6 +1,8 @@
 """The ``lightning-hrp`` command.
 
-``lightning-hrp demo [options]`` runs the LoRA-versus-HRP demo (:mod:`recipes.demo`). Everything
+``lightning-hrp demo [options]`` runs the LoRA-versus-HRP demo (:mod:`recipes.demo`);
+``lightning-hrp compare --config recipes/configs/compare_*.yaml`` compares LoRA initialisations
+over learning rates and seeds (:mod:`recipes.compare`). Everything
 else goes to a ``LightningCLI`` in subclass mode, so a config picks its recipe by ``class_path``::
 
     lightning-hrp fit --config recipes/configs/classification_rotten_tomatoes_hrp.yaml
@@ -29,7 +31,8 @@ SUBCOMMANDS = ("fit", "validate", "test")
 DESCRIPTION = (
     "lightning-hrp: High-Rank Preheating (HRP) for LoRA as a Lightning callback. 'fit', 'validate' and 'test' "
     "run a recipe from a config (see recipes/configs/); 'lightning-hrp demo' compares plain LoRA with HRP "
-    "offline in minutes (lightning-hrp demo --help)."
+    "offline in minutes (lightning-hrp demo --help); 'lightning-hrp compare' compares LoRA initialisations "
+    "(lora, pissa, eva, lora_one, hrp, ...) over learning rates and seeds (lightning-hrp compare --help)."
 )
 
 
@@ -94,6 +97,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from recipes.demo import main as demo_main
 
         return demo_main(args[1:])
+    if args and args[0] == "compare":
+        from recipes.compare import main as compare_main
+
+        return compare_main(args[1:])
     # With argv=None LightningCLI reads sys.argv itself (passing both makes it warn).
     LightningHRPCLI(args=None if argv is None else args)
     return 0
