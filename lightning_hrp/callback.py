@@ -200,7 +200,7 @@ class HRPPreheatCallback(Callback):
         # no valid local view outside summon_full_params.
         originals = read_lora_weights(trainer.strategy.model, targets)
         seed = self.seed if self.seed is not None else broadcast_int(torch.initial_seed() % 2**62)
-        adapters = PreheatAdapters(targets, self.preheat_rank, self.mode, seed)
+        adapters = PreheatAdapters(targets, self.preheat_rank, self.mode, seed, device=trainer.strategy.root_device)
         report = HRPReport(seed=seed)
         try:
             self._preheat(trainer, pl_module, adapters, report)

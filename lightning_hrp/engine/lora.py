@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from peft.tuners.lora import LoraLayer
 from torch import nn
+from torch.distributed.fsdp import FullyShardedDataParallel
 
 from lightning_hrp.errors import HRPConfigurationError
 
@@ -106,7 +107,7 @@ def find_lora_targets(model: nn.Module, adapter_name: str | None = None) -> list
         name
         for name, layer in layers
         if adapter_name in layer.lora_embedding_A
-        or (adapter_name in layer.lora_A and not isinstance(layer.lora_A[adapter_name], nn.Linear))
+        or (adapter_name in layer.lora_A and not isinstance(_unwrapped(layer.lora_A[adapter_name]), nn.Linear))
     ]
     if unsupported:
         raise HRPConfigurationError(
@@ -118,6 +119,11 @@ def find_lora_targets(model: nn.Module, adapter_name: str | None = None) -> list
         for name, layer in layers
         if adapter_name in layer.lora_A
     ]
+
+
+def _unwrapped(module: nn.Module) -> nn.Module:
+    # FSDP1 without use_orig_params wraps each LoRA Linear as its own unit.
+    return module.module if isinstance(module, FullyShardedDataParallel) else module
 
 
 def _clean_name(name: str) -> str:

@@ -31,9 +31,18 @@ class PreheatAdapters:
         mode: ``"classic"`` trains ``A_p`` and ``B_p``; ``"asymmetric"`` trains ``B_p`` only.
         seed: Seeds ``A_p``'s draw, which is made on the CPU so every rank and device gets the
             same start.
+        device: Where the layers compute (default: where each LoRA weight lives). Differs from
+            the weights' device when a strategy offloads parameters to the CPU.
     """
 
-    def __init__(self, targets: Sequence[LoraTarget], preheat_rank: int, mode: PreheatMode, seed: int) -> None:
+    def __init__(
+        self,
+        targets: Sequence[LoraTarget],
+        preheat_rank: int,
+        mode: PreheatMode,
+        seed: int,
+        device: torch.device | None = None,
+    ) -> None:
         self.targets = list(targets)
         self.mode = mode
         generator = torch.Generator().manual_seed(seed)
@@ -44,11 +53,12 @@ class PreheatAdapters:
         for target, rank in zip(self.targets, self.ranks):
             reference = target.lora_A
             dtype = torch.promote_types(reference.dtype, torch.float32)
+            on = device if device is not None else reference.device
             # peft's default A init: kaiming_uniform_(a=sqrt(5)), i.e. U(-1/sqrt(in), 1/sqrt(in)).
             bound = 1.0 / math.sqrt(target.in_features)
             A = (torch.rand(rank, target.in_features, generator=generator, dtype=torch.float64) * 2 - 1) * bound
-            self.A.append(A.to(device=reference.device, dtype=dtype).requires_grad_(mode == "classic"))
-            self.B.append(torch.zeros(target.out_features, rank, device=reference.device, dtype=dtype, requires_grad=True))
+            self.A.append(A.to(device=on, dtype=dtype).requires_grad_(mode == "classic"))
+            self.B.append(torch.zeros(target.out_features, rank, device=on, dtype=dtype, requires_grad=True))
 
     def trainable(self) -> list[Tensor]:
         """The tensors the preheat optimizer steps, in a fixed order shared by every rank."""

@@ -40,11 +40,6 @@ def test_lora_weights_are_sharded_exactly_where_the_strategy_shards(run: str, sh
         assert fractions == [1.0] * WORLD_SIZE
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="find_lora_targets (engine/lora.py) rejects lora_A/lora_B Linear modules that FSDP1 wrapped as their "
-    "own units, which use_orig_params=False requires; the write path itself works once they are unwrapped",
-)
 def test_fsdp1_with_flat_parameters(cpu_worker: Path, cpu_reference: dict) -> None:
     assert_distributed_run(cpu_worker / "fsdp_flat", WORLD_SIZE, cpu_reference)
 
