@@ -569,6 +569,8 @@ class MathSFTModule(pl.LightningModule):
             task_type="CAUSAL_LM",
         )
         self.model: PeftModel = get_peft_model(base, lora_config)
+        # from_pretrained returns the model in eval mode; Lightning expects training mode at fit start.
+        self.model.train()
         self.val_exact_match = MeanMetric()
         self.test_exact_match = MeanMetric()
 

@@ -264,7 +264,7 @@ def fit_tiny(tiny_llama_dir: str, callbacks: list) -> tuple[MathSFTModule, MathS
     )
     trainer = pl.Trainer(
         accelerator="cpu",
-        max_steps=3,
+        max_steps=4,  # one epoch of 16 examples: validation runs at its end
         num_sanity_val_steps=0,
         logger=False,
         enable_checkpointing=False,
@@ -285,7 +285,7 @@ def test_tiny_llama_fits_and_is_scored(tiny_llama_dir: str, use_hrp: bool) -> No
     hrp = [HRPPreheatCallback(preheat_rank=16, preheat_steps=2)] if use_hrp else []
     module, data, trainer = fit_tiny(tiny_llama_dir, hrp)
 
-    assert trainer.global_step == 3
+    assert trainer.global_step == 4
     assert math.isfinite(trainer.callback_metrics["train/loss"].item())
     assert math.isfinite(trainer.callback_metrics["val/loss"].item())
     assert 0.0 <= trainer.callback_metrics["val/exact_match"].item() <= 1.0
