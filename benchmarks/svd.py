@@ -115,7 +115,7 @@ LAYER_SETS: dict[str, LayerSet] = {
 
 COMPARISONS = ("loop", "cholqr", "dense", "lowrank")
 FULL_DEFAULTS = {"sets": ["bert-base", "llama-7b"], "ranks": [16, 64, 256], "tops": [8, 16], "repeats": 5}
-QUICK_DEFAULTS = {"sets": ["tiny"], "ranks": [16, 64], "tops": [8, 16], "repeats": 3}
+QUICK_DEFAULTS = {"sets": ["tiny"], "ranks": [16, 64], "tops": [8, 16], "repeats": 3}  # plus --threads 1
 
 
 @dataclass
@@ -191,7 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Time the batched QR-core SVD of B@A against torch.linalg.svd and torch.svd_lowrank.",
     )
-    parser.add_argument("--quick", action="store_true", help="small layer set, fewer repeats (seconds)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny layer set, fewer repeats and (unless --threads says otherwise) one thread: seconds, even on a "
+        "busy CPU",
+    )
     parser.add_argument("--sets", nargs="+", choices=sorted(LAYER_SETS), help="layer sets to run")
     parser.add_argument("--ranks", nargs="+", type=int, help="preheat ranks R")
     parser.add_argument("--tops", nargs="+", type=int, help="target LoRA ranks r")
@@ -242,6 +247,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if args.quick and args.threads is None:
+        # Tiny matrices gain nothing from a second thread, and on a CPU shared with other jobs two
+        # OpenMP threads made this run 50x slower (BENCHMARKS.md).
+        args.threads = 1
     if min(args.ranks) < 1 or min(args.tops) < 1:
         parser.error(f"--ranks and --tops must be positive, got {args.ranks} and {args.tops}.")
     if max(args.tops) > min(args.ranks):
@@ -312,7 +321,7 @@ def sample_layers(layer_set: LayerSet, per_shape: int) -> list[int]:
 
 
 def dense_svd(B: Tensor, A: Tensor, keep: int) -> ProductSVD:
-    """``torch.linalg.svd`` of the materialised product, truncated to ``keep`` vectors after timing."""
+    """``torch.linalg.svd`` of the materialised product, cut to ``keep`` vectors (a copy negligible next to the SVD)."""
     U, S, Vh = torch.linalg.svd(B @ A, full_matrices=False)
     # Clone so the full-size factors can be freed.
     return ProductSVD(U=U[:, :keep].clone(), S=S, Vh=Vh[:keep].clone())
