@@ -192,6 +192,11 @@ def format_table(lora: RunResult, hrp: RunResult, settings: DemoSettings) -> str
     overhead = hrp.fit_seconds - lora.fit_seconds
     lines.append("")
     lines.append(f"HRP overhead: {overhead:+.1f} s ({overhead / lora.fit_seconds:+.1%} of LoRA's wall time)")
+    if hrp.preheat_seconds is not None and overhead < 0.5 * hrp.preheat_seconds:
+        lines.append(
+            "  (less than the preheating took: the machine was busier during the LoRA run, so the wall "
+            "times are noisy; the callback's own timing below is the cleaner figure)"
+        )
     if hrp.preheat_seconds is not None:
         lines.append(
             f"  of which preheating and decomposition, timed by the callback: {hrp.preheat_seconds:.1f} s; "
