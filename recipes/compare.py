@@ -89,6 +89,9 @@ class CompareSettings:
         selection_mode: ``min`` or ``max`` for the selection metric (and the test metric).
         test_metric: Reported test metric; None: ``selection_metric`` with ``val/`` replaced by ``test/``.
         overrides: Dotted keys set in the recipe config for every run, e.g. ``{"trainer.max_steps": 60}``.
+        references: Labels every method is judged against in the report (a ``vs <label>`` column each).
+        seed_keys: Dotted keys that take the run's seed too, besides ``seed_everything``; e.g. the
+            matrix-regression task seed, so that each seed is a new task, not only a new adapter start.
         wandb: W&B settings.
         report_only: Do not run anything; rebuild the report from finished runs.
     """
@@ -102,6 +105,8 @@ class CompareSettings:
     selection_mode: Direction = "min"
     test_metric: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
+    seed_keys: list[str] = field(default_factory=list)
+    references: list[str] = field(default_factory=lambda: ["lora"])
     wandb: WandbSettings = field(default_factory=WandbSettings)
     report_only: bool = False
 
@@ -169,6 +174,8 @@ def run_config(base: dict[str, Any], settings: CompareSettings, spec: MethodSpec
     for dotted, value in settings.overrides.items():
         _set_dotted(config, dotted, value)
     config["seed_everything"] = seed
+    for dotted in settings.seed_keys:
+        _set_dotted(config, dotted, seed)
     init_args = config["model"].setdefault("init_args", {})
     init_args["learning_rate"] = lr
     init_args["init_method"] = spec.method.value
@@ -438,7 +445,7 @@ def write_report(results: Sequence[dict[str, Any]], settings: CompareSettings, c
             writer.writerow([s.label, s.method, s.chosen_lr, s.val_mean, s.val_std, s.test_mean, s.test_std, s.seeds])
 
     plots = write_plots(results, summaries, settings)
-    baseline = next((s for s in summaries if s.label == "lora"), None)
+    references = [next(s for s in summaries if s.label == label) for label in settings.references if any(s.label == label for s in summaries)]
     learning_rates = sorted({r["learning_rate"] for r in results})
     lines = [
         "# LoRA initialisations compared",
@@ -446,7 +453,8 @@ def write_report(results: Sequence[dict[str, Any]], settings: CompareSettings, c
         f"Recipe: `{settings.recipe_config}`; overrides: `{json.dumps(settings.overrides)}`.",
         f"Learning rate chosen per method on the validation split (mean of the final `{metric}` over seeds, "
         f"{settings.selection_mode}imised); the test split (`{test_metric}`) is reported at that rate only. "
-        f"Seeds: {settings.seeds}. Mean ± sample std over seeds.",
+        f"Seeds: {settings.seeds}" + (f" (each also sets {', '.join(f'`{k}`' for k in settings.seed_keys)})" if settings.seed_keys else "")
+        + ". Mean ± sample std over seeds.",
         "",
         "Command:",
         "",
@@ -454,24 +462,24 @@ def write_report(results: Sequence[dict[str, Any]], settings: CompareSettings, c
         command,
         "```",
         "",
-        f"| method | init | chosen lr | {metric} | {test_metric} |" + (" vs lora |" if baseline else "")
+        f"| method | init | chosen lr | {metric} | {test_metric} |" + "".join(f" vs {r.label} |" for r in references)
         + "".join(f" val @ {lr:g} |" for lr in learning_rates),
-        "|---|---|---|---|---|" + ("---|" if baseline else "") + "---|" * len(learning_rates),
+        "|---|---|---|---|---|" + "---|" * (len(references) + len(learning_rates)),
     ]
     for s in summaries:
-        versus = ""
-        if baseline:
-            versus = " (baseline) |" if s is baseline else f" {verdict(s, baseline, settings.selection_mode)} ({s.test_mean - baseline.test_mean:+.4g}) |"
+        versus = "".join(
+            " — |" if s is r else f" {verdict(s, r, settings.selection_mode)} ({s.test_mean - r.test_mean:+.3g}) |" for r in references
+        )
         per_lr = "".join(f" {s.val_by_lr[lr]:.4g} |" if lr in s.val_by_lr else " |" for lr in learning_rates)
         lines.append(
             f"| {s.label} | {s.method} | {s.chosen_lr:g} | {s.val_mean:.4g} ± {s.val_std:.2g} | "
             f"{s.test_mean:.4g} ± {s.test_std:.2g} |{versus}{per_lr}"
         )
-    if baseline:
+    if references:
         lines += [
             "",
-            "`vs lora`: test difference to plain LoRA (at each one's own chosen rate); `win`/`loss` only where it "
-            "exceeds two standard errors of the difference of the seed means, otherwise `tie`.",
+            "`vs <method>`: verdict and test difference to that method (each at its own chosen rate); `win`/`loss` "
+            "only where the difference exceeds two standard errors of the difference of the seed means, otherwise `tie`.",
         ]
     lines += ["", "Plots:", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     lines += ["", f"Every run: `runs.csv`; per method: `summary.csv`; run folders: `runs/<method>/lr=<lr>/seed=<seed>/`."]
@@ -490,10 +498,12 @@ def write_plots(results: Sequence[dict[str, Any]], summaries: Sequence[MethodSum
     output = Path(settings.output_dir)
     metric, test_metric = settings.selection_metric, settings.reported_test_metric
     paths = []
-    colors = {s.label: plt.cm.tab20(i % 20) for i, s in enumerate(summaries)}
+    colors = {s.label: plt.cm.tab10(i % 10) for i, s in enumerate(summaries)}
+    # Past ten methods the colours repeat; the line style tells those apart.
+    styles = {s.label: "-" if i < 10 else "--" for i, s in enumerate(summaries)}
 
     # Learning curves of the validation metric at each method's chosen rate (mean over seeds, min-max band).
-    figure, axis = plt.subplots(figsize=(8, 5))
+    figure, axis = plt.subplots(figsize=(9, 5))
     for s in summaries:
         curves = [_read_curves(run_dir(settings, s.label, s.chosen_lr, seed), metric) for seed in settings.seeds]
         curves = [c for c in curves if c[0]]
@@ -502,14 +512,14 @@ def write_plots(results: Sequence[dict[str, Any]], summaries: Sequence[MethodSum
         steps = sorted(set.intersection(*(set(c[0]) for c in curves)))
         stacked = [[dict(zip(*c))[step] for step in steps] for c in curves]
         mean = [sum(col) / len(col) for col in zip(*stacked)]
-        axis.plot(steps, mean, label=f"{s.label} (lr {s.chosen_lr:g})", color=colors[s.label])
+        axis.plot(steps, mean, label=f"{s.label} (lr {s.chosen_lr:g})", color=colors[s.label], linestyle=styles[s.label])
         axis.fill_between(steps, [min(col) for col in zip(*stacked)], [max(col) for col in zip(*stacked)], color=colors[s.label], alpha=0.15)
     axis.set_xlabel("training step")
     axis.set_ylabel(metric)
     if settings.selection_mode == "min":
         axis.set_yscale("log")
-    axis.set_title("Validation curves at each method's chosen learning rate (mean over seeds, band: min-max)")
-    axis.legend(fontsize=8)
+    axis.set_title("Validation curves at each method's chosen lr\n(mean over seeds; band: min to max)")
+    axis.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     figure.tight_layout()
     paths.append(output / "learning_curves.png")
     figure.savefig(paths[-1], dpi=120)
@@ -528,7 +538,7 @@ def write_plots(results: Sequence[dict[str, Any]], summaries: Sequence[MethodSum
     else:
         low = min(min(r["test"][test_metric] for r in results if r["label"] == s.label) for s in summaries)
         axis.set_ylim(bottom=max(0.0, low - 0.05))
-    axis.set_title("Test metric at the validation-chosen learning rate (mean ± std; dots: seeds)")
+    axis.set_title("Test metric at each method's validation-chosen lr\n(bar: mean, whisker: std, dots: seeds)")
     axis.tick_params(axis="x", rotation=45)
     figure.tight_layout()
     paths.append(output / "final_metric.png")
@@ -536,17 +546,17 @@ def write_plots(results: Sequence[dict[str, Any]], summaries: Sequence[MethodSum
     plt.close(figure)
 
     # The learning-rate sweep on the validation split.
-    figure, axis = plt.subplots(figsize=(7, 4.5))
+    figure, axis = plt.subplots(figsize=(8, 4.5))
     for s in summaries:
         rates = sorted(s.val_by_lr)
-        axis.plot(rates, [s.val_by_lr[lr] for lr in rates], marker="o", label=s.label, color=colors[s.label])
+        axis.plot(rates, [s.val_by_lr[lr] for lr in rates], marker="o", label=s.label, color=colors[s.label], linestyle=styles[s.label])
     axis.set_xscale("log")
     if settings.selection_mode == "min":
         axis.set_yscale("log")
     axis.set_xlabel("learning rate")
     axis.set_ylabel(f"final {metric} (mean over seeds)")
     axis.set_title("Learning-rate sweep (validation)")
-    axis.legend(fontsize=8)
+    axis.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     figure.tight_layout()
     paths.append(output / "lr_sweep.png")
     figure.savefig(paths[-1], dpi=120)
@@ -629,7 +639,7 @@ def compare(settings: CompareSettings, command: str = "") -> list[dict[str, Any]
     output.mkdir(parents=True, exist_ok=True)
     if settings.wandb.mode != "disabled":
         os.environ["WANDB_MODE"] = settings.wandb.mode
-        os.environ.setdefault("WANDB_DIR", str(output))
+        os.environ["WANDB_DIR"] = str(output)
         os.environ.setdefault("WANDB_SILENT", "true")
     base = load_recipe_config(settings.recipe_config)
     results = []

@@ -1,0 +1,147 @@
+"""``lightning-hrp compare`` on a tiny matrix-regression sweep: runs, resumes, reports, logs to W&B offline."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+from lightning_hrp.inits import InitMethod
+from recipes import compare as compare_module
+from recipes.compare import CompareSettings, MethodSpec, WandbSettings, compare, main
+
+RECIPE = str(Path(__file__).resolve().parents[1] / "recipes" / "configs" / "matrix_regression_lora.yaml")
+TINY = {
+    "model.init_args.in_features": 16,
+    "model.init_args.out_features": 12,
+    "model.init_args.lora_rank": 2,
+    "data.init_args.in_features": 16,
+    "data.init_args.out_features": 12,
+    "data.init_args.train_size": 32,
+    "data.init_args.val_size": 32,
+    "data.init_args.test_size": 32,
+    "data.init_args.batch_size": 16,
+    "trainer.max_epochs": 2,
+}
+
+
+@pytest.fixture
+def wandb_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    # compare sets these for its runs; monkeypatch restores the test process's environment afterwards.
+    for name in ("WANDB_MODE", "WANDB_DIR", "WANDB_SILENT"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def _settings(output: Path, wandb_mode: str = "offline") -> CompareSettings:
+    return CompareSettings(
+        recipe_config=RECIPE,
+        output_dir=str(output),
+        methods=[
+            MethodSpec("lora", InitMethod.lora),
+            MethodSpec("hrp", InitMethod.hrp, {"preheat_rank": 8, "preheat_steps": 2}),
+        ],
+        learning_rates=[0.001, 0.03],
+        seeds=[0, 1],
+        overrides=TINY,
+        seed_keys=["model.init_args.task_seed", "data.init_args.task_seed"],
+        wandb=WandbSettings(mode=wandb_mode, project="lightning-hrp-tests"),
+    )
+
+
+def test_sweep_reports_resumes_and_logs_offline(tmp_path: Path, wandb_env: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = _settings(tmp_path)
+    results = compare(settings, command="lightning-hrp compare (test)")
+    assert len(results) == 2 * 2 * 2
+
+    # Each run: its config, CSV log and result; the HRP runs their preheat diagnostics.
+    for r in results:
+        directory = compare_module.run_dir(settings, r["label"], r["learning_rate"], r["seed"])
+        assert {"config.yaml", "result.json"} <= {p.name for p in directory.iterdir()}
+        assert (directory / "logs" / "metrics.csv").is_file()
+        assert (directory / "diagnostics.json").is_file() == (r["label"] == "hrp")
+    # The run config is the one that ran: the seed went into the task as well.
+    config = (compare_module.run_dir(settings, "hrp", 0.03, 1) / "config.yaml").read_text()
+    assert "task_seed: 1" in config and "init_method: hrp" in config
+
+    # Report files, and the chosen learning rate is the validation-best mean over seeds.
+    for name in ("report.md", "runs.csv", "summary.csv", "learning_curves.png", "final_metric.png", "lr_sweep.png", "hrp_spectra.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    with (tmp_path / "runs.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 8
+    val_by = defaultdict(lambda: defaultdict(list))
+    for row in rows:
+        val_by[row["label"]][float(row["learning_rate"])].append(float(row["val/loss"]))
+    with (tmp_path / "summary.csv").open() as handle:
+        summary = {row["label"]: row for row in csv.DictReader(handle)}
+    report = (tmp_path / "report.md").read_text()
+    for label, by_lr in val_by.items():
+        best = min(by_lr, key=lambda lr: sum(by_lr[lr]) / len(by_lr[lr]))
+        assert float(summary[label]["chosen_lr"]) == best
+        test_at_best = [float(row["test/loss"]) for row in rows if row["label"] == label and float(row["learning_rate"]) == best]
+        assert float(summary[label]["test/loss_mean"]) == pytest.approx(sum(test_at_best) / 2)
+        assert f"| {label} | {label} | {best:g} |" in report
+    assert "lightning-hrp compare (test)" in report
+
+    # W&B offline: one run folder per training run plus the summary run, under the output folder.
+    offline_runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 8 + 1
+    assert all(any(run.glob("*.wandb")) for run in offline_runs)
+
+    # A second invocation finds every run finished and trains nothing.
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a finished run was run again")
+
+    monkeypatch.setattr(compare_module, "execute_run", must_not_run)
+    again = compare(_settings(tmp_path, wandb_mode="disabled"))
+    assert sorted(json.dumps(r, sort_keys=True) for r in again) == sorted(json.dumps(r, sort_keys=True) for r in results)
+
+
+def test_only_unfinished_runs_run_again_and_changed_configs_are_refused(tmp_path: Path, wandb_env: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = _settings(tmp_path, wandb_mode="disabled")
+    settings.methods = settings.methods[:1]
+    settings.learning_rates = [0.01]
+    compare(settings)
+    # A run interrupted before its result was written is redone; the other one is kept.
+    (compare_module.run_dir(settings, "lora", 0.01, 1) / "result.json").unlink()
+    executed = []
+    real = compare_module.execute_run
+
+    def counting(settings, spec, lr, seed, config):
+        executed.append((spec.label, lr, seed))
+        return real(settings, spec, lr, seed, config)
+
+    monkeypatch.setattr(compare_module, "execute_run", counting)
+    compare(settings)
+    assert executed == [("lora", 0.01, 1)]
+
+    settings.overrides = {**TINY, "trainer.max_epochs": 3}
+    with pytest.raises(ValueError, match="different configuration"):
+        compare(settings)
+
+
+def test_bad_input_is_refused_before_any_run(tmp_path: Path) -> None:
+    settings = _settings(tmp_path, wandb_mode="disabled")
+    settings.methods = [MethodSpec("hrp", InitMethod.hrp, {"preheat_rank": 8})]
+    with pytest.raises(Exception, match="do not fit HRPPreheatCallback"):
+        compare(settings)
+    hrp_config = str(Path(RECIPE).with_name("matrix_regression_hrp.yaml"))
+    settings = _settings(tmp_path, wandb_mode="disabled")
+    settings.recipe_config = hrp_config
+    with pytest.raises(ValueError, match="adds an HRPPreheatCallback"):
+        compare(settings)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_command_line_parses_the_bundled_configs() -> None:
+    parser = compare_module.build_parser()
+    for name in ("compare_matrix_regression.yaml", "compare_classification_rotten_tomatoes.yaml"):
+        path = Path(RECIPE).with_name(name)
+        settings = parser.instantiate(parser.parse_args(["--config", str(path)]))
+        assert all(isinstance(m, MethodSpec) for m in settings.methods)
+        assert len(settings.seeds) >= 3 and len(settings.learning_rates) >= 3
+    with pytest.raises(SystemExit):
+        main(["--config", str(Path(RECIPE).with_name("compare_matrix_regression.yaml")), "--methods=[{\"label\": \"x\", \"method\": \"magic\"}]"])
