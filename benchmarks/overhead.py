@@ -313,6 +313,11 @@ class PhaseMarker(Callback):
         self.clock = clock
         self.before_hrp = before_hrp
 
+    @property
+    def state_key(self) -> str:
+        # Two markers in one Trainer need distinct keys.
+        return self._generate_state_key(before_hrp=self.before_hrp)
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.before_hrp:
             self.clock.begin_preheat()
