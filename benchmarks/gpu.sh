@@ -5,10 +5,11 @@
 #                              at R = 64 only, the set's default: cuSOLVER's dense SVD of a 4096x11008
 #                              matrix can take seconds, which 3 shapes x 3 ranks x repeats cannot afford);
 #   2. benchmarks/overhead.py  HRP's time and peak memory against the main training, on the matrix
-#                              regression and MiniLM Rotten Tomatoes recipes (3 repeats);
-#   3. benchmarks/overhead.py  the same for SmolLM2-135M math SFT (2 repeats; the first run also
+#                              regression (400 main steps) and MiniLM Rotten Tomatoes (300) recipes,
+#                              3 repeats;
+#   3. benchmarks/overhead.py  the same for SmolLM2-135M math SFT (100 main steps, 2 repeats; the first run also
 #                              dequantises the GGUF model into ~/.cache/lightning-hrp, untimed).
-# Each step has its own time limit (90 + 110 + 90 s), so one that hangs or runs long still leaves the
+# Each step has its own time limit (80 + 95 + 105 s), so one that hangs or runs long still leaves the
 # others' results; the exit status is that of the first step that failed.
 #
 # Usage (from anywhere):  benchmarks/gpu.sh            PYTHON=/path/to/python benchmarks/gpu.sh
@@ -47,15 +48,15 @@ run_step() {  # run_step LIMIT_SECONDS NAME COMMAND...
     if [[ $STATUS == 0 && $status != 0 ]]; then STATUS=$status; fi
 }
 
-run_step 90 "Decomposition (benchmarks/svd.py)" \
+run_step 80 "Decomposition (benchmarks/svd.py)" \
     "$PYTHON" benchmarks/svd.py --device cuda --sets bert-base llama-7b --ranks 16 64 256 --tops 8 16 \
-    --repeats 5 --budget-s 3 --json "$OUT_DIR/svd.json"
+    --repeats 3 --budget-s 2 --json "$OUT_DIR/svd.json"
 
-run_step 110 "Overhead and memory: matrix regression, classification (benchmarks/overhead.py)" \
+run_step 95 "Overhead and memory: matrix regression, classification (benchmarks/overhead.py)" \
     "$PYTHON" benchmarks/overhead.py --device cuda --recipes matrix_regression classification --repeats 3 \
     --json "$OUT_DIR/overhead.json"
 
-run_step 90 "Overhead and memory: math SFT (benchmarks/overhead.py)" \
+run_step 105 "Overhead and memory: math SFT (benchmarks/overhead.py)" \
     "$PYTHON" benchmarks/overhead.py --device cuda --recipes math_sft --repeats 2 --json "$OUT_DIR/overhead_sft.json"
 
 echo

@@ -161,7 +161,7 @@ RECIPES: dict[str, Recipe] = {
             lora_rank=8,
             build_data=_classification_data,
             build_model=_classification_model,
-            plans={"cpu": StepPlan(100, 5), "cuda": StepPlan(400, 20), "quick": StepPlan(20, 1)},
+            plans={"cpu": StepPlan(100, 5), "cuda": StepPlan(300, 15), "quick": StepPlan(20, 1)},
         ),
         Recipe(
             name="math_sft",
@@ -170,7 +170,7 @@ RECIPES: dict[str, Recipe] = {
             lora_rank=8,
             build_data=_math_sft_data,
             build_model=_math_sft_model,
-            plans={"cpu": StepPlan(20, 1), "cuda": StepPlan(200, 10), "quick": StepPlan(10, 1)},
+            plans={"cpu": StepPlan(20, 1), "cuda": StepPlan(100, 5), "quick": StepPlan(10, 1)},
         ),
     )
 }
