@@ -245,3 +245,84 @@ def test_lora_ga_refuses_a_rank_above_half_the_layer() -> None:
     trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
     with pytest.raises(HRPConfigurationError, match="2r <= min"):
         trainer.fit(module, _data())
+
+
+# --------------------------------------------------------------------------------------------
+# On a transformer with padded token batches (the classification recipe, a tiny random BERT)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A random 2-layer BERT (hidden 32) saved with the offline MiniLM tokenizer: a real model folder."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from recipes.classification import default_model_path
+
+    folder = tmp_path_factory.mktemp("tiny_bert_inits")
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+class FirstBatchLogits(pl.Callback):
+    """Eval-mode logits of the first training batch, after every init hook, before the first step."""
+
+    def __init__(self) -> None:
+        self.batch: dict[str, Tensor] | None = None
+        self.logits: Tensor | None = None
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        if self.logits is None:
+            pl_module.eval()
+            with torch.no_grad():
+                self.logits = pl_module(batch).clone()
+            pl_module.train()
+            self.batch = {k: v.clone() for k, v in batch.items()}
+
+
+@pytest.mark.parametrize(
+    "method", [InitMethod.pissa, InitMethod.lora_ga, InitMethod.eva, InitMethod.lora_one], ids=lambda m: m.value
+)
+def test_token_models_start_where_the_registry_says(method: InitMethod, tiny_bert_dir: str) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    from recipes.classification import RottenTomatoesDataModule, SequenceClassifier
+
+    data = RottenTomatoesDataModule(train_size=32, val_size=8, test_size=8, tokenizer=tiny_bert_dir, max_length=60, batch_size=8)
+    pl.seed_everything(0, verbose=False)
+    module = SequenceClassifier(tiny_bert_dir, lora_r=4, init_method=method, init_options=OPTIONS.get(method))
+    probe = FirstBatchLogits()
+    trainer = pl.Trainer(
+        max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=[probe],
+    )
+    trainer.fit(module, data)
+    assert int((probe.batch["attention_mask"] == 0).sum()) > 0  # padded batches: EVA must skip padding
+    # The pretrained model with the same classifier head (the head's init is the first draw after the seed).
+    pl.seed_everything(0, verbose=False)
+    pretrained = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2).eval()
+    with torch.no_grad():
+        expected = pretrained(**{k: v for k, v in probe.batch.items() if k != "labels"}).logits
+    if INIT_METHODS[method].keeps_output:
+        torch.testing.assert_close(probe.logits, expected, rtol=1e-4, atol=1e-5)
+    else:
+        assert not torch.allclose(probe.logits, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_eva_feeds_only_real_tokens_to_the_pca() -> None:
+    from lightning_hrp.inits import _layer_input_rows, _token_mask
+
+    hidden = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(2, 3, 4)
+    batch = {"input_ids": torch.ones(2, 3, dtype=torch.long), "attention_mask": torch.tensor([[1, 1, 0], [1, 0, 0]])}
+    rows = _layer_input_rows((hidden,), _token_mask(batch, None), "layer")
+    torch.testing.assert_close(rows, torch.stack([hidden[0, 0], hidden[0, 1], hidden[1, 0]]))
+    # Batches without a mask (the regression recipe's tensors): every row counts.
+    assert _token_mask((hidden, hidden), None) is None
+    assert _layer_input_rows(hidden, None, "layer").shape == (6, 4)
