@@ -418,17 +418,22 @@ class EvaInit(SetupTimeInit):
     Args:
         tau: Convergence threshold of the components' cosine similarity (peft's default 0.99).
         whiten: Divide the components by the square root of their singular values.
+        max_batches: peft cycles through the training data until every layer converged; past this
+            many batches the init fails (lower ``tau``) instead of running on forever.
         adapter_name: See :class:`SetupTimeInit`.
     """
 
     method = InitMethod.eva
 
-    def __init__(self, tau: float = 0.99, whiten: bool = False, adapter_name: str | None = None) -> None:
+    def __init__(self, tau: float = 0.99, whiten: bool = False, max_batches: int = 1000, adapter_name: str | None = None) -> None:
         super().__init__(adapter_name)
         if not 0.0 <= tau <= 1.0:
             raise HRPConfigurationError(f"eva: tau must lie in [0, 1], got {tau!r}.")
+        if isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1:
+            raise HRPConfigurationError(f"eva: max_batches must be an integer >= 1, got {max_batches!r}.")
         self.tau = tau
         self.whiten = whiten
+        self.max_batches = max_batches
 
     def eva_config(self) -> Any:
         """peft's ``EvaConfig`` with ``rho = 1`` (no rank redistribution)."""
@@ -453,19 +458,28 @@ class EvaInit(SetupTimeInit):
         batches_seen = [0]
 
         def forward(model: nn.Module, batch: Any) -> None:
+            if batches_seen[0] == self.max_batches:
+                raise HRPConfigurationError(
+                    f"eva: the input components of some layers did not converge (cosine similarity >= tau="
+                    f"{self.tau}) within max_batches={self.max_batches}; lower tau or raise max_batches."
+                )
             batches_seen[0] += 1
             batch = _to_module(trainer, pl_module, batch)
             call._call_strategy_hook(trainer, "training_step", batch, batches_seen[0] - 1)
 
-        state = get_eva_state_dict(
-            peft_model,
-            dataloader=loader,
-            forward_fn=forward,
-            prepare_model_inputs_fn=_token_mask,
-            prepare_layer_inputs_fn=_layer_input_rows,
-            adapter_name=adapter,
-            show_progress_bar=False,
-        )
+        try:
+            state = get_eva_state_dict(
+                peft_model,
+                dataloader=loader,
+                forward_fn=forward,
+                prepare_model_inputs_fn=_token_mask,
+                prepare_layer_inputs_fn=_layer_input_rows,
+                adapter_name=adapter,
+                show_progress_bar=False,
+            )
+        except BaseException:
+            _remove_eva_hooks(peft_model)  # peft leaves its hooks on the layers when interrupted
+            raise
         # peft quietly gives layers missing from the state dict its default init; refuse that instead.
         wanted = {name for name, module in peft_model.named_modules() if any(module is t.layer for t in targets)}
         missing = sorted(wanted - set(state))
@@ -694,6 +708,14 @@ def _init_context(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iterato
         np.random.set_state(numpy_state)
         pl_module.train(training)
         pl_module.zero_grad(set_to_none=True)
+
+
+def _remove_eva_hooks(model: nn.Module) -> None:
+    from peft.tuners.lora.eva import _Hook
+
+    for module in model.modules():
+        for key in [k for k, hook in module._forward_hooks.items() if isinstance(hook, _Hook)]:
+            del module._forward_hooks[key]
 
 
 def _token_mask(batch: Any, peft_config: Any) -> Tensor | None:

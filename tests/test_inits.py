@@ -326,3 +326,14 @@ def test_eva_feeds_only_real_tokens_to_the_pca() -> None:
     # Batches without a mask (the regression recipe's tensors): every row counts.
     assert _token_mask((hidden, hidden), None) is None
     assert _layer_input_rows(hidden, None, "layer").shape == (6, 4)
+
+
+def test_eva_that_does_not_converge_fails_cleanly() -> None:
+    # tau = 1 asks for components that stop moving entirely: never met on fresh batches.
+    probe_data = _data()
+    pl.seed_everything(0, verbose=False)
+    module = MatrixRegressionModule(**TASK, lora_rank=RANK, init_method="eva", init_options={"tau": 1.0, "max_batches": 6})
+    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    with pytest.raises(HRPConfigurationError, match="did not converge"):
+        trainer.fit(module, probe_data)
+    assert not any(m._forward_hooks for m in module.modules())  # peft's hooks are gone
