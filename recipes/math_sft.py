@@ -125,7 +125,11 @@ def gsm8k_example(row: dict[str, Any]) -> MathExample:
 
 
 def metamath_example(row: dict[str, Any]) -> MathExample:
-    """A MetaMathQA row (``query``, ``response`` ending in ``"The answer is: X"``)."""
+    """A MetaMathQA row (``query``, ``response`` ending in ``"The answer is: X"``).
+
+    MetaMathQA rows are only trained on, never scored; ``final_answer`` is empty where the answer
+    is not a number (its MATH-derived rows have answers such as ``\\frac{1}{2}``).
+    """
     response = row["response"].strip()
     final = extract_final_number(response.rsplit("The answer is:", 1)[-1])
     return MathExample(question=row["query"], solution=response, final_answer=final or "")

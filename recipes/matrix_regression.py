@@ -275,9 +275,11 @@ class MatrixRegressionModule(pl.LightningModule):
         # other strategies wrap the module on their own and leave device_mesh unset.
         if self.device_mesh is None:
             return
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import FSDPModule, fully_shard
 
-        fully_shard(self.model, mesh=self.device_mesh["data_parallel"])
+        # fit then test calls this twice; sharding is applied once.
+        if not isinstance(self.model, FSDPModule):
+            fully_shard(self.model, mesh=self.device_mesh["data_parallel"])
 
     def _loss(self, batch: tuple[Tensor, Tensor]) -> Tensor:
         inputs, targets = batch

@@ -31,6 +31,7 @@ from recipes.math_sft import (
     gsm8k_example,
     is_exact_match,
     load_causal_lm,
+    metamath_example,
     packaged_gsm8k_file,
     read_gsm8k_jsonl,
     reference_final_number,
@@ -113,6 +114,19 @@ def test_a_correct_solution_is_an_exact_match_on_every_gsm8k_line() -> None:
 )
 def test_final_number_extraction(generated: str, expected: str | None) -> None:
     assert extract_final_number(generated) == expected
+
+
+def test_metamath_rows_train_on_the_whole_response() -> None:
+    row = {
+        "query": "What is the total cost of 3 pens at $2 each?",
+        "response": "Each pen costs $2, so 3 pens cost 3 * 2 = $6.\nThe answer is: 6",
+        "type": "GSM_Rephrased",
+    }
+    example = metamath_example(row)
+    assert example.question == row["query"]
+    assert example.solution == row["response"]
+    assert example.final_answer == "6"
+    assert is_exact_match(example.solution, example.final_answer)
 
 
 def test_reference_without_hashes_is_refused() -> None:
@@ -390,7 +404,8 @@ def test_smollm2_gguf_is_dequantised_once_and_fits_with_hrp(tmp_path: Path) -> N
 
     pl.seed_everything(0)
     module = MathSFTModule(cache_dir=cache, max_new_tokens=16)
-    data = MathSFTDataModule(cache_dir=cache, train_size=16, val_size=4, test_size=4, batch_size=4, eval_batch_size=4)
+    # Two batches of 4: max_steps=2 is one epoch, so validation (with generation) runs at its end.
+    data = MathSFTDataModule(cache_dir=cache, train_size=8, val_size=4, test_size=4, batch_size=4, eval_batch_size=4)
     hrp = HRPPreheatCallback(preheat_rank=32, preheat_steps=2)
     trainer = pl.Trainer(
         accelerator="cpu", max_steps=2, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -176,3 +180,42 @@ def test_mismatched_module_and_data_are_refused() -> None:
 def test_bad_data_arguments_are_named(argument: str, value: float, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         MatrixRegressionDataModule(**{argument: value})
+
+
+DISTRIBUTED_FIT = """
+import sys
+import lightning.pytorch as pl
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+from lightning_hrp import HRPPreheatCallback
+from recipes.matrix_regression import MatrixRegressionDataModule, MatrixRegressionModule
+
+pl.seed_everything(0)
+strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if sys.argv[1] == "model_parallel" else DDPStrategy()
+hrp = HRPPreheatCallback(preheat_rank=16, preheat_steps=4)
+trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_epochs=2, callbacks=[hrp], logger=False,
+                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+module = MatrixRegressionModule(in_features=32, out_features=24, task_seed=3)
+data = MatrixRegressionDataModule(in_features=32, out_features=24, task_seed=3, train_size=128, val_size=64, test_size=256)
+trainer.fit(module, data)
+result = trainer.test(module, data, verbose=False)[0]
+if trainer.is_global_zero:
+    print("RESULT", len(hrp.report.preheat_losses), result["test/loss"])
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "model_parallel"])
+def test_recipe_fits_and_tests_with_hrp_on_two_cpu_processes(strategy: str, tmp_path) -> None:
+    """DDP wraps the module; ModelParallelStrategy has configure_model shard it (FSDP2), once for
+    fit and test together."""
+    script = tmp_path / "fit.py"
+    script.write_text(DISTRIBUTED_FIT)
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, str(script), strategy], cwd=repo, capture_output=True, text=True, timeout=900,
+        env={**os.environ, "PYTHONPATH": str(repo)},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = next(line for line in done.stdout.splitlines() if line.startswith("RESULT"))
+    preheat_steps, test_loss = line.split()[1:]
+    assert int(preheat_steps) == 4 and math.isfinite(float(test_loss))
