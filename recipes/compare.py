@@ -706,7 +706,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = parser.instantiate(namespace)
     settings = CompareSettings(**{k: v for k, v in vars(settings).items() if k in CompareSettings.__dataclass_fields__})
     _quiet()
-    compare(settings, command="lightning-hrp compare " + " ".join(args))
+    # The report shows the command that runs the comparison, also when only the report was rebuilt.
+    command = " ".join(["lightning-hrp compare", *(a for a in args if not a.startswith("--report_only"))])
+    compare(settings, command=command)
     return 0
 
 

