@@ -372,8 +372,18 @@ class LoraGAInit(_GradientInit):
         adapter_name: str | None = None,
     ) -> None:
         super().__init__(gradient_batches, adapter_name)
-        from peft import LoraGAConfig
+        import peft
+        from peft.tuners.lora import LoraLayer
 
+        try:
+            from peft import LoraGAConfig
+        except ImportError:
+            LoraGAConfig = None
+        if LoraGAConfig is None or not callable(getattr(LoraLayer, "lora_ga_init", None)):
+            raise HRPConfigurationError(
+                f"lora_ga needs peft's LoRA-GA (LoraGAConfig and LoraLayer.lora_ga_init), which peft "
+                f"{peft.__version__} does not have; install a peft release that has it (0.21.2 does)."
+            )
         try:
             self.config = LoraGAConfig(direction=direction, scale=scale, stable_gamma=stable_gamma)
         except (TypeError, ValueError) as error:
@@ -427,6 +437,16 @@ class EvaInit(SetupTimeInit):
 
     def __init__(self, tau: float = 0.99, whiten: bool = False, max_batches: int = 1000, adapter_name: str | None = None) -> None:
         super().__init__(adapter_name)
+        try:
+            from peft import EvaConfig  # noqa: F401
+            from peft.tuners.lora.eva import get_eva_state_dict  # noqa: F401
+        except ImportError as error:
+            import peft
+
+            raise HRPConfigurationError(
+                f"eva needs peft's EVA (EvaConfig, peft.tuners.lora.eva), which peft {peft.__version__} does not "
+                "have; install a peft release that has it (0.21.2 does)."
+            ) from error
         if not 0.0 <= tau <= 1.0:
             raise HRPConfigurationError(f"eva: tau must lie in [0, 1], got {tau!r}.")
         if isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1:
