@@ -461,6 +461,8 @@ class OverheadRow:
     first_step_s: float
     preheat_step_s: float
     step_cost: float
+    early_steps_s_lora: float
+    early_step_cost: float
     preheat_peak_mib: float
     main_peak_mib: float
     main_peak_mib_lora: float
@@ -489,6 +491,9 @@ def summarise(recipe: Recipe, plan: StepPlan, preheat_rank: int, pairs: list[tup
     # (memory faulted in, lazy state), which in an HRP fit the first preheat step pays instead.
     steady_step = lambda fit: statistics.median(fit.main_step_seconds)  # noqa: E731
     preheat_step = lambda fit: fit.preheat_seconds / plan.preheat_steps  # noqa: E731
+    # The LoRA fit's first preheat_steps main steps: like the preheat steps, the first steps of a
+    # phase, on the first batches of a pass.
+    early_steps = lambda fit: statistics.mean(fit.main_step_seconds[: plan.preheat_steps])  # noqa: E731
     return OverheadRow(
         recipe=recipe.name,
         lora_rank=recipe.lora_rank,
@@ -513,6 +518,8 @@ def summarise(recipe: Recipe, plan: StepPlan, preheat_rank: int, pairs: list[tup
         first_step_s=median(lambda lora, hrp: hrp.main_step_seconds[0]),
         preheat_step_s=median(lambda lora, hrp: preheat_step(hrp)),
         step_cost=median(lambda lora, hrp: preheat_step(hrp) / steady_step(hrp)),
+        early_steps_s_lora=median(lambda lora, hrp: early_steps(lora)),
+        early_step_cost=median(lambda lora, hrp: preheat_step(hrp) / early_steps(lora)),
         preheat_peak_mib=median(lambda lora, hrp: hrp.preheat_peak_bytes / MIB),
         main_peak_mib=median(lambda lora, hrp: hrp.main_peak_bytes / MIB),
         main_peak_mib_lora=median(lambda lora, hrp: lora.main_peak_bytes / MIB),
@@ -573,20 +580,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", dest="json_path", help="also write all rows and per-repeat fits as JSON here")
+    parser.add_argument(
+        "--from-json",
+        dest="from_json",
+        help="fit nothing: print the report of an earlier run from the JSON it wrote with --json (its per-repeat "
+        "fits, summarised by this version of the script)",
+    )
     return parser
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.recipes is None:
-        args.recipes = list(DEFAULT_RECIPES)
-    if args.include_sft and "math_sft" not in args.recipes:
-        args.recipes.append("math_sft")
-    if args.repeats is None:
-        args.repeats = 1 if args.quick else 3
+    if args.from_json is not None:
+        if not Path(args.from_json).is_file():
+            parser.error(f"--from-json: no file at {args.from_json}; give the JSON an earlier run wrote with --json.")
+        return args
+    fill_defaults(args)
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}.")
+    if min(args.multipliers) < 2:
+        args.recipes = list(DEFAULT_RECIPES)
     if min(args.multipliers) < 2:
         parser.error(f"--multipliers must be >= 2 (the preheat rank must exceed the LoRA rank), got {args.multipliers}.")
     for name in ("main_steps", "preheat_steps"):
@@ -604,6 +618,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}.")
     return args
+
+
+def fill_defaults(args: argparse.Namespace) -> None:
+    """The defaults that depend on other options (recipes, repeats)."""
+    if args.recipes is None:
+        args.recipes = list(DEFAULT_RECIPES)
+    if args.include_sft and "math_sft" not in args.recipes:
+        args.recipes.append("math_sft")
+    if args.repeats is None:
+        args.repeats = 1 if args.quick else 3
 
 
 def plan_for(recipe: Recipe, args: argparse.Namespace) -> StepPlan:
@@ -668,13 +692,15 @@ def time_table(rows: list[OverheadRow]) -> str:
 def step_table(rows: list[OverheadRow]) -> str:
     lines = [
         "| recipe | R | main step s, median (LoRA fit) | main step s, median (HRP fit) | preheat step s (mean) "
-        "| preheat step / main step (HRP fit) | first main step s (LoRA fit) | first main step s (HRP fit) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| preheat step / main step (HRP fit) | first main step s (LoRA fit) | first main step s (HRP fit) "
+        "| first k main steps s, mean (LoRA fit; k = preheat steps) | preheat step / those |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
             f"| {row.recipe} | {row.preheat_rank} | {_f(row.main_step_s_lora)} | {_f(row.main_step_s)} "
-            f"| {_f(row.preheat_step_s)} | {_f(row.step_cost)} | {_f(row.first_step_s_lora)} | {_f(row.first_step_s)} |"
+            f"| {_f(row.preheat_step_s)} | {_f(row.step_cost)} | {_f(row.first_step_s_lora)} | {_f(row.first_step_s)} "
+            f"| {_f(row.early_steps_s_lora)} | {_f(row.early_step_cost)} |"
         )
     return "\n".join(lines)
 
@@ -761,6 +787,8 @@ class quiet_libraries:
 
 
 def run_and_report(args: argparse.Namespace, argv: list[str]) -> list[OverheadRow]:
+    if args.from_json is not None:
+        return report_from_json(Path(args.from_json), argv)
     machine = machine_line(args)
     device = torch.device(args.device)
     meter_description = make_meter(device).what
@@ -772,15 +800,57 @@ def run_and_report(args: argparse.Namespace, argv: list[str]) -> list[OverheadRo
         rows.extend(run_recipe(RECIPES[name], plans[name], args))
     elapsed = time.perf_counter() - started
     load_after = os.getloadavg()
+    payload = {
+        "argv": argv,
+        "machine": machine,
+        "memory": meter_description,
+        "load_average_before_after": [load_before[0], load_after[0]],
+        "seconds": elapsed,
+        "rows": [asdict(row) for row in rows],
+    }
+    print_report(rows, payload)
+    if args.json_path:
+        with open(args.json_path, "w", encoding="utf-8") as handle:
+            json.dump(payload, handle, indent=2)
+    return rows
 
-    print(f"Command: benchmarks/overhead.py {' '.join(argv)}".rstrip())
-    print(f"Machine: {machine}")
-    print(f"1-min load average before / after: {load_before[0]:.2f} / {load_after[0]:.2f}; run took {elapsed:.0f} s")
-    for name in args.recipes:
-        print(f"Recipe {name}: {RECIPES[name].description}; {plans[name].main_steps} main steps")
+
+def report_from_json(path: Path, argv: list[str]) -> list[OverheadRow]:
+    """Summarise and print the per-repeat fits an earlier run saved, without fitting anything."""
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+        rows = [
+            summarise(
+                RECIPES[row["recipe"]],
+                StepPlan(row["main_steps"], row["preheat_steps"]),
+                row["preheat_rank"],
+                [(FitResult(**fits["lora"]), FitResult(**fits["hrp"])) for fits in row["per_repeat"]],
+            )
+            for row in payload["rows"]
+        ]
+    except (ValueError, KeyError, TypeError) as error:
+        raise SystemExit(f"--from-json: {path} is not a report written by overhead.py --json ({error!r}).") from error
+    print_report(rows, payload, rendered_by=argv)
+    return rows
+
+
+def print_report(rows: list[OverheadRow], payload: dict[str, Any], rendered_by: list[str] | None = None) -> None:
+    """The markdown report of one run; ``rendered_by`` is the command that re-reads it from JSON."""
+    # The run's own options, for the header (also when re-rendered from its JSON elsewhere).
+    args = build_parser().parse_args(payload["argv"])
+    fill_defaults(args)
+    load_before, load_after = payload["load_average_before_after"]
+    print(f"Command: benchmarks/overhead.py {' '.join(payload['argv'])}".rstrip())
+    if rendered_by is not None:
+        print(f"(Report rendered from that run's JSON by: benchmarks/overhead.py {' '.join(rendered_by)})")
+    print(f"Machine: {payload['machine']}")
+    print(f"1-min load average before / after: {load_before:.2f} / {load_after:.2f}; run took {payload['seconds']:.0f} s")
+    for name in dict.fromkeys(row.recipe for row in rows):
+        main_steps = next(row.main_steps for row in rows if row.recipe == name)
+        print(f"Recipe {name}: {RECIPES[name].description}; {main_steps} main steps")
     print(
         f"HRP mode {args.mode}; medians over {args.repeats} repeat(s) of per-repeat figures (each repeat: one LoRA fit "
-        f"and one HRP fit per R, same seed); memory: {meter_description}."
+        f"and one HRP fit per R, same seed); memory: {payload['memory']}."
     )
     print("\nTime (budget = preheat_steps / main_steps + 1%; the goal compares (preheat + decompose) / main):\n")
     print(time_table(rows))
@@ -791,19 +861,6 @@ def run_and_report(args: argparse.Namespace, argv: list[str]) -> list[OverheadRo
     print()
     for line in goal_lines(rows):
         print(f"- {line}")
-
-    if args.json_path:
-        payload = {
-            "argv": argv,
-            "machine": machine,
-            "memory": meter_description,
-            "load_average_before_after": [load_before[0], load_after[0]],
-            "seconds": elapsed,
-            "rows": [asdict(row) for row in rows],
-        }
-        with open(args.json_path, "w", encoding="utf-8") as handle:
-            json.dump(payload, handle, indent=2)
-    return rows
 
 
 if __name__ == "__main__":

@@ -72,6 +72,12 @@ def test_tiny_matrix_regression_run_reports_both_ranks_and_phases(overhead_bench
     payload = json.loads(json_path.read_text())
     assert [row["preheat_rank"] for row in payload["rows"]] == [16, 32]
 
+    # The report of a saved run, re-rendered without fitting: the same rows, the same tables.
+    assert overhead_benchmark.main(["--from-json", str(json_path)]) == rows
+    rendered = capsys.readouterr().out.splitlines()
+    assert rendered[1].startswith("(Report rendered from that run's JSON by:")
+    assert [line for line in rendered if line.startswith("|")] == [line for line in out if line.startswith("|")]
+
 
 @pytest.mark.parametrize(
     ("argv", "message"),
@@ -81,6 +87,7 @@ def test_tiny_matrix_regression_run_reports_both_ranks_and_phases(overhead_bench
         (["--quick", "--recipes", "imagenet"], "--recipes"),
         (["--quick", "--main-steps", "0"], "--main-steps"),
         (["--quick", "--device", "tpu"], "--device"),
+        (["--from-json", "/nonexistent/overhead.json"], "--from-json"),
     ],
 )
 def test_bad_arguments_name_the_option(overhead_benchmark, capsys, argv, message):
