@@ -816,11 +816,10 @@ def _quiet() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``lightning-hrp compare``."""
+    from recipes.cli import settings_from_command_line
+
     args = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    namespace = parser.parse_args(args)
-    settings = parser.instantiate(namespace)
-    settings = CompareSettings(**{k: v for k, v in vars(settings).items() if k in CompareSettings.__dataclass_fields__})
+    settings = settings_from_command_line(build_parser(), CompareSettings, args)
     _quiet()
     # The report shows the command that runs the comparison, also when only the report was rebuilt.
     command = " ".join(["lightning-hrp compare", *(a for a in args if not a.startswith("--report_only"))])
