@@ -5,18 +5,19 @@
 over learning rates and seeds (:mod:`recipes.compare`). Everything
 else goes to a ``LightningCLI`` in subclass mode, so a config picks its recipe by ``class_path``::
 
-    lightning-hrp fit --config recipes/configs/classification_rotten_tomatoes_hrp.yaml
-    lightning-hrp fit --config recipes/configs/classification_rotten_tomatoes_lora.yaml \\
-        --trainer.logger.init_args.save_dir=runs/rotten_tomatoes_lora_with_hrp \\
-        --trainer.callbacks.dirpath=runs/rotten_tomatoes_lora_with_hrp/checkpoints \\
+    lightning-hrp fit --config recipes/configs/matrix_regression_hrp.yaml
+    lightning-hrp fit --config recipes/configs/matrix_regression_lora.yaml \\
+        --trainer.logger.init_args.save_dir=runs/matrix_regression_lora_with_hrp \\
+        --trainer.callbacks.dirpath=runs/matrix_regression_lora_with_hrp/checkpoints \\
         --trainer.callbacks+=HRPPreheatCallback \\
-        --trainer.callbacks.preheat_rank=64 --trainer.callbacks.preheat_steps=20
+        --trainer.callbacks.preheat_rank=32 --trainer.callbacks.preheat_steps=8
     lightning-hrp validate --config ... --ckpt_path path/to.ckpt
     lightning-hrp test --config ... --ckpt_path path/to.ckpt
 
 HRP is a Trainer callback (``class_path: lightning_hrp.HRPPreheatCallback``, or just
 ``HRPPreheatCallback``, under ``trainer.callbacks``), configurable from YAML and the command line
-like any other. Every subcommand takes ``--snake_case`` options.
+like any other; a run that adds it to a config gives itself its own folders, as above (README,
+"Recipes and the command line"). Every subcommand takes ``--snake_case`` options.
 """
 
 from __future__ import annotations
