@@ -819,7 +819,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from recipes.cli import settings_from_command_line
 
     args = list(sys.argv[1:] if argv is None else argv)
-    settings = settings_from_command_line(build_parser(), CompareSettings, args)
+    parser = build_parser()
+    settings = settings_from_command_line(parser, CompareSettings, args)
+    try:
+        check_settings(settings)
+    except ValueError as error:  # a bad grid or method is a usage error, as a malformed option is
+        parser.error(str(error))
     _quiet()
     # The report shows the command that runs the comparison, also when only the report was rebuilt.
     command = " ".join(["lightning-hrp compare", *(a for a in args if not a.startswith("--report_only"))])

@@ -137,7 +137,7 @@ def test_bad_input_is_refused_before_any_run(tmp_path: Path) -> None:
     assert not (tmp_path / "runs").exists()
 
 
-def test_command_line_parses_the_bundled_configs() -> None:
+def test_command_line_parses_the_bundled_configs(capsys: pytest.CaptureFixture) -> None:
     parser = compare_module.build_parser()
     for name in ("compare_matrix_regression.yaml", "compare_classification_rotten_tomatoes.yaml"):
         path = Path(RECIPE).with_name(name)
@@ -146,6 +146,11 @@ def test_command_line_parses_the_bundled_configs() -> None:
         assert len(settings.seeds) >= 3 and len(settings.learning_rates) >= 3
     with pytest.raises(SystemExit):
         main(["--config", str(Path(RECIPE).with_name("compare_matrix_regression.yaml")), "--methods=[{\"label\": \"x\", \"method\": \"magic\"}]"])
+    # Checked like any option: a bad grid or label is a usage error naming the field, before anything runs.
+    for bad, field in (("--learning_rates=[0.01, -1]", "learning_rates"), ('--methods=[{"label": "../x", "method": "lora"}]', "label")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--config", str(Path(RECIPE).with_name("compare_matrix_regression.yaml")), "--output_dir=/nonexistent/never", bad])
+        assert exit_info.value.code == 2 and field in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("label", ["../../victim", "..", "a/b", "/abs", ".hidden", "", "tab\there"])
