@@ -142,13 +142,16 @@ def test_fit_then_test_through_the_cli_with_hrp(tiny_model_dir, tmp_path, monkey
     assert "test/acc" in tested
 
 
-def test_demo_dispatch_with_a_tiny_model(tiny_model_dir, tmp_path, capsys):
-    argv = [
-        "demo", "--model", tiny_model_dir, "--output_dir", str(tmp_path), "--steps", "2", "--val_every", "1",
-        "--train_size", "32", "--val_size", "16", "--test_size", "16", "--batch_size", "8",
-        "--lora_r", "4", "--preheat_rank", "16", "--preheat_steps", "1", "--accelerator", "cpu",
+def _demo_argv(model: str, output: Path, *extra: str) -> list[str]:
+    return [
+        "demo", "--model", model, "--output_dir", str(output), "--steps", "2", "--val_every", "1",
+        "--train_size", "16", "--val_size", "8", "--test_size", "8", "--batch_size", "8", "--lora_r", "4",
+        "--preheat_rank", "16", "--preheat_steps", "1", "--accelerator", "cpu", *extra,
     ]  # fmt: skip
-    assert main(argv) == 0
+
+
+def test_demo_dispatch_with_a_tiny_model(tiny_model_dir, tmp_path, capsys):
+    assert main(_demo_argv(tiny_model_dir, tmp_path)) == 0
     out = capsys.readouterr().out
     assert re.search(r"^LoRA\s+\|\s+2\s+\|", out, re.MULTILINE)
     assert re.search(r"^HRP\s+\|\s+2 \+ 1 preheat\s+\|", out, re.MULTILINE)
@@ -187,14 +190,6 @@ def test_every_subcommand_takes_snake_case_options(subcommand, capsys):
     options = set(re.findall(r"(?<![\w-])--[\w.+-]+", _help([subcommand, "--help"], capsys)))
     assert "--config" in options
     assert not [option for option in options if "-" in option[2:]]
-
-
-def _demo_argv(model: str, output: Path, *extra: str) -> list[str]:
-    return [
-        "demo", "--model", model, "--output_dir", str(output), "--steps", "2", "--val_every", "1",
-        "--train_size", "16", "--val_size", "8", "--test_size", "8", "--batch_size", "8", "--lora_r", "4",
-        "--preheat_rank", "16", "--preheat_steps", "1", "--accelerator", "cpu", *extra,
-    ]  # fmt: skip
 
 
 class _TrainingStarted(Exception):
