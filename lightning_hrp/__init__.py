@@ -20,3 +20,8 @@ def __getattr__(name: str) -> Any:
 
         return getattr(callback, name)
     raise AttributeError(f"module 'lightning_hrp' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    # Lists the lazily imported names too, without importing them.
+    return sorted(set(globals()) | set(__all__))

@@ -5,15 +5,19 @@
 over learning rates and seeds (:mod:`recipes.compare`). Everything
 else goes to a ``LightningCLI`` in subclass mode, so a config picks its recipe by ``class_path``::
 
-    lightning-hrp fit --config recipes/configs/classification_rotten_tomatoes_hrp.yaml
-    lightning-hrp fit --config recipes/configs/classification_rotten_tomatoes_lora.yaml \\
-        --trainer.callbacks+=lightning_hrp.HRPPreheatCallback \\
-        --trainer.callbacks.preheat_rank=64 --trainer.callbacks.preheat_steps=20
+    lightning-hrp fit --config recipes/configs/matrix_regression_hrp.yaml
+    lightning-hrp fit --config recipes/configs/matrix_regression_lora.yaml \\
+        --trainer.logger.init_args.save_dir=runs/matrix_regression_lora_with_hrp \\
+        --trainer.callbacks.dirpath=runs/matrix_regression_lora_with_hrp/checkpoints \\
+        --trainer.callbacks+=HRPPreheatCallback \\
+        --trainer.callbacks.preheat_rank=32 --trainer.callbacks.preheat_steps=8
     lightning-hrp validate --config ... --ckpt_path path/to.ckpt
     lightning-hrp test --config ... --ckpt_path path/to.ckpt
 
-HRP is a Trainer callback (``class_path: lightning_hrp.HRPPreheatCallback`` under
-``trainer.callbacks``), configurable from YAML and the command line like any other.
+HRP is a Trainer callback (``class_path: lightning_hrp.HRPPreheatCallback``, or just
+``HRPPreheatCallback``, under ``trainer.callbacks``), configurable from YAML and the command line
+like any other; a run that adds it to a config gives itself its own folders, as above (README,
+"Recipes and the command line"). Every subcommand takes ``--snake_case`` options.
 """
 
 from __future__ import annotations
@@ -21,25 +25,33 @@ from __future__ import annotations
 import sys
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import lightning.pytorch as pl
-from jsonargparse import Namespace
-from lightning.pytorch.cli import LightningCLI
+from jsonargparse import ArgumentParser, Namespace
+from lightning.pytorch.cli import ArgsType, LightningCLI
+
+# Imported, not only named: jsonargparse resolves a short class name such as
+# `--trainer.callbacks+=HRPPreheatCallback` among the Callback subclasses imported so far.
+from lightning_hrp import HRPPreheatCallback  # noqa: F401
 
 SUBCOMMANDS = ("fit", "validate", "test")
-DESCRIPTION = (
-    "lightning-hrp: High-Rank Preheating (HRP) for LoRA as a Lightning callback. 'fit', 'validate' and 'test' "
-    "run a recipe from a config (see recipes/configs/); 'lightning-hrp demo' compares plain LoRA with HRP "
-    "offline in minutes (lightning-hrp demo --help); 'lightning-hrp compare' compares LoRA initialisations "
-    "(lora, pissa, eva, lora_one, hrp, ...) over learning rates and seeds (lightning-hrp compare --help)."
-)
+# Every subcommand with its one-line help; main() dispatches demo and compare, LightningHRPCLI the rest.
+SUBCOMMAND_HELP = {
+    "fit": "train a recipe from a config (recipes/configs/*.yaml); HRP is a callback in it",
+    "validate": "evaluate a checkpoint on the validation split",
+    "test": "evaluate a checkpoint on the test split",
+    "demo": "plain LoRA vs HRP on MiniLM-L6 / Rotten Tomatoes, offline, minutes on a CPU",
+    "compare": "compare LoRA initialisations (lora, pissa, eva, lora_one, hrp, ...) over learning rates and seeds",
+}
+DESCRIPTION = "lightning-hrp: High-Rank Preheating (HRP) for LoRA as a Lightning callback."
+Settings = TypeVar("Settings")
 
 
 class LightningHRPCLI(LightningCLI):
     """``LightningCLI`` with any LightningModule / LightningDataModule chosen by ``class_path``."""
 
-    def __init__(self, args: Sequence[str] | None = None, **kwargs: Any) -> None:
+    def __init__(self, args: ArgsType = None, **kwargs: Any) -> None:
         super().__init__(
             model_class=pl.LightningModule,
             datamodule_class=pl.LightningDataModule,
@@ -47,7 +59,7 @@ class LightningHRPCLI(LightningCLI):
             subclass_mode_data=True,
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"description": DESCRIPTION},
-            args=list(args) if args is not None else None,
+            args=args,
             **kwargs,
         )
 
@@ -70,11 +82,12 @@ class _ParseOnlyCLI(LightningHRPCLI):
         raise _ParsedOnly(self.config)
 
 
-def parse(args: Sequence[str]) -> Namespace:
+def parse(args: ArgsType) -> Namespace:
     """Parse and validate a ``lightning-hrp`` command line (subcommand first) without running it.
 
     Args:
-        args: E.g. ``["fit", "--config", "recipes/configs/x.yaml"]``.
+        args: E.g. ``["fit", "--config", "recipes/configs/x.yaml"]``, or as a dict
+            (``{"fit": {"model": ..., "data": ...}}``) like ``LightningCLI``'s ``args``.
 
     Returns:
         The parsed configuration. Invalid input exits with jsonargparse's error message, as the
@@ -90,14 +103,40 @@ def parse(args: Sequence[str]) -> Namespace:
     raise RuntimeError("_ParseOnlyCLI returned without stopping after parsing")
 
 
+def settings_from_command_line(parser: ArgumentParser, settings_class: type[Settings], args: Sequence[str]) -> Settings:
+    """Parse ``args`` with ``parser`` (built with ``add_class_arguments(settings_class)``) into a ``settings_class``."""
+    fields = vars(parser.instantiate(parser.parse_args(args)))
+    return settings_class(**{k: v for k, v in fields.items() if k in settings_class.__dataclass_fields__})
+
+
+def format_help() -> str:
+    """The top-level ``--help``: every subcommand, whichever parser serves it."""
+    width = max(map(len, SUBCOMMAND_HELP))
+    lines = [
+        f"usage: lightning-hrp {{{','.join(SUBCOMMAND_HELP)}}} ...",
+        "",
+        DESCRIPTION,
+        "",
+        "subcommands (lightning-hrp <subcommand> --help lists its options, all --snake_case):",
+        *(f"  {name.ljust(width)}  {text}" for name, text in SUBCOMMAND_HELP.items()),
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lightning-hrp`` console script."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] == "demo":
+    if not args or args[0] in ("-h", "--help"):
+        if args:
+            sys.stdout.write(format_help())
+            return 0
+        sys.stderr.write(format_help() + "lightning-hrp: error: give a subcommand.\n")
+        return 2
+    if args[0] == "demo":
         from recipes.demo import main as demo_main
 
         return demo_main(args[1:])
-    if args and args[0] == "compare":
+    if args[0] == "compare":
         from recipes.compare import main as compare_main
 
         return compare_main(args[1:])

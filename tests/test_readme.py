@@ -1,11 +1,20 @@
-"""The README's Python example runs as printed."""
+"""The README's examples run as printed: the Python example, and every ``lightning-hrp`` command."""
 
 import re
+import shlex
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+import pytest
+import torch
+
+from recipes.cli import main, parse
+from test_cli import CONFIGS, header_commands
+
+REPO = Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
 
 
 def test_readme_example_runs_as_printed(tmp_path):
@@ -24,3 +33,83 @@ def test_readme_quickstart_is_the_ci_test_command():
     commands = [line.split("#")[0].strip() for line in quickstart.strip().splitlines()]
     assert commands == ["make demo", "make test"]
     assert "make test" in (README.parent / ".ci" / "run").read_text()
+
+
+def readme_commands() -> list[list[str]]:
+    """Every ``lightning-hrp ...`` command of the README's bash blocks (continuations joined), as argv lists."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.DOTALL):
+        for line in block.replace("\\\n", " ").splitlines():
+            argv = shlex.split(line, comments=True)
+            if argv[:1] == ["lightning-hrp"]:
+                commands.append(argv[1:])
+    return commands
+
+
+def _folders(argv: list[str]) -> tuple[str, str]:
+    """Where a fit/validate/test command writes: its logger's save_dir and its checkpoint folder."""
+    trainer = parse(argv)[argv[0]].trainer
+    (checkpoints,) = [c.init_args.dirpath for c in trainer.callbacks if c.class_path.endswith(".ModelCheckpoint")]
+    return trainer.logger.init_args.save_dir, checkpoints
+
+
+def _option(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
+def test_every_run_writes_its_own_folder_and_each_test_command_tests_its_run(monkeypatch):
+    """Two different fits never share a folder (one would replace the other's checkpoint), counting the
+    configs' own header commands; every README test command reads the checkpoint of exactly one README fit,
+    of the same config, and logs beside it."""
+    monkeypatch.chdir(REPO)  # the commands use paths relative to the repository root
+    readme = readme_commands()
+    assert any(argv[0] == "fit" for argv in readme) and any(argv[0] == "test" for argv in readme)
+    fits = {tuple(argv) for argv in readme + [c for config in CONFIGS for c in header_commands(config)] if argv[0] == "fit"}
+    written: dict[str, tuple[str, ...]] = {}
+    for argv in sorted(fits):
+        for folder in _folders(list(argv)):
+            assert folder not in written, f"{folder} is written by both\n  {shlex.join(written[folder])}\n  {shlex.join(argv)}"
+            written[folder] = argv
+    for argv in readme:
+        if argv[0] not in ("validate", "test"):
+            continue
+        checkpoint = Path(_option(argv, "--ckpt_path"))
+        assert checkpoint.name == "last.ckpt", argv
+        writer = written.get(str(checkpoint.parent))
+        assert writer is not None and writer in {tuple(a) for a in readme}, f"no README fit writes {checkpoint}"
+        assert _option(list(writer), "--config") == _option(argv, "--config")
+        assert _folders(argv)[0] == _folders(list(writer))[0]  # its logs go to the run's folder too
+
+
+def test_every_readme_command_parses(monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    for argv in readme_commands():
+        if "--help" in argv:
+            with pytest.raises(SystemExit) as exit_info:
+                main(argv)
+            assert exit_info.value.code == 0, argv
+        elif argv[0] == "compare":
+            from recipes.compare import build_parser
+
+            build_parser().parse_args(argv[1:])
+        else:
+            assert argv[0] in ("fit", "validate", "test"), argv
+            parse(argv)
+
+
+def test_readme_matrix_regression_commands_run_as_printed(tmp_path, monkeypatch, capsys):
+    """The fast recipe's README commands, in order; the test command reads the HRP run's checkpoint."""
+    (tmp_path / "recipes").symlink_to(REPO / "recipes")
+    monkeypatch.chdir(tmp_path)
+    commands = [argv for argv in readme_commands() if argv[0] != "compare" and "matrix_regression" in " ".join(argv)]
+    assert [argv[0] for argv in commands] == ["fit", "fit", "test", "fit"]
+    for argv in commands:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # LightningCLI's args-and-sys.argv warning, Lightning's tips
+            assert main(argv) == 0, argv
+    assert "test/loss" in capsys.readouterr().out
+    folders = {path.name for path in (tmp_path / "runs").iterdir()}
+    assert folders == {"matrix_regression_lora", "matrix_regression_hrp", "matrix_regression_lora_with_hrp"}
+    for folder, with_hrp in (("matrix_regression_lora", False), ("matrix_regression_hrp", True), ("matrix_regression_lora_with_hrp", True)):
+        states = torch.load(tmp_path / "runs" / folder / "checkpoints" / "last.ckpt", weights_only=False)["callbacks"]
+        assert any("HRPPreheatCallback" in key for key in states) == with_hrp, folder
