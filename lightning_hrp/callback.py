@@ -47,6 +47,7 @@ from lightning_hrp.engine.preheat import PreheatAdapters, PreheatMode
 from lightning_hrp.engine.preheat_loop import (
     BatchSteps,
     PreheatStopped,
+    RestoreFailedError,
     decompose_and_initialise,
     restored_on_failure,
     run_preheat,
@@ -282,7 +283,7 @@ class HRPPreheatCallback(Callback):
             # SIGTERM reached some rank: every rank restored; now exit as Lightning does on SIGTERM.
             raise SIGTERMException() from stop
         except Exception as error:
-            if isinstance(error, HRPConfigurationError) or self.on_failure == "raise":
+            if isinstance(error, (HRPConfigurationError, RestoreFailedError)) or self.on_failure == "raise":
                 raise
             # Every rank gets here together; each says why in its own words (a rank that failed gives its
             # reason, the others that another rank failed).

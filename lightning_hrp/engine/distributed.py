@@ -16,6 +16,7 @@ from contextlib import ExitStack, contextmanager
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -98,6 +99,26 @@ def gradient_sync_disabled(model: nn.Module) -> Iterator[None]:
         yield
 
 
+def forget_abandoned_fsdp1_forwards(model: nn.Module) -> None:
+    """Drop the backward hooks FSDP1 left on its flat parameters by forwards whose backward never ran.
+
+    A preheat forward is abandoned when its batch is skipped or a rank fails after it. FSDP1 then
+    keeps the hook it registered for that backward and, seeing one registered, registers no other
+    at the next forward; once ``requires_grad`` is back on, the main run's first backward would
+    fail FSDP's own check (``Invalid: _post_backward_hook_state``). Call while the flags are still
+    as they were during those forwards. A no-op without FSDP1.
+    """
+    for unit in FullyShardedDataParallel.fsdp_modules(model):
+        flat_param = unit._flat_param  # noqa: SLF001 (FSDP1 has no public handle on it)
+        stale = getattr(flat_param, "_post_backward_hook_state", None) if flat_param is not None else None
+        if stale is None:
+            continue
+        for hook in stale:  # (AccumulateGrad node, handle) or (handle,)
+            if isinstance(hook, RemovableHandle):
+                hook.remove()
+        del flat_param._post_backward_hook_state
+
+
 def _outermost_fsdp2(root: nn.Module) -> list[nn.Module]:
     """The modules under ``root`` that FSDP2's ``fully_shard`` was applied to and no other such module contains."""
     if isinstance(root, FSDPModule):
@@ -106,9 +127,9 @@ def _outermost_fsdp2(root: nn.Module) -> list[nn.Module]:
 
 
 def read_full(param: Tensor) -> Tensor:
-    """The whole value of a parameter, gathering it if it is a sharded DTensor (FSDP2)."""
+    """The whole value of a parameter (detached), gathering it if it is a sharded DTensor (FSDP2)."""
     if isinstance(param, DTensor):
-        return param.full_tensor()
+        return param.detach().full_tensor()
     return param.detach()
 
 

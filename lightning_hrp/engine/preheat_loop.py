@@ -41,6 +41,7 @@ from lightning_hrp.engine.decompose import ProductSVD, subspace_drift, svd_of_pr
 from lightning_hrp.engine.distributed import (
     all_reduce_mean_,
     broadcast_int,
+    forget_abandoned_fsdp1_forwards,
     gradient_sync_disabled,
     mean_over_ranks,
     rank_and_world_size,
@@ -55,6 +56,13 @@ from lightning_hrp.errors import HRPConfigurationError, PreheatFailedError
 # A layer whose preheated update has a singular value r below this share of its largest has fewer
 # than r directions of its own.
 WEAK_DIRECTION = 1e-6
+
+
+class RestoreFailedError(RuntimeError):
+    """Writing the original adapters back after a failure failed: the model may hold preheated values.
+
+    Never a reason to train on: no ``on_failure`` setting swallows it.
+    """
 
 
 class PreheatStopped(BaseException):
@@ -348,6 +356,7 @@ def main_run_untouched(model: nn.Module) -> Iterator[None]:
             yield
     finally:
         with interrupts_deferred(), torch.no_grad():
+            forget_abandoned_fsdp1_forwards(model)
             for p, flag in zip(params, flags):
                 p.requires_grad_(flag)
             for buffer, saved in buffers:
@@ -398,9 +407,14 @@ def restored_on_failure(root: nn.Module, targets: Sequence[LoraTarget], original
     """
     try:
         yield
-    except BaseException:
+    except BaseException as error:
         with interrupts_deferred():
-            write_lora_weights(root, targets, originals)
+            try:
+                write_lora_weights(root, targets, originals)
+            except Exception as restore_error:
+                raise RestoreFailedError(
+                    f"restoring the LoRA adapters after {type(error).__name__} ({error}) failed: {restore_error}"
+                ) from error
         raise
 
 
