@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import lightning.pytorch as pl
@@ -149,7 +149,8 @@ class MainRunBatches:
                 "batches from it. Return a DataLoader or another re-iterable."
             )
         self._loaders = [_with_own_workers(loader) for loader in main.flattened]
-        self._generators = [(g, g.get_state()) for g in _shuffling_generators(main.flattened)]
+        self._generators = ExitStack()
+        self._generators.enter_context(generators_restored(main.flattened))
         self._combined = CombinedLoader(main.iterables, mode)
         self._combined.flattened = self._loaders
         self._combined.limits = main.limits
@@ -170,8 +171,7 @@ class MainRunBatches:
     def close(self) -> None:
         """Shut down the worker processes HRP started; give the shuffling generators back their state."""
         self._combined.reset()
-        for generator, state in self._generators:
-            generator.set_state(state)
+        self._generators.close()
 
 
 def _with_own_workers(loader: Any) -> Any:
@@ -181,6 +181,17 @@ def _with_own_workers(loader: Any) -> Any:
         own._iterator = None  # private: the shared persistent iterator is the main run's
         return own
     return loader
+
+
+@contextmanager
+def generators_restored(loaders: Sequence[Any]) -> Iterator[None]:
+    """Give the torch.Generators the loaders shuffle with (worker seeds, random samplers) their state back afterwards."""
+    states = [(g, g.get_state()) for g in _shuffling_generators(loaders)]
+    try:
+        yield
+    finally:
+        for generator, state in states:
+            generator.set_state(state)
 
 
 def _shuffling_generators(loaders: Sequence[Any]) -> list[torch.Generator]:

@@ -3,6 +3,7 @@
 import csv
 import math
 import os
+import random
 import signal
 import struct
 import subprocess
@@ -11,6 +12,7 @@ import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
@@ -496,6 +498,31 @@ def test_the_main_run_sees_the_batches_it_sees_without_hrp(loader_kwargs):
     plain, with_hrp = main_batches(False), main_batches(True)
     assert len(plain) == len(with_hrp) == 2 * 8
     assert all(torch.equal(a, b) for a, b in zip(plain, with_hrp))
+
+
+class DrawsRandomNumbers(TinyCausalLM):
+    """Draws from every RNG in training_step (augmentation-style) and records draws at each main batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.main_draws: list[tuple[float, float, float]] = []
+
+    def training_step(self, batch, batch_idx):
+        np.random.rand(), random.random(), torch.rand(1)
+        return super().training_step(batch, batch_idx)
+
+    def on_train_batch_start(self, batch, batch_idx):
+        self.main_draws.append((float(np.random.rand()), random.random(), float(torch.rand(1))))
+
+
+def test_preheating_leaves_every_rng_of_the_main_run_alone():
+    def main_draws(with_hrp: bool) -> list[tuple[float, float, float]]:
+        pl.seed_everything(0)
+        module = DrawsRandomNumbers()
+        make_trainer(callbacks=[HRPPreheatCallback(8, 3)] if with_hrp else [], max_steps=3).fit(module)
+        return module.main_draws
+
+    assert main_draws(True) == main_draws(False)
 
 
 class CombinedMinSize(TinyCausalLM):
