@@ -352,13 +352,15 @@ class HRPPreheatCallback(Callback):
             return loss_of(training_step(trainer, batch, batch_idx), "HRP")
 
         show_progress = trainer.is_global_zero and trainer.progress_bar_callback is not None
-        define_preheat_step_axis(trainer, _PER_STEP_METRICS)
         start = time.perf_counter()
         with closing(data), isolated_from_main_run(trainer, pl_module), tqdm(
             total=self.preheat_steps, desc="HRP preheat", disable=not show_progress, leave=False, dynamic_ncols=True
         ) as progress:
 
             def on_step(step: int, loss: float, drift: float | None) -> None:
+                # Here rather than before the loop: the loop agrees on an error raised here (rank 0 logs alone).
+                if step == 0:
+                    define_preheat_step_axis(trainer, _PER_STEP_METRICS)
                 metrics: dict[str, float] = {PREHEAT_STEP: step}
                 if not math.isnan(loss):  # a step whose batches were all skipped has no loss
                     metrics["hrp/preheat_loss"] = loss

@@ -705,6 +705,54 @@ def test_a_preheat_that_learns_nothing_has_failed(module_class, message, init_ru
     assert_bitwise_equal(before, probe.lora)  # the default init, not a dead A = 0, B = 0
 
 
+class _HalfUsed(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.used, self.unused = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.used(x) + 0.0 * self.unused(x)
+
+
+class OneLayerUnused(pl.LightningModule):
+    """LoRA on two layers, one of which the loss has no gradient through."""
+
+    def __init__(self):
+        super().__init__()
+        self.model = get_peft_model(_HalfUsed(), LoraConfig(r=2, lora_alpha=4, target_modules=["used", "unused"]))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.model(x), y)
+
+    def train_dataloader(self):
+        generator = torch.Generator().manual_seed(0)
+        return DataLoader(TensorDataset(torch.randn(32, 8, generator=generator), torch.randn(32, 8, generator=generator)), batch_size=8)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-2)
+
+
+class LoraAtTrainStart(Callback):
+    def on_train_start(self, trainer, pl_module):
+        self.lora = lora_weights(pl_module)
+
+
+def test_a_layer_that_learned_nothing_keeps_its_init_and_is_named():
+    pl.seed_everything(0)
+    module = OneLayerUnused()
+    before = lora_weights(module)
+    probe = LoraAtTrainStart()
+    hrp = HRPPreheatCallback(8, 3, init_rule="keep_progress")
+    with pytest.warns(UserWarning, match="exactly zero"):
+        make_trainer(callbacks=[hrp, probe], max_steps=1).fit(module)
+    unused = {n for n in before if ".unused." in n}
+    assert len(unused) == 2
+    assert_bitwise_equal({n: before[n] for n in unused}, {n: probe.lora[n] for n in unused})
+    assert all(not torch.equal(before[n], probe.lora[n]) for n in before if n not in unused)
+    assert [name.rsplit(".", 1)[-1] for name in hrp.report.learned_nothing] == ["unused"]
+
+
 class SkipsEveryBatch(TinyCausalLM):
     def training_step(self, batch, batch_idx):
         super().training_step(batch, batch_idx)

@@ -97,12 +97,14 @@ class PreheatHistory:
         subspace_drift: Drift of the top-r subspaces after each step but the first, if tracked.
         batches_with_loss: Batches that gave a loss, summed over ranks.
         skipped_batches: Batches the model skipped (loss ``None``), summed over ranks.
+        last_loss: The latest step's mean loss (NaN if all its batches were skipped).
     """
 
     losses: list[float] = field(default_factory=list)
     subspace_drift: list[float] = field(default_factory=list)
     batches_with_loss: int = 0
     skipped_batches: int = 0
+    last_loss: float = math.nan
 
 
 # Positions of the flags each rank adds to its step's gradient all-reduce (means over ranks).
@@ -160,31 +162,38 @@ def run_preheat(
     step_optimizer = optimizer_step or (lambda opt, closure: opt.step(closure))
     agreement = _Agreement(collective_model, stop_requested)
     directions: list[Tensor] | None = None
+    # An error in this rank's own work between steps (drift, logging) is carried into the next
+    # agreement, so that a rank failing alone there never leaves the others in a collective.
+    carried: Exception | None = None
     with main_run_untouched(model), adapters.attached():
         for step in range(steps):
             outcome: list[Tensor | None] = []
 
             def closure() -> Tensor | None:
-                outcome.append(_accumulate_and_reduce(params, batch_steps, accumulate, agreement, history))
+                outcome.append(_accumulate_and_reduce(params, batch_steps, accumulate, agreement, history, carried))
                 return outcome[0]
 
             step_optimizer(optimizer, closure)
             optimizer.zero_grad(set_to_none=True)
-            loss = float(outcome[0]) if outcome[0] is not None else math.nan
-            history.losses.append(loss)
+            history.losses.append(history.last_loss)
             drift = None
-            if track_drift:
-                previous, directions = directions, top_directions(adapters)
-                if previous is not None:
-                    drift = sum(map(subspace_drift, previous, directions)) / len(directions)
-                    history.subspace_drift.append(drift)
-            if on_step is not None:
-                on_step(step, loss, drift)
+            try:
+                if track_drift:
+                    previous, directions = directions, top_directions(adapters)
+                    if previous is not None:
+                        drift = sum(map(subspace_drift, previous, directions)) / len(directions)
+                        history.subspace_drift.append(drift)
+                if on_step is not None:
+                    on_step(step, history.last_loss, drift)
+            except Exception as error:
+                carried = error
             settled = drift_tolerance is not None and drift is not None and drift < drift_tolerance
             # Each rank computes its own drift; should two ever round it differently, a rank stopping
             # alone would hang the others' next all-reduce, so rank 0 decides for all.
             if drift_tolerance is not None and broadcast_int(int(settled)):
                 break
+        failed, config = mean_over_ranks([_failed(carried), _config(carried)])
+        _raise_agreed(carried, failed, config, 0.0)
     if history.batches_with_loss == 0:
         raise PreheatFailedError(
             f"every preheat batch was skipped ({history.skipped_batches} batches: the model returned no loss), "
@@ -264,27 +273,34 @@ def _raise_agreed(error: Exception | None, failed: float, config: float, stop: f
 
 
 def _accumulate_and_reduce(
-    params: list[Tensor], batch_steps: BatchSteps, accumulate: int, agreement: _Agreement, history: PreheatHistory
+    params: list[Tensor],
+    batch_steps: BatchSteps,
+    accumulate: int,
+    agreement: _Agreement,
+    history: PreheatHistory,
+    error: Exception | None,
 ) -> Tensor | None:
     """One optimizer step's forward/backward passes, then the all-reduce of gradients and flags.
 
-    Returns the step's mean loss over ranks and batches, or ``None`` if every batch was skipped
-    (the gradients are then ``None``, so the optimizer leaves the adapters alone, as Lightning does).
+    ``error``, if given, is a failure of this rank since the last agreement: it runs no batch and
+    reports it. Sets ``history.last_loss`` and returns the step's mean loss over ranks and batches,
+    or ``None`` if every batch was skipped (the gradients are then ``None``, so the optimizer leaves
+    the adapters alone, as Lightning does).
     """
-    loss_sum = torch.zeros((), dtype=torch.float64)
+    loss_sum: Tensor | None = None
     losses = skipped = 0
-    error: Exception | None = None
     stop = False
     for _ in range(accumulate):
         batch: Any = None
         batch_idx = 0
-        if not agreement.collective_model and agreement.stop_requested():
+        if error is None and not agreement.collective_model and agreement.stop_requested():
             stop = True
             break
-        try:
-            batch, batch_idx = batch_steps.fetch()
-        except Exception as caught:
-            error = caught
+        if error is None:
+            try:
+                batch, batch_idx = batch_steps.fetch()
+            except Exception as caught:
+                error = caught
         agreement.before_forward(error)
         if error is not None:
             break
@@ -311,30 +327,34 @@ def _accumulate_and_reduce(
                 raise  # the other ranks wait in FSDP's backward collectives; see the module docstring
             error = caught
             break
-        loss_sum += loss.detach().double().cpu()
+        # Summed where the loss lives: one device sync per step (below), not one per batch.
+        loss_sum = loss.detach().float() if loss_sum is None else loss_sum + loss.detach().float()
         losses += 1
 
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flags = [0.0] * 6
-    flags[_LOSS_SUM], flags[_LOSSES], flags[_SKIPPED] = float(loss_sum), float(losses), float(skipped)
+    flags[_LOSSES], flags[_SKIPPED] = float(losses), float(skipped)
     flags[_FAILED], flags[_CONFIG_ERROR], flags[_STOP] = _failed(error), _config(error), float(stop)
     summary = grads[0].new_tensor(flags)
+    if loss_sum is not None:
+        summary[_LOSS_SUM] = loss_sum
     all_reduce_mean_([*grads, summary])
     world_size = rank_and_world_size()[1]
     means = summary.tolist()
     _raise_agreed(error, means[_FAILED], means[_CONFIG_ERROR], means[_STOP])
-    for p, grad in zip(params, grads):
-        p.grad = grad
     history.batches_with_loss += round(means[_LOSSES] * world_size)
     history.skipped_batches += round(means[_SKIPPED] * world_size)
     if means[_LOSSES] == 0:
+        history.last_loss = math.nan
         for p in params:
             p.grad = None
         return None
-    loss = summary[_LOSS_SUM] / summary[_LOSSES]
-    if not math.isfinite(float(loss)):
-        raise PreheatFailedError(f"the preheat loss is {float(loss)} at preheat step {len(history.losses)}.")
-    return loss
+    history.last_loss = means[_LOSS_SUM] / means[_LOSSES]
+    if not math.isfinite(history.last_loss):
+        raise PreheatFailedError(f"the preheat loss is {history.last_loss} at preheat step {len(history.losses)}.")
+    for p, grad in zip(params, grads):
+        p.grad = grad
+    return summary[_LOSS_SUM] / summary[_LOSSES]
 
 
 @contextmanager
@@ -370,13 +390,15 @@ def interrupts_deferred() -> Iterator[None]:
     """Hold back SIGINT (Ctrl-C) until the block finishes, then deliver it to the handler it had.
 
     Restores must complete: a second Ctrl-C during one would otherwise leave it half done. Signal
-    handlers can only be set from the main thread; elsewhere the block runs unprotected.
+    handlers can only be set from the main thread (and only replaced where Python installed the
+    current one); elsewhere the block runs unprotected.
     """
-    if threading.current_thread() is not threading.main_thread():
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or previous is None:
         yield
         return
     received: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
     try:
         yield
     finally:
@@ -388,15 +410,19 @@ def interrupts_deferred() -> Iterator[None]:
 @contextmanager
 def isolated_rng(cuda_devices: Sequence[torch.device] = ()) -> Iterator[None]:
     """Leave every RNG the main run draws from as it was: torch (CPU and ``cuda_devices``), NumPy, Python."""
-    python_state = random.getstate()
+    torch_state = torch.get_rng_state()
+    cuda_states = [(device, torch.cuda.get_rng_state(device)) for device in cuda_devices]
     numpy_state = np.random.get_state()
+    python_state = random.getstate()
     try:
-        with torch.random.fork_rng(devices=list(cuda_devices)):
-            yield
+        yield
     finally:
         with interrupts_deferred():
-            random.setstate(python_state)
+            torch.set_rng_state(torch_state)
+            for device, state in cuda_states:
+                torch.cuda.set_rng_state(state, device)
             np.random.set_state(numpy_state)
+            random.setstate(python_state)
 
 
 @contextmanager
@@ -475,5 +501,5 @@ def decompose_and_initialise(
     written = [targets[i] for i in learned]
     write_lora_weights(root, written, new_weights)
     weak = [targets[i] for i in learned if not svds[i].S[targets[i].rank - 1] > WEAK_DIRECTION * svds[i].S[0]]
-    nothing = [t for i, t in enumerate(targets) if i not in set(learned)]
+    nothing = [target for i, target in enumerate(targets) if i not in learned]
     return Initialisation(svds=svds, written=written, learned_nothing=nothing, weak=weak)

@@ -291,6 +291,25 @@ def hrp_callback() -> HRPPreheatCallback:
     )
 
 
+def toy_trainer(
+    make_strategy: Callable[[], Strategy | str], out_dir: Path, callbacks: list[pl.Callback], **kwargs: Any
+) -> pl.Trainer:
+    """A quiet Trainer for the toy: no logger, checkpoints, progress bar or sanity check; ``kwargs`` add to it."""
+    return pl.Trainer(
+        strategy=make_strategy(),
+        accumulate_grad_batches=ACCUMULATE,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,
+        default_root_dir=out_dir,
+        **kwargs,
+    )
+
+
 def fit_then_resume(
     make_strategy: Callable[[], Strategy | str],
     out_dir: Path,
@@ -310,22 +329,15 @@ def fit_then_resume(
     checkpoint = out_dir / "after_preheat.ckpt"
 
     def trainer(tag: str, max_steps: int, checkpoint_path: Path | None) -> pl.Trainer:
-        return pl.Trainer(
+        return toy_trainer(
+            make_strategy,
+            out_dir,
+            [hrp_callback(), AdapterProbe(out_dir, tag, checkpoint_path)],
+            max_steps=max_steps,
             accelerator=accelerator,
             devices=devices,
             num_nodes=num_nodes,
-            strategy=make_strategy(),
             precision=precision,
-            max_steps=max_steps,
-            accumulate_grad_batches=ACCUMULATE,
-            callbacks=[hrp_callback(), AdapterProbe(out_dir, tag, checkpoint_path)],
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            use_distributed_sampler=False,
-            default_root_dir=out_dir,
         )
 
     trainer("first", MAIN_STEPS, checkpoint).fit(ToyLoRARegression(batch_size, fully_shard_blocks))
@@ -424,23 +436,14 @@ def fit_with_failure(
     the failure, with whether the ranks agreed bitwise.
     """
     module = FailsOnOneRank(batch_size, failure, fully_shard_blocks)
-    initial = {f"{t.name}.{n}": w.detach().float().cpu().clone() for t in find_lora_targets(module) for n, w in (("lora_A", t.lora_A), ("lora_B", t.lora_B))}
+    initial = {
+        f"{target.name}.{name}": weight.detach().float().cpu().clone()
+        for target in find_lora_targets(module)
+        for name, weight in (("lora_A", target.lora_A), ("lora_B", target.lora_B))
+    }
     probe = AdaptersAtTrainStartAndEnd()
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=devices,
-        strategy=make_strategy(),
-        max_steps=MAIN_STEPS,
-        accumulate_grad_batches=ACCUMULATE,
-        callbacks=[HRPPreheatCallback(PREHEAT_RANK, PREHEAT_STEPS, on_failure=on_failure), probe],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        use_distributed_sampler=False,
-        default_root_dir=out_dir,
-    )
+    hrp = HRPPreheatCallback(PREHEAT_RANK, PREHEAT_STEPS, on_failure=on_failure)
+    trainer = toy_trainer(make_strategy, out_dir, [hrp, probe], max_steps=MAIN_STEPS, accelerator="cpu", devices=devices)
     error: Exception | None = None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
