@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from typing import Any
 
 import lightning.pytorch as pl
@@ -96,7 +96,7 @@ def isolated_from_main_run(trainer: pl.Trainer, pl_module: pl.LightningModule) -
     """Leave no trace of the block in the main run.
 
     What ``training_step`` logs with ``self.log`` goes to a throwaway collection; the grad scaler's
-    state (16-mixed), every RNG the main run draws from (torch CPU and CUDA, NumPy, Python) are
+    state (16-mixed) and every RNG the main run draws from (torch CPU and CUDA, NumPy, Python) are
     restored; every gradient of the module is dropped. The restore completes even under a second Ctrl-C.
     """
     epoch_loop = trainer.fit_loop.epoch_loop
@@ -148,11 +148,9 @@ class MainRunBatches:
                 f"The train data includes a one-shot iterator ({one_shot[0]}); HRP would consume the main run's "
                 "batches from it. Return a DataLoader or another re-iterable."
             )
-        self._loaders = [_with_own_workers(loader) for loader in main.flattened]
-        self._generators = ExitStack()
-        self._generators.enter_context(generators_restored(main.flattened))
+        self._generator_states = _generator_states(main.flattened)
         self._combined = CombinedLoader(main.iterables, mode)
-        self._combined.flattened = self._loaders
+        self._combined.flattened = [_with_own_workers(loader) for loader in main.flattened]
         self._combined.limits = main.limits
         self.per_pass = trainer.num_training_batches
 
@@ -171,7 +169,7 @@ class MainRunBatches:
     def close(self) -> None:
         """Shut down the worker processes HRP started; give the shuffling generators back their state."""
         self._combined.reset()
-        self._generators.close()
+        _restore_generator_states(self._generator_states)
 
 
 def _with_own_workers(loader: Any) -> Any:
@@ -186,16 +184,15 @@ def _with_own_workers(loader: Any) -> Any:
 @contextmanager
 def generators_restored(loaders: Sequence[Any]) -> Iterator[None]:
     """Give the torch.Generators the loaders shuffle with (worker seeds, random samplers) their state back afterwards."""
-    states = [(g, g.get_state()) for g in _shuffling_generators(loaders)]
+    states = _generator_states(loaders)
     try:
         yield
     finally:
-        for generator, state in states:
-            generator.set_state(state)
+        _restore_generator_states(states)
 
 
-def _shuffling_generators(loaders: Sequence[Any]) -> list[torch.Generator]:
-    """The torch.Generators that the loaders' iterators draw from (worker seeds, random samplers)."""
+def _generator_states(loaders: Sequence[Any]) -> list[tuple[torch.Generator, Tensor]]:
+    """The state of every torch.Generator the loaders' iterators draw from (worker seeds, random samplers)."""
     generators: list[torch.Generator] = []
     for loader in loaders:
         if not isinstance(loader, DataLoader):
@@ -205,7 +202,12 @@ def _shuffling_generators(loaders: Sequence[Any]) -> list[torch.Generator]:
             samplers.append(loader.batch_sampler.sampler)
         candidates = [loader.generator] + [s.generator for s in samplers if isinstance(s, RandomSampler)]
         generators += [g for g in candidates if isinstance(g, torch.Generator)]
-    return list(dict.fromkeys(generators))
+    return [(g, g.get_state()) for g in dict.fromkeys(generators)]
+
+
+def _restore_generator_states(states: list[tuple[torch.Generator, Tensor]]) -> None:
+    for generator, state in states:
+        generator.set_state(state)
 
 
 def metric_layer_names(names: Sequence[str]) -> list[str]:

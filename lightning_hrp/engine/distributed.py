@@ -16,9 +16,9 @@ from contextlib import ExitStack, contextmanager
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.utils.hooks import RemovableHandle
 
 from lightning_hrp.engine.decompose import ProductSVD, group_by_key, product_group_key, svd_of_product
 from lightning_hrp.engine.lora import LoraTarget
