@@ -753,6 +753,27 @@ def test_a_layer_that_learned_nothing_keeps_its_init_and_is_named():
     assert [name.rsplit(".", 1)[-1] for name in hrp.report.learned_nothing] == ["unused"]
 
 
+class WithBatchNorm(OneLayerUnused):
+    def __init__(self):
+        pl.LightningModule.__init__(self)
+        network = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.BatchNorm1d(8))
+        self.model = get_peft_model(network, LoraConfig(r=2, lora_alpha=4, target_modules=["0"]))
+
+
+class BuffersAtTrainStart(Callback):
+    def on_train_start(self, trainer, pl_module):
+        self.buffers = {name: b.clone() for name, b in pl_module.named_buffers()}
+
+
+def test_preheat_forwards_leave_the_main_runs_buffers_alone():
+    pl.seed_everything(0)
+    module = WithBatchNorm()
+    before = {name: b.clone() for name, b in module.named_buffers()}
+    probe = BuffersAtTrainStart()
+    make_trainer(callbacks=[HRPPreheatCallback(4, 3), probe], max_steps=1).fit(module)
+    assert_bitwise_equal(before, probe.buffers)  # BatchNorm's running statistics included
+
+
 class SkipsEveryBatch(TinyCausalLM):
     def training_step(self, batch, batch_idx):
         super().training_step(batch, batch_idx)
