@@ -1,6 +1,7 @@
 """``HRPPreheatCallback``: High-Rank Preheating as one line in a Lightning ``Trainer``.
 
-Thin Lightning glue over :mod:`lightning_hrp.engine`, in the manner of Lightning's
+Thin Lightning glue over :mod:`lightning_hrp.engine` (the preheat loop, the decomposition) and
+:mod:`lightning_hrp._lightning` (the Lightning internals), in the manner of Lightning's
 ``LearningRateFinder`` over its tuner: arguments are checked in ``__init__``, the strategy in
 ``setup``, and the work happens once, at ``on_train_start``, on the already wrapped model.
 """
@@ -8,41 +9,57 @@ Thin Lightning glue over :mod:`lightning_hrp.engine`, in the manner of Lightning
 from __future__ import annotations
 
 import math
-import random
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import closing, contextmanager
+import warnings
+from collections.abc import Callable, Iterable
+from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DeepSpeedStrategy
-from lightning.pytorch.trainer import call
-from lightning.pytorch.trainer.connectors.logger_connector.result import _ResultCollection
-from lightning.pytorch.utilities import CombinedLoader
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
-from torch import Tensor
+from lightning.pytorch.strategies import DeepSpeedStrategy, ParallelStrategy
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_prefixed_message, rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim import AdamW, Optimizer
 from tqdm.auto import tqdm
 
-from lightning_hrp.engine.decompose import energy_kept, subspace_drift, svd_of_products
-from lightning_hrp.engine.distributed import (
-    all_reduce_mean_,
-    broadcast_int,
-    read_lora_weights,
-    shared_svd_of_products,
-    write_lora_weights,
+from lightning_hrp._lightning import (
+    PREHEAT_STEP,
+    MainRunBatches,
+    batch_to_device,
+    define_preheat_step_axis,
+    isolated_from_main_run,
+    log_metrics,
+    loss_of,
+    metric_layer_names,
+    training_step,
 )
-from lightning_hrp.engine.init_rules import DirectionScale, InitRule, new_adapter_weights
+from lightning_hrp.engine.decompose import energy_kept
+from lightning_hrp.engine.distributed import broadcast_int, read_lora_weights
+from lightning_hrp.engine.init_rules import DirectionScale, InitRule
 from lightning_hrp.engine.lora import LoraTarget, find_lora_targets
 from lightning_hrp.engine.preheat import PreheatAdapters, PreheatMode
-from lightning_hrp.errors import HRPConfigurationError, PreheatFailedError
+from lightning_hrp.engine.preheat_loop import (
+    BatchSteps,
+    PreheatStopped,
+    RestoreFailedError,
+    decompose_and_initialise,
+    restored_on_failure,
+    run_preheat,
+)
+from lightning_hrp.errors import HRPConfigurationError
 
 OnFailure = Literal["raise", "continue"]
 SvdDtype = Literal["float32", "float64"]
 OptimizerFactory = Callable[[Iterable[Tensor]], Optimizer]
+
+# Metrics logged once per preheat step, charted against PREHEAT_STEP.
+_PER_STEP_METRICS = ("hrp/preheat_loss", "hrp/subspace_drift")
 
 
 @dataclass
@@ -58,7 +75,14 @@ class LayerDiagnostics:
 
 @dataclass
 class HRPReport:
-    """Everything one preheat produced, for logging and plots."""
+    """Everything one preheat produced, for logging and plots.
+
+    Attributes:
+        preheat_losses: Mean loss per preheat step; NaN for a step whose batches were all skipped.
+        skipped_batches: Batches for which ``training_step`` returned ``None`` (over all ranks).
+        frozen_layers: LoRA layers with no trainable weight, left as they were.
+        learned_nothing: Layers whose preheated update was exactly zero, left at their current init.
+    """
 
     seed: int
     preheat_losses: list[float] = field(default_factory=list)
@@ -66,17 +90,21 @@ class HRPReport:
     layers: list[LayerDiagnostics] = field(default_factory=list)
     preheat_seconds: float = 0.0
     decompose_seconds: float = 0.0
+    skipped_batches: int = 0
+    frozen_layers: list[str] = field(default_factory=list)
+    learned_nothing: list[str] = field(default_factory=list)
 
 
 class HRPPreheatCallback(Callback):
     """Start the rank-r LoRA adapters from High-Rank Preheating (arXiv 2502.07739).
 
-    At ``on_train_start`` every LoRA layer gets a temporary rank-``preheat_rank`` adapter, kept
-    outside the (possibly wrapped or sharded) model. It is trained for ``preheat_steps`` optimizer
-    steps through the strategy with the module's own ``training_step``; then the top singular
+    At ``on_train_start`` every trainable LoRA layer gets a temporary rank-``preheat_rank`` adapter,
+    kept outside the (possibly wrapped or sharded) model. It is trained for ``preheat_steps``
+    optimizer steps with the module's own ``training_step`` on the batches the main run's first
+    epoch sees, while the main run's parameters compute no gradient; then the top singular
     directions of each preheated update initialise the rank-r adapter in place, the preheat
     adapters are removed, and training proceeds exactly as it would have otherwise: same optimizer
-    objects, scheduler, data order (the global RNG is restored), ``global_step`` and epoch.
+    objects, scheduler, data order (every RNG is restored), ``global_step`` and epoch.
 
     Args:
         preheat_rank: Rank ``R`` of the preheat adapters; must exceed the LoRA rank. Clamped per
@@ -95,13 +123,15 @@ class HRPPreheatCallback(Callback):
         preheat_optimizer: Builds the preheat optimizer from the preheat tensors, replacing the
             default AdamW (then leave ``preheat_lr`` unset).
         adapter_name: The peft adapter to initialise; needed only when the model has several.
-        seed: Seed of the preheat adapters' random start; by default rank 0's ``torch.initial_seed()``,
-            so ``seed_everything`` governs it.
+        seed: Seed of the preheat adapters' random start, an int in ``[0, 2**63)``; by default rank
+            0's ``torch.initial_seed()``, so ``seed_everything`` governs it.
         svd_dtype: Dtype of the decomposition, whatever the training precision.
-        on_failure: What a failed preheat does (a non-finite loss, adapter or decomposition, or an
-            exception). Either way the model is first restored bit for bit. ``"raise"`` re-raises;
-            ``"continue"`` warns and trains from the untouched default init. A ``KeyboardInterrupt``
-            always propagates.
+        on_failure: What a failed preheat does: a non-finite loss, adapter or decomposition, a
+            preheat that saw no loss or learned nothing, or an exception (on any rank; every rank
+            then does the same). Either way the model is first restored bit for bit. ``"raise"``
+            re-raises; ``"continue"`` warns (each failing rank says why) and trains from the
+            untouched default init. An ``HRPConfigurationError``, a ``KeyboardInterrupt`` and a
+            SIGTERM always propagate.
         log_layer_metrics: Also log each layer's energy kept and leading singular value.
         track_subspace_drift: After every preheat step, log ``hrp/subspace_drift``: how far the top-r
             subspaces moved since the previous step (mean over layers of ``1 - ||V_t V_{t-1}^T||_F^2 / r``;
@@ -135,15 +165,28 @@ class HRPPreheatCallback(Callback):
         _check_choice("direction_scale", direction_scale, DirectionScale)
         _check_choice("svd_dtype", svd_dtype, SvdDtype)
         _check_choice("on_failure", on_failure, OnFailure)
-        if preheat_lr is not None and not (isinstance(preheat_lr, (int, float)) and math.isfinite(preheat_lr) and preheat_lr > 0):
+        _check_bool("log_layer_metrics", log_layer_metrics)
+        _check_bool("track_subspace_drift", track_subspace_drift)
+        if preheat_lr is not None and not (
+            isinstance(preheat_lr, (int, float)) and not isinstance(preheat_lr, bool) and math.isfinite(preheat_lr) and preheat_lr > 0
+        ):
             raise HRPConfigurationError(f"preheat_lr must be a positive number or None (the main optimizer's), got {preheat_lr!r}.")
-        if drift_tolerance is not None and not (isinstance(drift_tolerance, float) and 0 < drift_tolerance < 1):
-            raise HRPConfigurationError(f"drift_tolerance must be a float in (0, 1) or None, got {drift_tolerance!r}.")
+        if preheat_optimizer is not None and not callable(preheat_optimizer):
+            raise HRPConfigurationError(
+                f"preheat_optimizer must be a callable params -> Optimizer (e.g. functools.partial(torch.optim.SGD, "
+                f"lr=0.1)) or None, got {preheat_optimizer!r}."
+            )
         if preheat_lr is not None and preheat_optimizer is not None:
             raise HRPConfigurationError(
                 "Give either preheat_lr (for the default AdamW) or preheat_optimizer (which sets its own "
                 "learning rate), not both."
             )
+        if drift_tolerance is not None and not (isinstance(drift_tolerance, float) and 0 < drift_tolerance < 1):
+            raise HRPConfigurationError(f"drift_tolerance must be a float in (0, 1) or None, got {drift_tolerance!r}.")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+            raise HRPConfigurationError(f"seed must be an int in [0, 2**63) or None (seed_everything's), got {seed!r}.")
+        if adapter_name is not None and not isinstance(adapter_name, str):
+            raise HRPConfigurationError(f"adapter_name must be a str or None, got {adapter_name!r}.")
         self.preheat_rank = preheat_rank
         self.preheat_steps = preheat_steps
         self.mode = mode
@@ -159,21 +202,26 @@ class HRPPreheatCallback(Callback):
         self.track_subspace_drift = track_subspace_drift or drift_tolerance is not None
         self.drift_tolerance = drift_tolerance
         self.report: HRPReport | None = None
-        self._finished = False
+        # Preheating is done for this fit when it ran in it, or when the checkpoint it resumes says so.
+        self._preheated_in_this_fit = False
+        self._restored_as_preheated = False
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(adapter_name=self.adapter_name)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"preheat_finished": self._finished}
+        return {"preheat_finished": self._preheated_in_this_fit or self._restored_as_preheated}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._finished = state_dict["preheat_finished"]
+        self._restored_as_preheated = state_dict["preheat_finished"]
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        # A new fit: only a checkpoint restored after this point may say that preheating is done.
+        self._preheated_in_this_fit = self._restored_as_preheated = False
+        self.report = None
         if isinstance(trainer.strategy, DeepSpeedStrategy):
             raise HRPConfigurationError(
                 "HRPPreheatCallback does not support DeepSpeed: ZeRO partitions the LoRA weights outside "
@@ -186,42 +234,73 @@ class HRPPreheatCallback(Callback):
                 "training_step would step the main optimizer during preheating. Set "
                 "self.automatic_optimization = True or drop the callback."
             )
+        if is_param_in_hook_signature(pl_module.training_step, "dataloader_iter", explicit=True):
+            raise HRPConfigurationError(
+                "HRPPreheatCallback feeds training_step one batch at a time; a training_step(dataloader_iter) "
+                "would draw the main run's batches itself. Take (batch, batch_idx) or drop the callback."
+            )
+        if 0 <= trainer.max_steps < self.preheat_steps and not trainer.fast_dev_run:
+            rank_zero_warn(
+                f"max_steps={trainer.max_steps} is smaller than preheat_steps={self.preheat_steps}: preheating "
+                "takes more optimizer steps than the main run. Preheating is meant to be a few percent of the run."
+            )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._finished:
+        if self._restored_as_preheated:
             rank_zero_info("HRP: preheating already finished (restored from a checkpoint); not preheating again.")
             return
-        targets = find_lora_targets(pl_module, self.adapter_name)
-        self._check_targets(targets)
+        if trainer.global_step > 0:
+            raise HRPConfigurationError(
+                f"HRP would preheat at global_step={trainer.global_step} and overwrite adapters that have already "
+                "been trained: this fit resumes a checkpoint saved without HRP (ckpt_path), or continues a finished "
+                "fit. Resume without HRPPreheatCallback; or, if the checkpoint came from a run with HRP, give the "
+                "callback the same adapter_name as that run so its state is found."
+            )
+        all_targets = find_lora_targets(pl_module, self.adapter_name)
+        targets = [t for t in all_targets if t.trainable]
+        self._check_targets(all_targets, targets)
         if not trainer.optimizers:
             raise HRPConfigurationError("HRP found no optimizer: configure_optimizers must return the main optimizer.")
+        frozen = [t.name for t in all_targets if not t.trainable]
+        if frozen:
+            rank_zero_info(
+                f"HRP: {len(frozen)} of {len(all_targets)} LoRA layers have no trainable weight (e.g. {frozen[0]}) and "
+                "are left as they are; the trainable ones are preheated and initialised."
+            )
 
+        root = trainer.strategy.model
         # Whole copies, read through the strategy: under FSDP1 with use_orig_params=False the weights have
         # no valid local view outside summon_full_params.
-        originals = read_lora_weights(trainer.strategy.model, targets)
+        originals = read_lora_weights(root, targets)
         seed = self.seed if self.seed is not None else broadcast_int(torch.initial_seed() % 2**62)
         adapters = PreheatAdapters(targets, self.preheat_rank, self.mode, seed, device=trainer.strategy.root_device)
-        report = HRPReport(seed=seed)
+        report = HRPReport(seed=seed, frozen_layers=frozen)
         try:
-            self._preheat(trainer, pl_module, adapters, report)
-            self._initialise(trainer, targets, originals, adapters, report)
-        except BaseException as error:
-            write_lora_weights(trainer.strategy.model, targets, originals)
-            if not isinstance(error, Exception) or self.on_failure == "raise":
+            with restored_on_failure(root, targets, originals):
+                self._preheat(trainer, pl_module, adapters, report)
+                self._initialise(trainer, targets, originals, adapters, report)
+        except PreheatStopped as stop:
+            # SIGTERM reached some rank: every rank restored; now exit as Lightning does on SIGTERM.
+            raise SIGTERMException() from stop
+        except Exception as error:
+            if isinstance(error, (HRPConfigurationError, RestoreFailedError)) or self.on_failure == "raise":
                 raise
-            rank_zero_warn(
-                f"HRP preheating failed ({type(error).__name__}: {error}); the LoRA adapters keep their "
-                "untouched default init, as on_failure='continue' asks."
+            # Every rank gets here together; each says why in its own words (a rank that failed gives its
+            # reason, the others that another rank failed).
+            message = (
+                f"HRP preheating failed ({type(error).__name__}: {error}); the LoRA adapters keep their untouched "
+                "default init, as on_failure='continue' asks."
             )
+            warnings.warn(rank_prefixed_message(message, trainer.global_rank) if trainer.world_size > 1 else message, UserWarning)
         else:
             self.report = report
             self._log_summary(trainer, report)
-        self._finished = True
+        self._preheated_in_this_fit = True
 
-    def _check_targets(self, targets: list[LoraTarget]) -> None:
-        if not any(t.trainable for t in targets):
+    def _check_targets(self, all_targets: list[LoraTarget], targets: list[LoraTarget]) -> None:
+        if not targets:
             raise HRPConfigurationError(
-                f"Adapter {targets[0].adapter_name!r} has no trainable LoRA weight; HRP initialises adapters "
+                f"Adapter {all_targets[0].adapter_name!r} has no trainable LoRA weight; HRP initialises adapters "
                 "that will be trained. Make it trainable (peft's set_adapter, or requires_grad_(True))."
             )
         too_small = sorted({t.rank for t in targets if t.rank >= self.preheat_rank})
@@ -229,6 +308,14 @@ class HRPPreheatCallback(Callback):
             raise HRPConfigurationError(
                 f"preheat_rank={self.preheat_rank} must exceed the LoRA rank (found r={too_small}); "
                 f"preheating at rank 4r to 16r is typical, e.g. preheat_rank={4 * max(too_small)}."
+            )
+        too_narrow = [t for t in targets if t.rank > min(t.in_features, t.out_features)]
+        if too_narrow:
+            t = too_narrow[0]
+            raise HRPConfigurationError(
+                f"LoRA rank r={t.rank} exceeds min(in, out)={min(t.in_features, t.out_features)} of {t.name} "
+                f"({len(too_narrow)} such layer(s)): no r independent directions exist there for HRP to choose. "
+                "Lower r or leave the layer out of LoraConfig(target_modules=...)."
             )
         clamped = [t.name for t in targets if self.preheat_rank > min(t.in_features, t.out_features)]
         if clamped:
@@ -245,62 +332,67 @@ class HRPPreheatCallback(Callback):
     def _preheat(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, adapters: PreheatAdapters, report: HRPReport
     ) -> None:
-        params = adapters.trainable()
-        optimizer = self._make_optimizer(trainer, params)
-        batches = _preheat_batches(trainer, pl_module, self.preheat_steps * trainer.accumulate_grad_batches)
+        optimizer = self._make_optimizer(trainer, adapters.trainable())
+        data = MainRunBatches(trainer)
+        needed = self.preheat_steps * trainer.accumulate_grad_batches
+        if data.per_pass < needed:
+            rank_zero_warn(
+                f"The main run sees {data.per_pass} training batches per epoch but preheating needs {needed} "
+                "(preheat_steps x accumulate_grad_batches); they are cycled."
+            )
+        batches = iter(data)
+
+        def fetch() -> tuple[Any, int]:
+            batch, batch_idx = next(batches)
+            return batch_to_device(trainer, batch), batch_idx
+
+        def loss(batch: Any, batch_idx: int) -> Tensor | None:
+            if batch is None:  # Lightning's loop skips a None batch too
+                return None
+            return loss_of(training_step(trainer, batch, batch_idx), "HRP")
+
         show_progress = trainer.is_global_zero and trainer.progress_bar_callback is not None
         start = time.perf_counter()
-        directions: list[Tensor] | None = None
-        with closing(batches), _isolated_from_main_run(trainer, pl_module), adapters.attached(), tqdm(
+        with closing(data), isolated_from_main_run(trainer, pl_module), tqdm(
             total=self.preheat_steps, desc="HRP preheat", disable=not show_progress, leave=False, dynamic_ncols=True
         ) as progress:
-            for step in range(self.preheat_steps):
-                step_loss: list[Tensor] = []
 
-                def closure() -> Tensor | None:
-                    loss = _accumulate_gradients(trainer, optimizer, batches, trainer.accumulate_grad_batches)
-                    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-                    for p, grad in zip(params, grads):
-                        p.grad = grad
-                    loss_buffer = torch.stack([loss.to(grads[0]) if loss is not None else grads[0].new_tensor(0.0)])
-                    all_reduce_mean_([*grads, loss_buffer])
-                    step_loss.append(loss_buffer[0])
-                    return loss_buffer[0]
-
-                trainer.strategy.optimizer_step(optimizer, closure=closure, model=pl_module)
-                optimizer.zero_grad(set_to_none=True)
-                # The main run's trainable weights got gradients too; they must not leak into its first step.
-                pl_module.zero_grad(set_to_none=True)
-                loss = float(step_loss[0])
-                if not math.isfinite(loss):
-                    raise PreheatFailedError(f"the preheat loss is {loss} at preheat step {step}.")
-                report.preheat_losses.append(loss)
-                metrics = {"hrp/preheat_loss": loss}
-                if self.track_subspace_drift:
-                    previous, directions = directions, _top_directions(adapters)
-                    if previous is not None:
-                        drift = sum(map(subspace_drift, previous, directions)) / len(directions)
-                        report.subspace_drift.append(drift)
-                        metrics["hrp/subspace_drift"] = drift
-                _log(trainer, metrics, step=step)
+            def on_step(step: int, loss: float, drift: float | None) -> None:
+                # Here rather than before the loop: the loop agrees on an error raised here (rank 0 logs alone).
+                if step == 0:
+                    define_preheat_step_axis(trainer, _PER_STEP_METRICS)
+                metrics: dict[str, float] = {PREHEAT_STEP: step}
+                if not math.isnan(loss):  # a step whose batches were all skipped has no loss
+                    metrics["hrp/preheat_loss"] = loss
+                    progress.set_postfix(loss=f"{loss:.4g}")
+                if drift is not None:
+                    metrics["hrp/subspace_drift"] = drift
+                log_metrics(trainer, metrics, step=trainer.global_step)
                 progress.update(1)
-                progress.set_postfix(loss=f"{loss:.4g}")
-                settled = (
-                    self.drift_tolerance is not None
-                    and bool(report.subspace_drift)
-                    and report.subspace_drift[-1] < self.drift_tolerance
-                )
-                # Each rank computes its own drift; should two ever round it differently, a rank stopping
-                # alone would hang the others' next all-reduce, so rank 0 decides for all.
-                if self.drift_tolerance is not None and broadcast_int(int(settled)):
-                    rank_zero_info(
-                        f"HRP: the top-r subspaces moved {report.subspace_drift[-1]:.2e} < drift_tolerance="
-                        f"{self.drift_tolerance} at preheat step {step + 1}; preheating stops early."
-                    )
-                    break
-        if not adapters.all_finite():
-            raise PreheatFailedError("a preheat adapter holds NaN or Inf after preheating.")
+
+            history = run_preheat(
+                adapters,
+                optimizer,
+                BatchSteps(fetch=fetch, loss=loss, backward=lambda value: trainer.strategy.backward(value, optimizer)),
+                trainer.strategy.model,
+                steps=self.preheat_steps,
+                accumulate=trainer.accumulate_grad_batches,
+                optimizer_step=lambda opt, closure: trainer.strategy.optimizer_step(opt, closure=closure, model=pl_module),
+                collective_model=_forward_communicates(trainer),
+                stop_requested=lambda: trainer.received_sigterm,
+                track_drift=self.track_subspace_drift,
+                drift_tolerance=self.drift_tolerance,
+                on_step=on_step,
+            )
+        report.preheat_losses = history.losses
+        report.subspace_drift = history.subspace_drift
+        report.skipped_batches = history.skipped_batches
         report.preheat_seconds = time.perf_counter() - start
+        if len(history.losses) < self.preheat_steps:
+            rank_zero_info(
+                f"HRP: the top-r subspaces moved {history.subspace_drift[-1]:.2e} < drift_tolerance="
+                f"{self.drift_tolerance} at preheat step {len(history.losses)}; preheating stopped early."
+            )
 
     def _make_optimizer(self, trainer: pl.Trainer, params: list[Tensor]) -> Optimizer:
         if self.preheat_optimizer is not None:
@@ -312,7 +404,6 @@ class HRPPreheatCallback(Callback):
             lr = group.get("initial_lr", group["lr"])
         return AdamW(params, lr=lr, weight_decay=0.0)
 
-    @torch.no_grad()
     def _initialise(
         self,
         trainer: pl.Trainer,
@@ -322,23 +413,15 @@ class HRPPreheatCallback(Callback):
         report: HRPReport,
     ) -> None:
         start = time.perf_counter()
-        svds = shared_svd_of_products(
-            adapters.products(), [t.rank for t in targets], dtype=getattr(torch, self.svd_dtype)
+        result = decompose_and_initialise(
+            trainer.strategy.model,
+            targets,
+            adapters,
+            originals,
+            rule=self.init_rule,
+            scale=self.direction_scale,
+            dtype=getattr(torch, self.svd_dtype),
         )
-        if not all(bool(torch.isfinite(s.S).all() and torch.isfinite(s.Vh).all()) for s in svds):
-            raise PreheatFailedError("the decomposition of a preheated update holds NaN or Inf.")
-        new_weights = [
-            new_adapter_weights(
-                svd,
-                rule=self.init_rule,
-                scale=self.direction_scale,
-                current_A=current_A,
-                preheat_scaling=preheat_scaling,
-                scaling=target.scaling,
-            )
-            for target, svd, preheat_scaling, (current_A, _) in zip(targets, svds, adapters.scalings, originals)
-        ]
-        write_lora_weights(trainer.strategy.model, targets, new_weights)
         report.decompose_seconds = time.perf_counter() - start
         report.layers = [
             LayerDiagnostics(
@@ -348,18 +431,31 @@ class HRPPreheatCallback(Callback):
                 singular_values=s.S.tolist(),
                 energy_kept=energy_kept(s.S, t.rank),
             )
-            for t, s, preheat_rank in zip(targets, svds, adapters.ranks)
+            for t, s, preheat_rank in zip(targets, result.svds, adapters.ranks)
         ]
-        weak = [d.name for d in report.layers if not d.singular_values[d.rank - 1] > 1e-6 * d.singular_values[0]]
-        if weak:
+        report.learned_nothing = [t.name for t in result.learned_nothing]
+        if result.learned_nothing:
             rank_zero_warn(
-                f"The preheated update of {len(weak)} layer(s) (e.g. {weak[0]}) has rank below the LoRA rank, so "
-                "some of their directions come from the preheat adapter's random start. More preheat_steps "
-                "or a higher learning rate give preheating more to go on."
+                f"The preheated update of {len(result.learned_nothing)} of {len(targets)} layer(s) (e.g. "
+                f"{result.learned_nothing[0].name}) is exactly zero: the loss has no gradient through them. They keep "
+                "their current init; the other layers start from HRP."
+            )
+        if result.weak and self.init_rule == "direction":
+            rank_zero_warn(
+                f"The preheated update of {len(result.weak)} layer(s) (e.g. {result.weak[0].name}) has rank below the "
+                "LoRA rank, so some of their directions come from the preheat adapter's random start. More "
+                "preheat_steps or a higher learning rate give preheating more to go on."
+            )
+        elif result.weak:
+            rank_zero_warn(
+                f"The preheated update of {len(result.weak)} layer(s) (e.g. {result.weak[0].name}) has rank below the "
+                "LoRA rank: with init_rule='keep_progress' their directions beyond that rank start at zero in both A "
+                "and B and get no gradient in the main run. Use init_rule='direction', or more preheat_steps."
             )
 
     def _log_summary(self, trainer: pl.Trainer, report: HRPReport) -> None:
-        energies = [d.energy_kept for d in report.layers]
+        learned = [d for d in report.layers if d.name not in set(report.learned_nothing)]
+        energies = [d.energy_kept for d in learned]
         metrics = {
             "hrp/preheat_seconds": report.preheat_seconds,
             "hrp/decompose_seconds": report.decompose_seconds,
@@ -367,20 +463,28 @@ class HRPPreheatCallback(Callback):
             "hrp/energy_kept_min": min(energies),
         }
         if self.log_layer_metrics:
-            for d in report.layers:
-                metrics[f"hrp/energy_kept/{d.name}"] = d.energy_kept
-                metrics[f"hrp/sigma_1/{d.name}"] = d.singular_values[0]
-        _log(trainer, metrics, step=trainer.global_step)
+            for d, name in zip(report.layers, metric_layer_names([d.name for d in report.layers])):
+                metrics[f"hrp/energy_kept/{name}"] = d.energy_kept
+                metrics[f"hrp/sigma_1/{name}"] = d.singular_values[0]
+        log_metrics(trainer, metrics, step=trainer.global_step)
         rank_zero_info(
-            f"HRP: preheated {len(report.layers)} LoRA layers for {self.preheat_steps} steps in "
+            f"HRP: preheated {len(report.layers)} LoRA layers for {len(report.preheat_losses)} steps in "
             f"{report.preheat_seconds:.2f} s (decomposition {report.decompose_seconds:.3f} s); the top r "
             f"directions keep {metrics['hrp/energy_kept_mean']:.1%} of the preheated update's energy on average."
         )
 
 
-def _top_directions(adapters: PreheatAdapters) -> list[Tensor]:
-    tops = [target.rank for target in adapters.targets]
-    return [svd.Vh for svd in svd_of_products(adapters.products(), tops)]
+def _forward_communicates(trainer: pl.Trainer) -> bool:
+    """Whether a preheat forward/backward of this model issues collectives (FSDP, SyncBatchNorm).
+
+    DDP's own collectives do not count: the preheat forward runs outside its wrapper.
+    """
+    strategy = trainer.strategy
+    if not isinstance(strategy, ParallelStrategy):
+        return False
+    if any(isinstance(m, nn.SyncBatchNorm) for m in strategy.model.modules()):
+        return True
+    return not isinstance(strategy.model, DistributedDataParallel)
 
 
 def _check_positive_int(name: str, value: Any, minimum: int) -> None:
@@ -388,90 +492,11 @@ def _check_positive_int(name: str, value: Any, minimum: int) -> None:
         raise HRPConfigurationError(f"{name} must be an integer >= {minimum}, got {value!r}.")
 
 
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise HRPConfigurationError(f"{name} must be True or False, got {value!r}.")
+
+
 def _check_choice(name: str, value: Any, choices: Any) -> None:
     if value not in get_args(choices):
         raise HRPConfigurationError(f"{name} must be one of {list(get_args(choices))}, got {value!r}.")
-
-
-def _log(trainer: pl.Trainer, metrics: Mapping[str, float], step: int) -> None:
-    if trainer.is_global_zero:
-        for logger in trainer.loggers:
-            logger.log_metrics(dict(metrics), step=step)
-
-
-def _preheat_batches(trainer: pl.Trainer, pl_module: pl.LightningModule, needed: int) -> Iterator[tuple[Any, int]]:
-    """``(batch, batch_idx)`` on the device from a fresh pass over the train dataloader, cycled if short.
-
-    A fresh iterator leaves the main loop's own iteration untouched.
-    """
-    loaders = trainer.train_dataloader
-    if loaders is None:
-        raise HRPConfigurationError("HRP needs a train dataloader to preheat on; none is set for this fit.")
-    batch_idx = 0
-    while True:
-        produced = 0
-        for batch, _, dataloader_idx in CombinedLoader(loaders, "max_size_cycle"):
-            batch = trainer.precision_plugin.convert_input(batch)
-            batch = pl_module._on_before_batch_transfer(batch, dataloader_idx=dataloader_idx)
-            batch = call._call_strategy_hook(trainer, "batch_to_device", batch, dataloader_idx=dataloader_idx)
-            yield batch, batch_idx
-            batch_idx += 1
-            produced += 1
-        if produced == 0:
-            raise HRPConfigurationError("The train dataloader is empty; HRP has nothing to preheat on.")
-        if batch_idx == produced and produced < needed:
-            rank_zero_warn(
-                f"The train dataloader has {produced} batches but preheating needs {needed} "
-                "(preheat_steps x accumulate_grad_batches); it is cycled."
-            )
-
-
-def _accumulate_gradients(
-    trainer: pl.Trainer, optimizer: Optimizer, batches: Iterator[tuple[Any, int]], accumulate: int
-) -> Tensor | None:
-    """Forward and backward ``accumulate`` batches through the strategy; the mean loss, or None if all skipped."""
-    total: Tensor | None = None
-    for _ in range(accumulate):
-        batch, batch_idx = next(batches)
-        output = call._call_strategy_hook(trainer, "training_step", batch, batch_idx)
-        loss = _loss_of(output)
-        if loss is None:
-            continue
-        loss = loss / accumulate
-        trainer.strategy.backward(loss, optimizer)
-        total = loss.detach() if total is None else total + loss.detach()
-    return total
-
-
-def _loss_of(output: Any) -> Tensor | None:
-    if output is None or isinstance(output, Tensor):
-        return output
-    if isinstance(output, Mapping) and "loss" in output:
-        return output["loss"]
-    raise HRPConfigurationError(
-        f"training_step returned {type(output).__name__}; HRP preheats on its loss, so it must return the loss "
-        "tensor, a dict with key 'loss', or None to skip the batch."
-    )
-
-
-@contextmanager
-def _isolated_from_main_run(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iterator[None]:
-    """Leave no trace of preheating in the main run's metrics, RNG, grad scaler or gradients."""
-    epoch_loop = trainer.fit_loop.epoch_loop
-    main_results = epoch_loop._results
-    # What training_step logs with self.log during preheating goes to a throwaway collection.
-    epoch_loop._results = _ResultCollection(training=True)
-    # MixedPrecision and FSDPPrecision hold a GradScaler (for 16-mixed), whose scale preheating adjusts.
-    scaler = getattr(trainer.precision_plugin, "scaler", None)
-    scaler_state = scaler.state_dict() if scaler is not None else None
-    python_rng = random.getstate()
-    cuda_devices = [pl_module.device] if pl_module.device.type == "cuda" else []
-    try:
-        with torch.random.fork_rng(devices=cuda_devices):
-            yield
-    finally:
-        epoch_loop._results = main_results
-        if scaler is not None:
-            scaler.load_state_dict(scaler_state)
-        random.setstate(python_rng)
-        pl_module.zero_grad(set_to_none=True)

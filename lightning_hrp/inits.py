@@ -46,7 +46,6 @@ happen to a wrapped model). None falls back to another init: a failure raises.
 from __future__ import annotations
 
 import logging
-import random
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -55,15 +54,21 @@ from enum import Enum
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
-from lightning.pytorch.trainer import call
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from peft import PeftModel
 from torch import Tensor, nn
 
+from lightning_hrp._lightning import (
+    batch_to_device,
+    generators_restored,
+    isolated_from_main_run,
+    loss_of,
+    train_dataloader_at_setup,
+    training_step,
+)
 from lightning_hrp.callback import HRPPreheatCallback
 from lightning_hrp.engine.baselines import lora_one_init, oracle_direction_init
 from lightning_hrp.engine.distributed import all_reduce_mean_
@@ -289,7 +294,7 @@ class _GradientInit(SetupTimeInit):
         with _only_trainable(pl_module, weights), torch.enable_grad():
             count = 0
             for batch_idx, batch in enumerate(_training_batches(trainer, pl_module, self.gradient_batches)):
-                loss = _loss_of(call._call_strategy_hook(trainer, "training_step", batch, batch_idx), self.method)
+                loss = loss_of(training_step(trainer, batch, batch_idx), self.method.value)
                 if loss is None:
                     continue
                 loss.backward()
@@ -473,7 +478,7 @@ class EvaInit(SetupTimeInit):
                 "eva needs the adapter built with LoraConfig(init_lora_weights='eva', eva_config=EvaConfig(rho=1.0)) "
                 "(rho = 1 keeps every adapter's shape); build it through lightning_hrp.inits.LoraInit."
             )
-        loader = _train_dataloader(trainer)
+        loader = train_dataloader_at_setup(trainer)
         shapes = [(tuple(t.lora_A.shape), tuple(t.lora_B.shape)) for t in targets]
         batches_seen = [0]
 
@@ -484,19 +489,20 @@ class EvaInit(SetupTimeInit):
                     f"{self.tau}) within max_batches={self.max_batches}; lower tau or raise max_batches."
                 )
             batches_seen[0] += 1
-            batch = _to_module(trainer, pl_module, batch)
-            call._call_strategy_hook(trainer, "training_step", batch, batches_seen[0] - 1)
+            batch = batch_to_device(trainer, batch, device=pl_module.device)
+            training_step(trainer, batch, batches_seen[0] - 1)
 
         try:
-            state = get_eva_state_dict(
-                peft_model,
-                dataloader=loader,
-                forward_fn=forward,
-                prepare_model_inputs_fn=_token_mask,
-                prepare_layer_inputs_fn=_layer_input_rows,
-                adapter_name=adapter,
-                show_progress_bar=False,
-            )
+            with generators_restored([loader]):
+                state = get_eva_state_dict(
+                    peft_model,
+                    dataloader=loader,
+                    forward_fn=forward,
+                    prepare_model_inputs_fn=_token_mask,
+                    prepare_layer_inputs_fn=_layer_input_rows,
+                    adapter_name=adapter,
+                    show_progress_bar=False,
+                )
         except BaseException:
             _remove_eva_hooks(peft_model)  # peft leaves its hooks on the layers when interrupted
             raise
@@ -656,42 +662,24 @@ def _the_peft_model(pl_module: pl.LightningModule) -> PeftModel:
     return models[0]
 
 
-def _train_dataloader(trainer: pl.Trainer) -> Any:
-    loader = trainer.fit_loop._data_source.dataloader()
-    if loader is None:
-        raise HRPConfigurationError("A data-driven init needs a train dataloader; this fit has none.")
-    return loader
-
-
-def _to_module(trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> Any:
-    batch = trainer.precision_plugin.convert_input(batch)
-    batch = pl_module._on_before_batch_transfer(batch, dataloader_idx=0)
-    return pl_module._apply_batch_transfer_handler(batch, device=pl_module.device, dataloader_idx=0)
-
-
 def _training_batches(trainer: pl.Trainer, pl_module: pl.LightningModule, count: int) -> Iterator[Any]:
-    """Up to ``count`` batches of a fresh pass over the train dataloader, on the module's device."""
+    """Up to ``count`` batches of a fresh pass over the train dataloader, on the module's device.
+
+    The loader's shuffling generators get their state back afterwards, so the main run's data
+    order is the one it would have had without the init.
+    """
+    loader = train_dataloader_at_setup(trainer)
     produced = 0
-    for batch in _train_dataloader(trainer):
-        if produced == count:
-            return
-        yield _to_module(trainer, pl_module, batch)
-        produced += 1
+    with generators_restored([loader]):
+        for batch in loader:
+            if produced == count:
+                return
+            yield batch_to_device(trainer, batch, device=pl_module.device)
+            produced += 1
     if produced == 0:
         raise HRPConfigurationError("The train dataloader is empty; a data-driven init has nothing to work on.")
     if produced < count:
         rank_zero_info(f"The train dataloader has {produced} batches, fewer than the {count} asked for; all are used.")
-
-
-def _loss_of(output: Any, method: InitMethod) -> Tensor | None:
-    if output is None or isinstance(output, Tensor):
-        return output
-    if isinstance(output, Mapping) and "loss" in output:
-        return output["loss"]
-    raise HRPConfigurationError(
-        f"{method.value}: training_step returned {type(output).__name__}; it must return the loss, a dict with "
-        "'loss', or None."
-    )
 
 
 @contextmanager
@@ -711,23 +699,17 @@ def _only_trainable(module: nn.Module, params: Sequence[Tensor]) -> Iterator[Non
 
 @contextmanager
 def _init_context(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iterator[None]:
-    """Compute on the strategy's device where it is safe to move the whole model there; leave no RNG trace."""
+    """Compute on the strategy's device where it is safe to move the whole model there, in training mode; leave no trace."""
     if isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy)):
         # The strategy moves the module to this device right after setup anyway.
         pl_module.to(trainer.strategy.root_device)
-    python_state = random.getstate()
-    numpy_state = np.random.get_state()
-    devices = [pl_module.device] if pl_module.device.type == "cuda" else []
     training = pl_module.training
     pl_module.train()
     try:
-        with torch.random.fork_rng(devices=devices):
+        with isolated_from_main_run(trainer, pl_module):
             yield
     finally:
-        random.setstate(python_state)
-        np.random.set_state(numpy_state)
         pl_module.train(training)
-        pl_module.zero_grad(set_to_none=True)
 
 
 def _remove_eva_hooks(model: nn.Module) -> None:

@@ -1,21 +1,32 @@
 """HRPPreheatCallback through a real Trainer on real peft models."""
 
+import csv
 import math
+import os
+import random
+import signal
+import struct
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
-from peft import LoraConfig
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.utilities import CombinedLoader
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_hrp import HRPConfigurationError, HRPPreheatCallback, PreheatFailedError
 from lightning_hrp.demos import FactorisationToy
-from modules import TinyCausalLM, tiny_llama, all_weights, assert_bitwise_equal, lora_weights
+from lightning_hrp.engine import distributed
+from modules import TinyCausalLM, tiny_llama, all_weights, assert_bitwise_equal, lora_weights, token_dataset
 
 
 def make_trainer(**overrides) -> pl.Trainer:
@@ -448,3 +459,514 @@ def test_subspace_drift_is_tracked_and_can_stop_preheating_early():
     first_below = next(i for i, d in enumerate(drift) if d < tolerance)
     assert len(stopping.report.preheat_losses) == first_below + 2
     assert stopping.report.subspace_drift == drift[: first_below + 1]
+
+
+# --- the edges of real runs (issue 9) ---------------------------------------------------------------
+
+
+class RecordsMainBatches(TinyCausalLM):
+    """Records, apart from every batch ``training_step`` sees, the batches the main run's loop starts."""
+
+    def __init__(self, loader_kwargs: dict | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.loader_kwargs = loader_kwargs or {}
+        self.main_batches: list[torch.Tensor] = []
+
+    def on_train_batch_start(self, batch, batch_idx):
+        self.main_batches.append(batch[0].clone())
+
+    def train_dataloader(self) -> DataLoader:
+        data = token_dataset(self.hparams.dataset_size)
+        return DataLoader(data, batch_size=self.hparams.batch_size, shuffle=self.hparams.shuffle, **self.loader_kwargs)
+
+
+@pytest.mark.parametrize(
+    "loader_kwargs",
+    [
+        pytest.param(lambda: dict(num_workers=1, persistent_workers=True), id="persistent_workers"),
+        pytest.param(lambda: dict(generator=torch.Generator().manual_seed(3)), id="loader_generator"),
+    ],
+)
+def test_the_main_run_sees_the_batches_it_sees_without_hrp(loader_kwargs):
+    def main_batches(with_hrp: bool) -> list[torch.Tensor]:
+        pl.seed_everything(0)
+        module = RecordsMainBatches(loader_kwargs(), shuffle=True)
+        callbacks = [HRPPreheatCallback(8, 5)] if with_hrp else []
+        make_trainer(callbacks=callbacks, max_steps=-1, max_epochs=2).fit(module)
+        return module.main_batches
+
+    plain, with_hrp = main_batches(False), main_batches(True)
+    assert len(plain) == len(with_hrp) == 2 * 8
+    assert all(torch.equal(a, b) for a, b in zip(plain, with_hrp))
+
+
+class DrawsRandomNumbers(TinyCausalLM):
+    """Draws from every RNG in training_step (augmentation-style) and records draws at each main batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.main_draws: list[tuple[float, float, float]] = []
+
+    def training_step(self, batch, batch_idx):
+        np.random.rand(), random.random(), torch.rand(1)
+        return super().training_step(batch, batch_idx)
+
+    def on_train_batch_start(self, batch, batch_idx):
+        self.main_draws.append((float(np.random.rand()), random.random(), float(torch.rand(1))))
+
+
+def test_preheating_leaves_every_rng_of_the_main_run_alone():
+    def main_draws(with_hrp: bool) -> list[tuple[float, float, float]]:
+        pl.seed_everything(0)
+        module = DrawsRandomNumbers()
+        make_trainer(callbacks=[HRPPreheatCallback(8, 3)] if with_hrp else [], max_steps=3).fit(module)
+        return module.main_draws
+
+    assert main_draws(True) == main_draws(False)
+
+
+class CombinedMinSize(TinyCausalLM):
+    """Two loaders in a min_size CombinedLoader: the main run sees 3 batches of the long one per epoch."""
+
+    def train_dataloader(self):
+        long, short = token_dataset(64), token_dataset(24, seed=2)
+        return CombinedLoader({"long": DataLoader(long, batch_size=8), "short": DataLoader(short, batch_size=8)}, "min_size")
+
+    def training_step(self, batch, batch_idx):
+        return super().training_step(batch["long"], batch_idx)
+
+
+class CombinedSequential(CombinedMinSize):
+    def train_dataloader(self):
+        loader = super().train_dataloader()
+        return CombinedLoader(loader.iterables, "sequential")
+
+
+PREHEAT_BATCHES = 5
+
+
+@pytest.mark.parametrize(
+    ("trainer_kwargs", "module", "per_epoch"),
+    [
+        (dict(limit_train_batches=3), lambda: TinyCausalLM(), 3),
+        (dict(limit_train_batches=0.25), lambda: TinyCausalLM(), 2),
+        (dict(overfit_batches=2), lambda: TinyCausalLM(shuffle=True), 2),
+        (dict(fast_dev_run=2), lambda: TinyCausalLM(), 2),
+        (dict(), lambda: CombinedMinSize(), 3),
+    ],
+    ids=["limit_int", "limit_fraction", "overfit_batches", "fast_dev_run", "combined_min_size"],
+)
+def test_preheating_reads_exactly_the_batches_the_main_run_sees_cycled(trainer_kwargs, module, per_epoch):
+    pl.seed_everything(0)
+    module = module()
+    make_trainer(callbacks=[HRPPreheatCallback(8, PREHEAT_BATCHES)], max_steps=per_epoch, **trainer_kwargs).fit(module)
+    preheat, main = module.seen_batches[:PREHEAT_BATCHES], module.seen_batches[PREHEAT_BATCHES:]
+    assert len(main) == per_epoch
+    assert all(torch.equal(batch, main[i % per_epoch]) for i, batch in enumerate(preheat))
+
+
+def test_a_sequential_combined_loader_is_refused_before_anything_changes():
+    pl.seed_everything(0)
+    module = CombinedSequential()
+    before = all_weights(module)
+    with pytest.raises(HRPConfigurationError, match="sequential"):
+        make_trainer(callbacks=[HRPPreheatCallback(8, 2)]).fit(module)
+    assert_bitwise_equal(before, all_weights(module))
+
+
+def test_a_reused_callback_preheats_again_in_a_new_fit():
+    hrp = HRPPreheatCallback(8, 2)
+    pl.seed_everything(0)
+    make_trainer(callbacks=[hrp], max_steps=1).fit(TinyCausalLM())
+    first_report = hrp.report
+
+    pl.seed_everything(1)
+    module = TinyCausalLM()
+    before = lora_weights(module)
+    probe = WeightsAtTrainStart()
+    make_trainer(callbacks=[hrp, probe], max_steps=1).fit(module)
+    assert hrp.report is not None and hrp.report is not first_report
+    assert any(not torch.equal(before[n], probe.lora[n]) for n in before if "lora_A" in n)
+
+
+def test_resuming_a_checkpoint_saved_without_hrp_is_refused_and_keeps_its_adapters(tmp_path):
+    pl.seed_everything(0)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1)
+    make_trainer(callbacks=[checkpoint], max_steps=2, enable_checkpointing=True).fit(TinyCausalLM())
+    ckpt_path = tmp_path / "epoch=0-step=2.ckpt"
+    trained = {k: v for k, v in torch.load(ckpt_path, weights_only=False)["state_dict"].items() if "lora_" in k}
+
+    module = TinyCausalLM()
+    with pytest.raises(HRPConfigurationError, match="global_step=2"):
+        make_trainer(callbacks=[HRPPreheatCallback(8, 2)], max_steps=4).fit(module, ckpt_path=ckpt_path)
+    assert_bitwise_equal(trained, {k: v for k, v in all_weights(module).items() if "lora_" in k})
+
+
+class QueryAdaptersFrozen(TinyCausalLM):
+    def __init__(self):
+        super().__init__()
+        for name, p in self.named_parameters():
+            if "q_proj.lora_" in name:
+                p.requires_grad_(False)
+
+
+def test_only_trainable_adapters_are_initialised_and_the_frozen_ones_are_counted():
+    pl.seed_everything(0)
+    module = QueryAdaptersFrozen()
+    before = lora_weights(module)
+    probe = WeightsAtTrainStart()
+    hrp = HRPPreheatCallback(8, 2)
+    make_trainer(callbacks=[hrp, probe], max_steps=1).fit(module)
+    frozen = {n for n in before if "q_proj.lora_" in n}
+    assert len(frozen) == 4  # A and B of q_proj in both decoder layers
+    assert_bitwise_equal({n: before[n] for n in frozen}, {n: probe.lora[n] for n in frozen})
+    assert all(not torch.equal(before[n], probe.lora[n]) for n in before if "lora_A" in n and n not in frozen)
+    assert len(hrp.report.frozen_layers) == 2 and all("q_proj" in name for name in hrp.report.frozen_layers)
+    assert len(hrp.report.layers) == 12
+
+
+class GradientHooks(Callback):
+    """Counts the gradients computed for the main run's trainable parameters, during preheating and after."""
+
+    def __init__(self):
+        self.computed: list[str] = []
+        self.during_preheating: list[str] | None = None
+
+    def on_fit_start(self, trainer, pl_module):
+        self.flags = {n: p.requires_grad for n, p in pl_module.named_parameters()}
+        for name, p in pl_module.named_parameters():
+            if p.requires_grad:
+                p.register_hook(lambda grad, name=name: self.computed.append(name))
+
+
+class PreheatingEnded(Callback):
+    def __init__(self, hooks: GradientHooks):
+        self.hooks = hooks
+
+    def on_train_start(self, trainer, pl_module):
+        self.hooks.during_preheating = list(self.hooks.computed)
+        self.flags = {n: p.requires_grad for n, p in pl_module.named_parameters()}
+
+
+def test_preheating_computes_no_gradient_for_the_main_runs_parameters():
+    pl.seed_everything(0)
+    module = QueryAdaptersFrozen()
+    hooks = GradientHooks()
+    ended = PreheatingEnded(hooks)
+    make_trainer(callbacks=[hooks, HRPPreheatCallback(8, 3), ended], max_steps=1).fit(module)
+    assert hooks.during_preheating == []
+    assert len(hooks.computed) == 24  # the main step's backward reached every trainable LoRA weight
+    assert ended.flags == hooks.flags  # requires_grad restored exactly, frozen adapters included
+
+
+def test_a_failed_preheat_restores_requires_grad_exactly():
+    pl.seed_everything(0)
+    module = FailsDuringPreheat("error")
+    module.model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.requires_grad_(False)
+    flags = {n: p.requires_grad for n, p in module.named_parameters()}
+    with pytest.raises(RuntimeError, match="boom"):
+        make_trainer(callbacks=[HRPPreheatCallback(8, 4)]).fit(module)
+    assert flags == {n: p.requires_grad for n, p in module.named_parameters()}
+
+
+class ZeroGradient(TinyCausalLM):
+    """The loss depends on the adapters with an exactly zero gradient: preheating learns nothing."""
+
+    def training_step(self, batch, batch_idx):
+        return super().training_step(batch, batch_idx) * 0.0
+
+
+class LossWithoutAdapters(TinyCausalLM):
+    """The loss depends on a parameter of the main run only, not on any LoRA layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.offset = torch.nn.Parameter(torch.zeros(()))
+
+    def training_step(self, batch, batch_idx):
+        return super().training_step(batch, batch_idx).detach() + self.offset
+
+
+@pytest.mark.parametrize(("module_class", "message"), [(ZeroGradient, "learned nothing"), (LossWithoutAdapters, "does not depend")])
+@pytest.mark.parametrize("init_rule", ["keep_progress", "direction"])
+def test_a_preheat_that_learns_nothing_has_failed(module_class, message, init_rule):
+    pl.seed_everything(0)
+    module = module_class()
+    before = lora_weights(module)
+    with pytest.raises(PreheatFailedError, match=message):
+        make_trainer(callbacks=[HRPPreheatCallback(8, 2, init_rule=init_rule)], max_steps=1).fit(module)
+    assert_bitwise_equal(before, lora_weights(module))
+
+    pl.seed_everything(0)
+    module = module_class()
+    probe = WeightsAtTrainStart()
+    with pytest.warns(UserWarning, match="on_failure='continue'"):
+        make_trainer(callbacks=[HRPPreheatCallback(8, 2, init_rule=init_rule, on_failure="continue"), probe], max_steps=1).fit(module)
+    assert_bitwise_equal(before, probe.lora)  # the default init, not a dead A = 0, B = 0
+
+
+class _HalfUsed(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.used, self.unused = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.used(x) + 0.0 * self.unused(x)
+
+
+class OneLayerUnused(pl.LightningModule):
+    """LoRA on two layers, one of which the loss has no gradient through."""
+
+    def __init__(self):
+        super().__init__()
+        self.model = get_peft_model(_HalfUsed(), LoraConfig(r=2, lora_alpha=4, target_modules=["used", "unused"]))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.model(x), y)
+
+    def train_dataloader(self):
+        generator = torch.Generator().manual_seed(0)
+        return DataLoader(TensorDataset(torch.randn(32, 8, generator=generator), torch.randn(32, 8, generator=generator)), batch_size=8)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-2)
+
+
+class LoraAtTrainStart(Callback):
+    def on_train_start(self, trainer, pl_module):
+        self.lora = lora_weights(pl_module)
+
+
+def test_a_layer_that_learned_nothing_keeps_its_init_and_is_named():
+    pl.seed_everything(0)
+    module = OneLayerUnused()
+    before = lora_weights(module)
+    probe = LoraAtTrainStart()
+    hrp = HRPPreheatCallback(8, 3, init_rule="keep_progress")
+    with pytest.warns(UserWarning, match="exactly zero"):
+        make_trainer(callbacks=[hrp, probe], max_steps=1).fit(module)
+    unused = {n for n in before if ".unused." in n}
+    assert len(unused) == 2
+    assert_bitwise_equal({n: before[n] for n in unused}, {n: probe.lora[n] for n in unused})
+    assert all(not torch.equal(before[n], probe.lora[n]) for n in before if n not in unused)
+    assert [name.rsplit(".", 1)[-1] for name in hrp.report.learned_nothing] == ["unused"]
+
+
+class WithBatchNorm(OneLayerUnused):
+    def __init__(self):
+        pl.LightningModule.__init__(self)
+        network = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.BatchNorm1d(8))
+        self.model = get_peft_model(network, LoraConfig(r=2, lora_alpha=4, target_modules=["0"]))
+
+
+class BuffersAtTrainStart(Callback):
+    def on_train_start(self, trainer, pl_module):
+        self.buffers = {name: b.clone() for name, b in pl_module.named_buffers()}
+
+
+def test_preheat_forwards_leave_the_main_runs_buffers_alone():
+    pl.seed_everything(0)
+    module = WithBatchNorm()
+    before = {name: b.clone() for name, b in module.named_buffers()}
+    probe = BuffersAtTrainStart()
+    make_trainer(callbacks=[HRPPreheatCallback(4, 3), probe], max_steps=1).fit(module)
+    assert_bitwise_equal(before, probe.buffers)  # BatchNorm's running statistics included
+
+
+class SkipsEveryBatch(TinyCausalLM):
+    def training_step(self, batch, batch_idx):
+        super().training_step(batch, batch_idx)
+        return None
+
+
+def test_skipped_batches_are_not_zero_losses_and_a_preheat_without_any_loss_fails(tmp_path):
+    pl.seed_everything(0)
+    logger = CSVLogger(tmp_path, name="run")
+    hrp = HRPPreheatCallback(8, 4)
+    make_trainer(callbacks=[hrp], max_steps=2, logger=logger, log_every_n_steps=1).fit(DictOrSkip())
+    losses = hrp.report.preheat_losses
+    assert [math.isnan(x) for x in losses] == [False, True, False, True]  # odd batches are skipped
+    assert hrp.report.skipped_batches == 2
+    with open(f"{logger.log_dir}/metrics.csv") as handle:
+        logged = [float(r["hrp/preheat_loss"]) for r in csv.DictReader(handle) if r.get("hrp/preheat_loss")]
+    assert logged == [losses[0], losses[2]]
+
+    pl.seed_everything(0)
+    module = SkipsEveryBatch()
+    before = lora_weights(module)
+    with pytest.raises(PreheatFailedError, match="no loss"):
+        make_trainer(callbacks=[HRPPreheatCallback(8, 3)], max_steps=1).fit(module)
+    assert_bitwise_equal(before, lora_weights(module))
+
+
+@pytest.fixture
+def default_sigint_handler():
+    # Lightning ignores SIGINT after it handled a KeyboardInterrupt; give the test Python's default back.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_a_second_ctrl_c_cannot_cut_the_restore_short(monkeypatch, default_sigint_handler):
+    real_write = distributed.write_full_
+    writes = []
+
+    def write_and_press_ctrl_c(param, value):
+        real_write(param, value)
+        writes.append(param)
+        # The 3rd write of HRP's new weights gets a Ctrl-C, and so does the 1st write of the restore.
+        if len(writes) in (3, 4):
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(distributed, "write_full_", write_and_press_ctrl_c)
+    pl.seed_everything(0)
+    module = TinyCausalLM()
+    before = all_weights(module)
+    with pytest.raises(SystemExit):  # Lightning turns the KeyboardInterrupt into a graceful exit
+        make_trainer(callbacks=[HRPPreheatCallback(8, 2)]).fit(module)
+    assert len(writes) == 3 + 28  # the restore wrote all 14 layers' A and B
+    assert_bitwise_equal(before, all_weights(module))
+
+
+class SendsSigterm(TinyCausalLM):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def training_step(self, batch, batch_idx):
+        self.calls += 1
+        if self.calls == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return super().training_step(batch, batch_idx)
+
+
+def test_sigterm_during_preheating_restores_and_exits_as_lightning_does():
+    pl.seed_everything(0)
+    module = SendsSigterm()
+    before = all_weights(module)
+    trainer = make_trainer(callbacks=[HRPPreheatCallback(8, 4)], max_steps=3)
+    with pytest.raises(SIGTERMException):
+        trainer.fit(module)
+    assert module.calls == 2  # preheating stopped at the next batch; no main step ran
+    assert_bitwise_equal(before, all_weights(module))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "argument"),
+    [
+        (dict(seed=-1), "seed"),
+        (dict(seed=2**63), "seed"),
+        (dict(seed=1.5), "seed"),
+        (dict(seed=True), "seed"),
+        (dict(preheat_optimizer="adamw"), "preheat_optimizer"),
+        (dict(preheat_lr=True), "preheat_lr"),
+        (dict(track_subspace_drift="no"), "track_subspace_drift"),
+        (dict(log_layer_metrics=1), "log_layer_metrics"),
+        (dict(adapter_name=0), "adapter_name"),
+    ],
+)
+def test_more_bad_arguments_are_refused_at_construction(kwargs, argument):
+    with pytest.raises(HRPConfigurationError, match=argument):
+        HRPPreheatCallback(8, 5, **kwargs)
+
+
+class NarrowLayer(pl.LightningModule):
+    """LoRA r=2 on Linear(1, 8) and Linear(8, 1): no layer can hold two independent directions."""
+
+    def __init__(self):
+        super().__init__()
+        network = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        self.model = get_peft_model(network, LoraConfig(r=2, lora_alpha=4, target_modules=["0", "2"]))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.model(x), y)
+
+    def train_dataloader(self):
+        generator = torch.Generator().manual_seed(0)
+        return DataLoader(TensorDataset(torch.randn(32, 1, generator=generator), torch.randn(32, 1, generator=generator)), batch_size=8)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-2)
+
+
+class ReturnsAString(TinyCausalLM):
+    def training_step(self, batch, batch_idx):
+        return "loss"
+
+
+@pytest.mark.parametrize(("module_class", "argument"), [(NarrowLayer, "r=2"), (ReturnsAString, "training_step")])
+def test_configuration_errors_are_raised_even_with_on_failure_continue(module_class, argument):
+    pl.seed_everything(0)
+    module = module_class()
+    before = all_weights(module)
+    with pytest.raises(HRPConfigurationError, match=argument):
+        make_trainer(callbacks=[HRPPreheatCallback(8, 2, on_failure="continue")], max_steps=1).fit(module)
+    assert_bitwise_equal(before, all_weights(module))
+
+
+def test_max_steps_below_preheat_steps_warns():
+    pl.seed_everything(0)
+    with pytest.warns(UserWarning, match="max_steps=2"):
+        make_trainer(callbacks=[HRPPreheatCallback(8, 4)], max_steps=2).fit(TinyCausalLM())
+
+
+def test_preheat_steps_have_their_own_axis_and_layer_metrics_short_names(tmp_path):
+    pl.seed_everything(0)
+    logger = CSVLogger(tmp_path, name="run")
+    make_trainer(callbacks=[HRPPreheatCallback(8, 5)], max_steps=3, logger=logger, log_every_n_steps=1).fit(TinyCausalLM())
+    with open(f"{logger.log_dir}/metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    preheat = [r for r in rows if r.get("hrp/preheat_loss")]
+    assert [int(float(r["hrp/preheat_step"])) for r in preheat] == list(range(5))
+    # On the main run's axis preheating happens at its step 0, before the first main step.
+    assert {r["step"] for r in preheat} == {"0"}
+    assert not any(r.get("hrp/preheat_step") for r in rows if r.get("train_loss"))
+    layer_keys = [key for key in rows[0] if key.startswith(("hrp/energy_kept/", "hrp/sigma_1/"))]
+    assert len(layer_keys) == 28 and not any("base_model" in key for key in layer_keys)
+    assert "hrp/energy_kept/model.layers.0.self_attn.q_proj" in layer_keys
+
+
+def _wandb_records(run_dir: Path):
+    """The protobuf records of an offline W&B run's ``.wandb`` file (a LevelDB-style log)."""
+    from wandb.proto import wandb_internal_pb2
+
+    (path,) = run_dir.glob("run-*.wandb")
+    data, block = path.read_bytes(), 32768
+    assert data[:4] == b":W&B"
+    position, pending = 7, b""
+    while position + 7 <= len(data):
+        if block - position % block < 7:  # a record header never straddles a block: the rest is padding
+            position += block - position % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position : position + 7])
+        payload, position = data[position + 7 : position + 7 + length], position + 7 + length
+        if kind in (1, 2):  # a full record, or the first fragment of one
+            pending = payload
+        elif kind in (3, 4):
+            pending += payload
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            yield record
+
+
+def test_wandb_charts_preheat_metrics_against_the_preheat_step(tmp_path, monkeypatch):
+    for name in ("WANDB_MODE", "WANDB_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    pl.seed_everything(0)
+    logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="lightning-hrp-tests")
+    make_trainer(callbacks=[HRPPreheatCallback(8, 3)], max_steps=2, logger=logger, log_every_n_steps=1).fit(TinyCausalLM())
+    logger.experiment.finish()
+    (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
+    records = list(_wandb_records(run_dir))
+    step_metric = {r.metric.name: r.metric.step_metric for r in records if r.WhichOneof("record_type") == "metric"}
+    assert step_metric["hrp/preheat_loss"] == "hrp/preheat_step"
+    rows = [
+        {item.key or "/".join(item.nested_key): item.value_json for item in r.history.item}
+        for r in records
+        if r.WhichOneof("record_type") == "history"
+    ]
+    assert [row["hrp/preheat_step"] for row in rows if "hrp/preheat_loss" in row] == ["0", "1", "2"]

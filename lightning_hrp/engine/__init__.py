@@ -1,8 +1,9 @@
 """The HRP engine: plain torch and peft, no Lightning.
 
 Finding LoRA layers (:mod:`.lora`), rank-R preheat adapters outside the model (:mod:`.preheat`),
-the exact batched decomposition (:mod:`.decompose`), the init rules (:mod:`.init_rules`) and the
-collectives for multi-process runs (:mod:`.distributed`).
+the exact batched decomposition (:mod:`.decompose`), the init rules (:mod:`.init_rules`), the
+collectives for multi-process runs (:mod:`.distributed`) and the preheat loop every entry point
+shares (:mod:`.preheat_loop`).
 """
 
 from lightning_hrp.engine.decompose import ProductSVD, svd_of_product, svd_of_products

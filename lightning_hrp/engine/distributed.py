@@ -16,11 +16,13 @@ from contextlib import ExitStack, contextmanager
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.fsdp import FullyShardedDataParallel
+from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.utils.hooks import RemovableHandle
 
 from lightning_hrp.engine.decompose import ProductSVD, group_by_key, product_group_key, svd_of_product
 from lightning_hrp.engine.lora import LoraTarget
+from lightning_hrp.errors import PreheatFailedError
 
 
 def is_distributed() -> bool:
@@ -66,10 +68,68 @@ def all_reduce_mean_(tensors: Sequence[Tensor]) -> None:
         offset += t.numel()
 
 
+def mean_over_ranks(values: Sequence[float]) -> list[float]:
+    """The mean of each value over all ranks (the values themselves in a single process).
+
+    One small all-reduce: how the ranks agree on a failure flag, so that all of them raise or
+    none does and no rank is left waiting in a collective the others never join.
+    """
+    if not is_distributed():
+        return [float(v) for v in values]
+    buffer = torch.tensor(values, dtype=torch.float64, device=_communication_device(torch.device("cpu")))
+    dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+    return (buffer / dist.get_world_size()).tolist()
+
+
+@contextmanager
+def gradient_sync_disabled(model: nn.Module) -> Iterator[None]:
+    """FSDP1's ``no_sync`` on the outermost units of ``model`` for the duration; FSDP2 roots initialised first.
+
+    HRP switches ``requires_grad`` off on the main run's parameters while preheating, so no gradient
+    exists to synchronise; this is the strategies' own switch on top. DDP needs none here: the
+    callback runs the preheat forward outside DDP's wrapper (no reducer, no buffer broadcast).
+    FSDP2 fixes each unit's gradient dtypes from the parameters that require gradients at its first
+    forward (its lazy init), so that init runs here, before any flag changes.
+    """
+    for module in _outermost_fsdp2(model):
+        module._get_fsdp_state()._lazy_init()  # noqa: SLF001 (no public trigger; idempotent)
+    with ExitStack() as stack:
+        for unit in _outermost_fsdp1(model):
+            stack.enter_context(unit.no_sync())
+        yield
+
+
+def forget_abandoned_fsdp1_forwards(model: nn.Module) -> None:
+    """Drop the backward hooks FSDP1 left on its flat parameters by forwards whose backward never ran.
+
+    A preheat forward is abandoned when its batch is skipped or a rank fails after it. FSDP1 then
+    keeps the hook it registered for that backward and, seeing one registered, registers no other
+    at the next forward; once ``requires_grad`` is back on, the main run's first backward would
+    fail FSDP's own check (``Invalid: _post_backward_hook_state``). Call while the flags are still
+    as they were during those forwards. A no-op without FSDP1.
+    """
+    for unit in FullyShardedDataParallel.fsdp_modules(model):
+        flat_param = unit._flat_param  # noqa: SLF001 (FSDP1 has no public handle on it)
+        stale = getattr(flat_param, "_post_backward_hook_state", None) if flat_param is not None else None
+        if stale is None:
+            continue
+        for hook in stale:  # (AccumulateGrad node, handle) or (handle,)
+            if isinstance(hook, RemovableHandle):
+                hook.remove()
+        del flat_param._post_backward_hook_state
+
+
+def _outermost_fsdp2(root: nn.Module) -> list[nn.Module]:
+    """The modules under ``root`` that FSDP2's ``fully_shard`` was applied to and no other such module contains."""
+    if isinstance(root, FSDPModule):
+        return [root]
+    return [module for child in root.children() for module in _outermost_fsdp2(child)]
+
+
 def read_full(param: Tensor) -> Tensor:
-    """The whole value of a parameter, gathering it if it is a sharded DTensor (FSDP2)."""
+    """The whole value of a parameter (detached), gathering it if it is a sharded DTensor (FSDP2)."""
     if isinstance(param, DTensor):
-        return param.full_tensor()
+        return param.detach().full_tensor()
     return param.detach()
 
 
@@ -102,18 +162,38 @@ def shared_svd_of_products(
     rank, world_size = rank_and_world_size()
     owners = _deal_out(groups, products, world_size)
 
-    results: list[ProductSVD | None] = [None] * len(products)
-    for indices, owner in zip(groups, owners):
-        B0, A0 = products[indices[0]]
-        top = tops[indices[0]]
-        if owner == rank:
+    # Each rank first decomposes the groups it owns, then the ranks agree that all succeeded, and only
+    # then broadcast: a rank whose decomposition fails (a LAPACK error, out of memory) must not leave
+    # the others waiting in a broadcast it never joins.
+    computed: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
+    error: Exception | None = None
+    for g, (indices, owner) in enumerate(zip(groups, owners)):
+        if owner != rank:
+            continue
+        try:
             svd = svd_of_product(
                 torch.stack([products[i][0] for i in indices]),
                 torch.stack([products[i][1] for i in indices]),
-                top=top,
+                top=tops[indices[0]],
                 dtype=dtype,
             )
-            U, S, Vh = svd.U.contiguous(), svd.S.contiguous(), svd.Vh.contiguous()
+        except Exception as caught:
+            error = caught
+            break
+        computed[g] = (svd.U.contiguous(), svd.S.contiguous(), svd.Vh.contiguous())
+    if world_size > 1:
+        (failed,) = mean_over_ranks([float(error is not None)])
+        if failed > 0 and error is None:
+            raise PreheatFailedError(f"the decomposition failed on {round(failed * world_size)} of {world_size} ranks.")
+    if error is not None:
+        raise error
+
+    results: list[ProductSVD | None] = [None] * len(products)
+    for g, (indices, owner) in enumerate(zip(groups, owners)):
+        B0, A0 = products[indices[0]]
+        top = tops[indices[0]]
+        if owner == rank:
+            U, S, Vh = computed[g]
         else:
             k = min(B0.shape[0], A0.shape[1], B0.shape[1])
             U = B0.new_empty(len(indices), B0.shape[0], top, dtype=dtype)

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -290,6 +291,25 @@ def hrp_callback() -> HRPPreheatCallback:
     )
 
 
+def toy_trainer(
+    make_strategy: Callable[[], Strategy | str], out_dir: Path, callbacks: list[pl.Callback], **kwargs: Any
+) -> pl.Trainer:
+    """A quiet Trainer for the toy: no logger, checkpoints, progress bar or sanity check; ``kwargs`` add to it."""
+    return pl.Trainer(
+        strategy=make_strategy(),
+        accumulate_grad_batches=ACCUMULATE,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,
+        default_root_dir=out_dir,
+        **kwargs,
+    )
+
+
 def fit_then_resume(
     make_strategy: Callable[[], Strategy | str],
     out_dir: Path,
@@ -309,28 +329,174 @@ def fit_then_resume(
     checkpoint = out_dir / "after_preheat.ckpt"
 
     def trainer(tag: str, max_steps: int, checkpoint_path: Path | None) -> pl.Trainer:
-        return pl.Trainer(
+        return toy_trainer(
+            make_strategy,
+            out_dir,
+            [hrp_callback(), AdapterProbe(out_dir, tag, checkpoint_path)],
+            max_steps=max_steps,
             accelerator=accelerator,
             devices=devices,
             num_nodes=num_nodes,
-            strategy=make_strategy(),
             precision=precision,
-            max_steps=max_steps,
-            accumulate_grad_batches=ACCUMULATE,
-            callbacks=[hrp_callback(), AdapterProbe(out_dir, tag, checkpoint_path)],
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            use_distributed_sampler=False,
-            default_root_dir=out_dir,
         )
 
     trainer("first", MAIN_STEPS, checkpoint).fit(ToyLoRARegression(batch_size, fully_shard_blocks))
     trainer("resumed", MAIN_STEPS + 1, None).fit(
         ToyLoRARegression(batch_size, fully_shard_blocks), ckpt_path=checkpoint, weights_only=True
     )
+
+
+# Failure runs of hrp_dist_worker: strategy:failure:on_failure. The failure strikes on FAILING_RANK only,
+# at its second training_step call (during preheating). Under FSDP only failures outside the sharded
+# model's forward/backward can be agreed on, and under FSDP1, whose root forward Lightning runs
+# training_step in, only those outside training_step (see lightning_hrp.engine.preheat_loop); so
+# only those run there.
+FAILING_RANK = 1
+FAILURE_RUNS = (
+    "ddp:exception:continue",
+    "ddp:shape:continue",
+    "ddp:no_loss:continue",
+    "ddp:exception:raise",
+    "model_parallel:exception_after_forward:continue",
+    "model_parallel:no_loss:continue",
+    "fsdp:no_loss:continue",
+    "fsdp:skip:continue",
+)
+# What the warning or error says, per failure, and whether only the failing rank says it (the others
+# say that another rank failed) or every rank (a failure all ranks see alike).
+FAILURE_REASONS = {
+    "exception": ("boom before the forward", True),
+    "exception_after_forward": ("boom after the forward", True),
+    "shape": ("shape", True),
+    "no_loss": ("without the key 'loss'", True),
+    "skip": ("skipped a preheat batch on 1 of 2 ranks only", False),
+}
+
+
+class FailsOnOneRank(ToyLoRARegression):
+    """:class:`ToyLoRARegression` whose ``training_step`` fails on :data:`FAILING_RANK` only, once.
+
+    Failures: ``exception`` (raised before the model's forward), ``exception_after_forward``,
+    ``shape`` (a wrongly shaped input makes the model's forward raise), ``no_loss`` (a dict without
+    ``"loss"``), ``skip`` (``None``, after the forward).
+    """
+
+    def __init__(self, batch_size: int, failure: str, fully_shard_blocks: bool = False) -> None:
+        super().__init__(batch_size, fully_shard_blocks)
+        if failure not in FAILURE_REASONS:
+            raise ValueError(f"unknown failure {failure!r}; choose from {sorted(FAILURE_REASONS)}")
+        self.failure = failure
+
+    def training_step(self, batch: list[Tensor], batch_idx: int) -> Any:
+        self.training_step_calls += 1
+        fails = self.trainer.global_rank == FAILING_RANK and self.training_step_calls == 2
+        x, y = batch
+        if fails and self.failure == "exception":
+            raise RuntimeError(FAILURE_REASONS["exception"][0])
+        if fails and self.failure == "shape":
+            x = x[:, :-1]
+        loss = torch.nn.functional.mse_loss(self.model(x), y)
+        if fails and self.failure == "exception_after_forward":
+            raise RuntimeError(FAILURE_REASONS["exception_after_forward"][0])
+        if fails and self.failure == "no_loss":
+            return {"mse": loss}
+        if fails and self.failure == "skip":
+            return None
+        return loss
+
+
+class AdaptersAtTrainStartAndEnd(pl.Callback):
+    """Records the adapters right after HRP and at the end of training (on every rank, as a sharded read needs)."""
+
+    def __init__(self) -> None:
+        self.at_start: dict[str, Tensor] | None = None
+        self.at_end: dict[str, Tensor] | None = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.at_start = lora_adapters(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.at_end = lora_adapters(trainer)
+
+
+def fit_with_failure(
+    make_strategy: Callable[[], Strategy | str],
+    out_dir: Path,
+    failure: str,
+    on_failure: str,
+    *,
+    devices: int,
+    batch_size: int,
+    fully_shard_blocks: bool = False,
+) -> None:
+    """Fit with HRP while one rank fails during preheating; every rank writes ``failure_rank{r}.json``.
+
+    The JSON holds the exception the fit raised on that rank (if any), HRP's warnings on that rank,
+    and the adapters before the fit, right after HRP (if training started) and after the fit or
+    the failure, with whether the ranks agreed bitwise.
+    """
+    module = FailsOnOneRank(batch_size, failure, fully_shard_blocks)
+    initial = {
+        f"{target.name}.{name}": weight.detach().float().cpu().clone()
+        for target in find_lora_targets(module)
+        for name, weight in (("lora_A", target.lora_A), ("lora_B", target.lora_B))
+    }
+    probe = AdaptersAtTrainStartAndEnd()
+    hrp = HRPPreheatCallback(PREHEAT_RANK, PREHEAT_STEPS, on_failure=on_failure)
+    trainer = toy_trainer(make_strategy, out_dir, [hrp, probe], max_steps=MAIN_STEPS, accelerator="cpu", devices=devices)
+    error: Exception | None = None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            trainer.fit(module)
+        except Exception as raised:
+            error = raised
+    # After a failure every rank raised at the same point, so every rank reads (collectively if sharded).
+    after = probe.at_end if error is None else lora_adapters(trainer)
+    device = trainer.strategy.root_device
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(
+        out_dir / f"failure_rank{trainer.global_rank}.json",
+        {
+            "error_type": type(error).__name__ if error is not None else None,
+            "error": str(error) if error is not None else None,
+            "hrp_warnings": [str(w.message) for w in caught if "HRP preheating failed" in str(w.message)],
+            "global_step": trainer.global_step,
+            "initial": to_json_tensors(initial),
+            "at_train_start": to_json_tensors(probe.at_start) if probe.at_start is not None else None,
+            "agree_at_train_start": ranks_agree_bitwise(probe.at_start, device) if probe.at_start is not None else None,
+            "after": to_json_tensors(after),
+            "agree_after": ranks_agree_bitwise(after, device),
+        },
+    )
+
+
+def assert_failure_run(out_dir: Path, run: str, world_size: int) -> None:
+    """Every rank finished together, from the restored default init, as ``on_failure`` asked."""
+    _, failure, on_failure = run.split(":")
+    results = read_results(out_dir, "failure", world_size)
+    reason, only_failing_rank = FAILURE_REASONS[failure]
+    initial = from_json_tensors(results[0]["initial"])
+    for rank, payload in enumerate(results):
+        assert payload["agree_after"] is True, rank
+        if on_failure == "continue" and failure != "no_loss":
+            assert payload["error_type"] is None, payload["error"]
+            # Preheating failed on one rank; every rank restored the default init and trained on.
+            assert payload["agree_at_train_start"] is True
+            for name, value in from_json_tensors(payload["at_train_start"]).items():
+                assert torch.equal(value, initial[name]), (rank, name)
+            assert payload["global_step"] == MAIN_STEPS
+            (warning,) = payload["hrp_warnings"]
+            assert (reason in warning) == (rank == FAILING_RANK or not only_failing_rank), (rank, warning)
+        else:
+            # raise, or a configuration error (a dict without "loss"), which on_failure never swallows:
+            # every rank raises, with the model restored.
+            expected = "HRPConfigurationError" if failure == "no_loss" else ("RuntimeError" if rank == FAILING_RANK else "PreheatFailedError")
+            assert payload["error_type"] == expected, (rank, payload["error"])
+            assert (reason in payload["error"]) == (rank == FAILING_RANK), (rank, payload["error"])
+            assert payload["at_train_start"] is None and payload["global_step"] == 0
+            for name, value in from_json_tensors(payload["after"]).items():
+                assert torch.equal(value, initial[name]), (rank, name)
 
 
 def read_results(out_dir: Path, tag: str, world_size: int) -> list[dict[str, Any]]:
@@ -414,7 +580,15 @@ def one_process_reference(out_dir: Path, world_size: int, batch_size: int, accel
 
 
 def run_worker(
-    out_dir: Path, runs: tuple[str, ...], *, accelerator: str, devices: int, precision: str, timeout: float
+    out_dir: Path,
+    runs: tuple[str, ...],
+    *,
+    accelerator: str,
+    devices: int,
+    precision: str,
+    timeout: float,
+    failure_runs: tuple[str, ...] = (),
+    collective_timeout: float | None = None,
 ) -> int:
     """Run :mod:`hrp_dist_worker` as a script and return its exit status; its output goes to ``out_dir/worker.log``.
 
@@ -423,9 +597,12 @@ def run_worker(
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     command = [
-        sys.executable, str(WORKER), "--runs", ",".join(runs), "--accelerator", accelerator,
-        "--devices", str(devices), "--precision", precision, "--batch-size", str(BATCH_SIZE), "--out", str(out_dir),
+        sys.executable, str(WORKER), "--runs", ",".join(runs), "--failure-runs", ",".join(failure_runs),
+        "--accelerator", accelerator, "--devices", str(devices), "--precision", precision,
+        "--batch-size", str(BATCH_SIZE), "--out", str(out_dir),
     ]  # fmt: skip
+    if collective_timeout is not None:
+        command += ["--collective-timeout", str(collective_timeout)]
     # Without PL_GLOBAL_SEED the ranks' RNGs differ, which the seed broadcast must overcome.
     env = {k: v for k, v in os.environ.items() if k not in ("PL_GLOBAL_SEED", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
     # The script's own folder comes first on its path; the repository root makes lightning_hrp importable

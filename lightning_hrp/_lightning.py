@@ -1,0 +1,251 @@
+"""Every Lightning internal lightning-hrp relies on, in one place, each done one way.
+
+The callback (:mod:`lightning_hrp.callback`) and the setup-time inits (:mod:`lightning_hrp.inits`)
+move batches, call ``training_step``, read its loss, isolate their work from the main run and log
+through these helpers only. Several reach into Lightning's private API (marked ``private``), which
+is why ``pyproject.toml`` pins ``lightning`` to the minor series the tests run on.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.utilities.logger import _add_prefix
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.plugins.precision import FSDPPrecision, MixedPrecision
+from lightning.pytorch.trainer import call
+from lightning.pytorch.trainer.connectors.logger_connector.result import _ResultCollection
+from lightning.pytorch.utilities import CombinedLoader
+from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler
+
+from lightning_hrp.engine.preheat_loop import interrupts_deferred, isolated_rng
+from lightning_hrp.errors import HRPConfigurationError
+
+# The x-axis of every per-preheat-step metric (W&B charts them against it; CSV gets a column).
+PREHEAT_STEP = "hrp/preheat_step"
+# peft's wrappers between a LightningModule attribute and the user's network: PeftModel.base_model
+# (the LoraModel) and LoraModel.model.
+_PEFT_WRAPPER = re.compile(r"^(?:.*\.)?base_model\.model\.")
+
+
+def batch_to_device(trainer: pl.Trainer, batch: Any, *, device: torch.device | None = None) -> Any:
+    """A training batch moved as Lightning's training loop moves it.
+
+    Precision conversion, the module's ``on_before_batch_transfer`` / ``transfer_batch_to_device`` /
+    ``on_after_batch_transfer`` hooks, then the strategy's ``batch_to_device`` (to ``device``, by
+    default the strategy's root device).
+    """
+    batch = trainer.precision_plugin.convert_input(batch)
+    batch = trainer.lightning_module._on_before_batch_transfer(batch, dataloader_idx=0)  # private
+    return call._call_strategy_hook(trainer, "batch_to_device", batch, dataloader_idx=0, device=device)  # private
+
+
+def training_step(trainer: pl.Trainer, batch: Any, batch_idx: int) -> Any:
+    """The module's ``training_step`` as the strategy runs it, except that DDP's wrapper is not entered.
+
+    DDP's forward would broadcast buffers and arm its gradient reducer, collectives that a rank
+    failing before its forward never joins; HRP needs neither (its own adapters are averaged by
+    its own all-reduce, the main run's parameters get no gradient while preheating). The precision
+    plugin's autocast applies either way. Other strategies (FSDP, whose forward must all-gather the
+    shards) run through the strategy.
+    """
+    if isinstance(trainer.strategy.model, DistributedDataParallel):
+        with trainer.precision_plugin.train_step_context():
+            return call._call_lightning_module_hook(trainer, "training_step", batch, batch_idx)  # private
+    return call._call_strategy_hook(trainer, "training_step", batch, batch_idx)  # private
+
+
+def loss_of(output: Any, who: str) -> Tensor | None:
+    """The loss in a ``training_step`` output, as Lightning's automatic optimization reads it.
+
+    Args:
+        output: What ``training_step`` returned.
+        who: Names the caller in the error message.
+
+    Returns:
+        The loss tensor, or ``None`` for a skipped batch.
+
+    Raises:
+        HRPConfigurationError: A dict without ``"loss"``, or any other type.
+    """
+    if output is None or isinstance(output, Tensor):
+        return output
+    if isinstance(output, Mapping):
+        if "loss" in output:
+            return output["loss"]
+        raise HRPConfigurationError(
+            f"{who}: training_step returned a dict without the key 'loss' (keys: {sorted(map(str, output))}); "
+            "return the loss tensor, a dict with 'loss', or None to skip the batch."
+        )
+    raise HRPConfigurationError(
+        f"{who}: training_step returned {type(output).__name__}; it must return the loss tensor, a dict with "
+        "'loss', or None to skip the batch."
+    )
+
+
+@contextmanager
+def isolated_from_main_run(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iterator[None]:
+    """Leave no trace of the block in the main run.
+
+    What ``training_step`` logs with ``self.log`` goes to a throwaway collection; the grad scaler's
+    state (16-mixed) and every RNG the main run draws from (torch CPU and CUDA, NumPy, Python) are
+    restored; every gradient of the module is dropped. The restore completes even under a second Ctrl-C.
+    """
+    epoch_loop = trainer.fit_loop.epoch_loop
+    main_results = epoch_loop._results  # private
+    epoch_loop._results = _ResultCollection(training=True)  # private
+    precision = trainer.precision_plugin
+    scaler = precision.scaler if isinstance(precision, (MixedPrecision, FSDPPrecision)) else None
+    scaler_state = scaler.state_dict() if scaler is not None else None
+    cuda_devices = [pl_module.device] if pl_module.device.type == "cuda" else []
+    try:
+        with isolated_rng(cuda_devices):
+            yield
+    finally:
+        with interrupts_deferred():
+            epoch_loop._results = main_results
+            if scaler is not None:
+                scaler.load_state_dict(scaler_state)
+            pl_module.zero_grad(set_to_none=True)
+
+
+class MainRunBatches:
+    """The batches the main run's first epoch sees, from iterators of HRP's own, cycled; close when done.
+
+    The same dataloaders the fit loop set up (after ``limit_train_batches``, ``fast_dev_run``,
+    ``overfit_batches`` and the distributed sampler), combined in the same ``CombinedLoader`` mode,
+    and ``trainer.num_training_batches`` of them per pass. The main run's own iteration is left
+    alone: a DataLoader with persistent workers is iterated through a copy with workers of its own
+    (its iterator would otherwise be the main run's), and the state of every torch.Generator the
+    loaders shuffle with is restored on :meth:`close`.
+
+    Raises:
+        HRPConfigurationError: No train dataloader, a ``"sequential"`` CombinedLoader (Lightning's
+            training loop refuses it too), or a one-shot iterator as the train data.
+    """
+
+    def __init__(self, trainer: pl.Trainer) -> None:
+        main: CombinedLoader | None = trainer.fit_loop._combined_loader  # private
+        if main is None:
+            raise HRPConfigurationError("HRP needs a train dataloader to preheat on; none is set for this fit.")
+        mode = main._mode  # private
+        if mode == "sequential":
+            raise HRPConfigurationError(
+                "The train data is a CombinedLoader in mode 'sequential', which Lightning's training loop does "
+                "not support; use 'max_size_cycle', 'min_size' or 'max_size'."
+            )
+        one_shot = [type(it).__name__ for it in main.flattened if isinstance(it, Iterator)]
+        if one_shot:
+            raise HRPConfigurationError(
+                f"The train data includes a one-shot iterator ({one_shot[0]}); HRP would consume the main run's "
+                "batches from it. Return a DataLoader or another re-iterable."
+            )
+        self._generator_states = _generator_states(main.flattened)
+        self._combined = CombinedLoader(main.iterables, mode)
+        self._combined.flattened = [_with_own_workers(loader) for loader in main.flattened]
+        self._combined.limits = main.limits
+        self.per_pass = trainer.num_training_batches
+
+    def __iter__(self) -> Iterator[tuple[Any, int]]:
+        """``(batch, batch_idx)`` pairs, ``batch_idx`` counting from 0 in each pass, as in an epoch."""
+        while True:
+            produced = 0
+            for batch, batch_idx, _ in self._combined:
+                yield batch, batch_idx
+                produced += 1
+                if produced >= self.per_pass:
+                    break
+            if produced == 0:
+                raise HRPConfigurationError("The train dataloader is empty; HRP has nothing to preheat on.")
+
+    def close(self) -> None:
+        """Shut down the worker processes HRP started; give the shuffling generators back their state."""
+        self._combined.reset()
+        _restore_generator_states(self._generator_states)
+
+
+def _with_own_workers(loader: Any) -> Any:
+    """``loader``, or for a DataLoader with persistent workers a copy that starts workers of its own."""
+    if isinstance(loader, DataLoader) and loader.persistent_workers and loader.num_workers > 0:
+        own = copy.copy(loader)
+        own._iterator = None  # private: the shared persistent iterator is the main run's
+        return own
+    return loader
+
+
+@contextmanager
+def generators_restored(loaders: Sequence[Any]) -> Iterator[None]:
+    """Give the torch.Generators the loaders shuffle with (worker seeds, random samplers) their state back afterwards."""
+    states = _generator_states(loaders)
+    try:
+        yield
+    finally:
+        _restore_generator_states(states)
+
+
+def _generator_states(loaders: Sequence[Any]) -> list[tuple[torch.Generator, Tensor]]:
+    """The state of every torch.Generator the loaders' iterators draw from (worker seeds, random samplers)."""
+    generators: list[torch.Generator] = []
+    for loader in loaders:
+        if not isinstance(loader, DataLoader):
+            continue
+        samplers = [loader.sampler]
+        if isinstance(loader.batch_sampler, BatchSampler):
+            samplers.append(loader.batch_sampler.sampler)
+        candidates = [loader.generator] + [s.generator for s in samplers if isinstance(s, RandomSampler)]
+        generators += [g for g in candidates if isinstance(g, torch.Generator)]
+    return [(g, g.get_state()) for g in dict.fromkeys(generators)]
+
+
+def _restore_generator_states(states: list[tuple[torch.Generator, Tensor]]) -> None:
+    for generator, state in states:
+        generator.set_state(state)
+
+
+def metric_layer_names(names: Sequence[str]) -> list[str]:
+    """Layer names for metrics: the path inside the user's network, without peft's wrapper prefix.
+
+    ``model.base_model.model.bert.encoder.layer.0...`` becomes ``bert.encoder.layer.0...``; where
+    shortening would make two names equal, the full names are kept.
+    """
+    short = [_PEFT_WRAPPER.sub("", name) for name in names]
+    return short if len(set(short)) == len(short) else list(names)
+
+
+def define_preheat_step_axis(trainer: pl.Trainer, metrics: Sequence[str]) -> None:
+    """Chart ``metrics`` against :data:`PREHEAT_STEP` in every W&B run instead of the trainer's global step."""
+    if not trainer.is_global_zero:
+        return
+    for logger in trainer.loggers:
+        if not isinstance(logger, WandbLogger):
+            continue
+        define_metric = getattr(logger.experiment, "define_metric", None)  # absent on a disabled run
+        if define_metric is None:
+            continue
+        prefixed = list(_add_prefix(dict.fromkeys([PREHEAT_STEP, *metrics], 0.0), logger._prefix, logger.LOGGER_JOIN_CHAR))  # private
+        define_metric(prefixed[0])
+        for name in prefixed[1:]:
+            define_metric(name, step_metric=prefixed[0])
+
+
+def log_metrics(trainer: pl.Trainer, metrics: Mapping[str, float], step: int) -> None:
+    """Send ``metrics`` to every logger, from rank 0 only."""
+    if trainer.is_global_zero:
+        for logger in trainer.loggers:
+            logger.log_metrics(dict(metrics), step=step)
+
+
+def train_dataloader_at_setup(trainer: pl.Trainer) -> Any:
+    """The train dataloader as the module or DataModule returns it, before the fit loop sets it up."""
+    loader = trainer.fit_loop._data_source.dataloader()  # private
+    if loader is None:
+        raise HRPConfigurationError("A data-driven init needs a train dataloader; this fit has none.")
+    return loader
