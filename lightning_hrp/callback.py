@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Callable, Iterable
 from contextlib import closing
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -39,6 +39,7 @@ from lightning_hrp._lightning import (
     metric_layer_names,
     training_step,
 )
+from lightning_hrp._validation import check_bool, check_choice, check_int, is_positive_number
 from lightning_hrp.engine.decompose import energy_kept
 from lightning_hrp.engine.distributed import broadcast_int, read_lora_weights
 from lightning_hrp.engine.init_rules import DirectionScale, InitRule
@@ -158,18 +159,16 @@ class HRPPreheatCallback(Callback):
         track_subspace_drift: bool = False,
         drift_tolerance: float | None = None,
     ) -> None:
-        _check_positive_int("preheat_rank", preheat_rank, minimum=2)
-        _check_positive_int("preheat_steps", preheat_steps, minimum=1)
-        _check_choice("mode", mode, PreheatMode)
-        _check_choice("init_rule", init_rule, InitRule)
-        _check_choice("direction_scale", direction_scale, DirectionScale)
-        _check_choice("svd_dtype", svd_dtype, SvdDtype)
-        _check_choice("on_failure", on_failure, OnFailure)
-        _check_bool("log_layer_metrics", log_layer_metrics)
-        _check_bool("track_subspace_drift", track_subspace_drift)
-        if preheat_lr is not None and not (
-            isinstance(preheat_lr, (int, float)) and not isinstance(preheat_lr, bool) and math.isfinite(preheat_lr) and preheat_lr > 0
-        ):
+        check_int("preheat_rank", preheat_rank, minimum=2)
+        check_int("preheat_steps", preheat_steps, minimum=1)
+        check_choice("mode", mode, PreheatMode)
+        check_choice("init_rule", init_rule, InitRule)
+        check_choice("direction_scale", direction_scale, DirectionScale)
+        check_choice("svd_dtype", svd_dtype, SvdDtype)
+        check_choice("on_failure", on_failure, OnFailure)
+        check_bool("log_layer_metrics", log_layer_metrics)
+        check_bool("track_subspace_drift", track_subspace_drift)
+        if preheat_lr is not None and not is_positive_number(preheat_lr):
             raise HRPConfigurationError(f"preheat_lr must be a positive number or None (the main optimizer's), got {preheat_lr!r}.")
         if preheat_optimizer is not None and not callable(preheat_optimizer):
             raise HRPConfigurationError(
@@ -485,18 +484,3 @@ def _forward_communicates(trainer: pl.Trainer) -> bool:
     if any(isinstance(m, nn.SyncBatchNorm) for m in strategy.model.modules()):
         return True
     return not isinstance(strategy.model, DistributedDataParallel)
-
-
-def _check_positive_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise HRPConfigurationError(f"{name} must be an integer >= {minimum}, got {value!r}.")
-
-
-def _check_bool(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise HRPConfigurationError(f"{name} must be True or False, got {value!r}.")
-
-
-def _check_choice(name: str, value: Any, choices: Any) -> None:
-    if value not in get_args(choices):
-        raise HRPConfigurationError(f"{name} must be one of {list(get_args(choices))}, got {value!r}.")

@@ -1,0 +1,31 @@
+"""Argument checks shared by every entry point: one wording, and the argument's name in every message."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, get_args
+
+from lightning_hrp.errors import HRPConfigurationError
+
+
+def check_int(name: str, value: Any, minimum: int) -> None:
+    """``value`` is an ``int`` (not a ``bool``) of at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise HRPConfigurationError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+
+
+def check_bool(name: str, value: Any) -> None:
+    """``value`` is ``True`` or ``False`` (a string such as ``"no"`` is not)."""
+    if not isinstance(value, bool):
+        raise HRPConfigurationError(f"{name} must be True or False, got {value!r}.")
+
+
+def check_choice(name: str, value: Any, choices: Any) -> None:
+    """``value`` is one of the values of the ``Literal`` type ``choices``."""
+    if value not in get_args(choices):
+        raise HRPConfigurationError(f"{name} must be one of {list(get_args(choices))}, got {value!r}.")
+
+
+def is_positive_number(value: Any) -> bool:
+    """A finite ``int`` or ``float`` above zero (``True`` is not a number here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
