@@ -19,7 +19,8 @@ from torch import Tensor, nn
 from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from lightning_hrp.engine.decompose import ProductSVD, group_by_key, product_group_key, svd_of_product
+from lightning_hrp.engine.batching import group_by_key, map_grouped
+from lightning_hrp.engine.decompose import ProductSVD, product_group_key, svd_of_products
 from lightning_hrp.engine.lora import LoraTarget
 
 
@@ -93,38 +94,33 @@ def shared_svd_of_products(
 ) -> list[ProductSVD]:
     """Like :func:`~lightning_hrp.engine.decompose.svd_of_products`, with the work split over ranks.
 
-    Each group of equally shaped products is decomposed, batched, by one rank (groups are dealt
-    out largest first to the least-loaded rank) and broadcast from there, so the wall time falls
-    as the world grows and every rank ends with bitwise the same result.
+    Each group of equally shaped products is decomposed by one rank (groups are dealt out largest
+    first to the least-loaded rank) and broadcast from there, stacked, so the wall time falls as the
+    world grows and every rank ends with bitwise the same result.
     """
-    keys = [product_group_key(B, A, top) for (B, A), top in zip(products, tops)]
-    groups = list(group_by_key(keys).values())
     rank, world_size = rank_and_world_size()
-    owners = _deal_out(groups, products, world_size)
+    if world_size == 1:
+        return svd_of_products(products, tops, dtype=dtype)
+    keys = [product_group_key(B, A, top) for (B, A), top in zip(products, tops)]
+    groups = group_by_key(keys)
+    owner_of = {indices[0]: owner for indices, owner in zip(groups, _deal_out(groups, products, world_size))}
 
-    results: list[ProductSVD | None] = [None] * len(products)
-    for indices, owner in zip(groups, owners):
-        B0, A0 = products[indices[0]]
-        top = tops[indices[0]]
+    def decompose_and_broadcast(indices: list[int], group: list[tuple[Tensor, Tensor]]) -> list[ProductSVD]:
+        owner, top = owner_of[indices[0]], tops[indices[0]]
         if owner == rank:
-            svd = svd_of_product(
-                torch.stack([products[i][0] for i in indices]),
-                torch.stack([products[i][1] for i in indices]),
-                top=top,
-                dtype=dtype,
-            )
-            U, S, Vh = svd.U.contiguous(), svd.S.contiguous(), svd.Vh.contiguous()
+            svds = svd_of_products(group, [top] * len(group), dtype=dtype)
+            U, S, Vh = (torch.stack([getattr(svd, name) for svd in svds]) for name in ("U", "S", "Vh"))
         else:
+            B0, A0 = group[0]
             k = min(B0.shape[0], A0.shape[1], B0.shape[1])
-            U = B0.new_empty(len(indices), B0.shape[0], top, dtype=dtype)
-            S = B0.new_empty(len(indices), k, dtype=dtype)
-            Vh = B0.new_empty(len(indices), top, A0.shape[1], dtype=dtype)
-        if world_size > 1:
-            for tensor in (U, S, Vh):
-                _broadcast_(tensor, src=owner)
-        for position, index in enumerate(indices):
-            results[index] = ProductSVD(U[position], S[position], Vh[position])
-    return results  # type: ignore[return-value]
+            U = B0.new_empty(len(group), B0.shape[0], top, dtype=dtype)
+            S = B0.new_empty(len(group), k, dtype=dtype)
+            Vh = B0.new_empty(len(group), top, A0.shape[1], dtype=dtype)
+        for tensor in (U, S, Vh):
+            _broadcast_(tensor, src=owner)
+        return [ProductSVD(U[i], S[i], Vh[i]) for i in range(len(group))]
+
+    return map_grouped(products, keys, decompose_and_broadcast)
 
 
 def _deal_out(groups: list[list[int]], products: Sequence[tuple[Tensor, Tensor]], world_size: int) -> list[int]:
