@@ -128,6 +128,8 @@ def svd_of_product(
     top = _check_top(B, A, top)
     batch = B.shape[:-2]
     flat_B, flat_A = B.reshape(-1, *B.shape[-2:]), A.reshape(-1, *A.shape[-2:])
+    if flat_B.shape[0] == 0:  # nothing to stack
+        return qr_svd_of_product(B, A, top=top, dtype=dtype)
     svds = svd_of_products(list(zip(flat_B, flat_A)), [top] * flat_B.shape[0], dtype=dtype)
     return ProductSVD(
         U=torch.stack([svd.U for svd in svds]).reshape(*batch, *svds[0].U.shape),
