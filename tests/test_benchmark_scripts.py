@@ -130,3 +130,18 @@ def test_running_the_file_by_path_says_how_to_run_it():
         [sys.executable, str(REPO_ROOT / "benchmarks" / "svd.py"), "--quick"], capture_output=True, text=True, timeout=60
     )
     assert result.returncode != 0 and "python -m benchmarks.svd" in result.stderr
+
+
+def test_gram_route_study_shows_the_gram_route_losing_only_on_steep_spectra(capsys):
+    from benchmarks import gram_route_study
+
+    samples = gram_route_study.main(["--tops", "4", "--decades", "1", "10", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert out.startswith("Command: python -m benchmarks.gram_route_study")
+    flat = [(gram, qr) for steepness, gram, qr in samples if steepness < 2]
+    steep = [(gram, qr) for steepness, gram, qr in samples if steepness > 100]
+    assert flat and steep
+    # Why svd_of_products steps steep layers up to float64 Grams: alone, the float32 Gram route is the more
+    # accurate on flat spectra and far less accurate on steep ones.
+    assert all(gram <= qr for gram, qr in flat)
+    assert all(gram > 10 * qr for gram, qr in steep)

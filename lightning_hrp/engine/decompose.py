@@ -103,7 +103,11 @@ def svd_of_products(
     with _full_precision_float32_matmuls():
         for precision in gram_precisions:
             if pending:
-                pending = _gram_route(products, tops, pending, precision, dtype, results)
+                steps = _gram_step(products, tops, pending, precision, dtype, keep_unresolved=False)
+                for index, step in zip(pending, steps):
+                    if step is not None and step[1]:
+                        results[index] = step[0]
+                pending = [index for index in pending if results[index] is None]
         if pending:
             exact = qr_svd_of_products([products[i] for i in pending], [tops[i] for i in pending], dtype=torch.float64)
             for index, svd in zip(pending, exact):
@@ -136,6 +140,25 @@ def svd_of_product(
         S=torch.stack([svd.S for svd in svds]).reshape(*batch, *svds[0].S.shape),
         Vh=torch.stack([svd.Vh for svd in svds]).reshape(*batch, *svds[0].Vh.shape),
     )
+
+
+def gram_route_only(
+    products: Sequence[tuple[Tensor, Tensor]],
+    tops: Sequence[int],
+    *,
+    gram_dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype = torch.float32,
+) -> list[ProductSVD | None]:
+    """The Gram route alone, with Grams in ``gram_dtype`` and none of :func:`svd_of_products`' steps up.
+
+    For measuring where that route loses accuracy (``benchmarks/gram_route_study.py``); use
+    :func:`svd_of_products` for answers. ``None`` where ``A A^T`` is not numerically positive definite.
+    """
+    _check_dtype(dtype)
+    _check_dtype(gram_dtype)
+    with _full_precision_float32_matmuls():
+        steps = _gram_step(products, tops, list(range(len(products))), gram_dtype, dtype, keep_unresolved=True)
+    return [None if step is None else step[0] for step in steps]
 
 
 def qr_svd_of_product(B: Tensor, A: Tensor, *, top: int | None = None, dtype: torch.dtype = torch.float32) -> ProductSVD:
@@ -180,12 +203,14 @@ class _SmallParts:
     """One layer's results of the ``R x R`` work.
 
     Attributes:
-        S: The ``R`` singular values of ``P``, descending, exact zeros below the Grams' rounding (host).
+        S: The ``R`` singular values of ``P``, descending, exact zeros below the Grams' rounding, on the
+            factors' device in the output dtype.
         right: ``(L^{-T} W_t)^T`` (``t x R``, ``t`` the largest top of its batch): ``Vh = right A``.
         left: ``(L W_t / s)^T`` (``t x R``, zero rows where ``s = 0``): ``U = B left^T``. Both
             contiguous (MKL's GEMM was up to 1.9x faster with the narrow operand laid out so), on the
             factors' device, in the Grams' dtype.
-        usable: The Cholesky factor exists and the spectrum is resolved at this precision.
+        factored: ``A A^T`` has a Cholesky factor (and ``B^T B`` is finite).
+        sharp: The spectrum is resolved at this precision (the steepness rule).
         complete_left: A top singular value is zero or near the Grams' rounding, so ``U`` needs an
             orthonormal completion.
     """
@@ -193,22 +218,26 @@ class _SmallParts:
     S: Tensor
     right: Tensor
     left: Tensor
-    usable: bool
+    factored: bool
+    sharp: bool
     complete_left: bool
 
 
-def _gram_route(
+def _gram_step(
     products: Sequence[tuple[Tensor, Tensor]],
     tops: Sequence[int],
     indices: list[int],
     precision: torch.dtype,
     out_dtype: torch.dtype,
-    results: list[ProductSVD | None],
-) -> list[int]:
-    """Decompose ``products[indices]`` with Grams formed in ``precision``; fill ``results``.
+    *,
+    keep_unresolved: bool,
+) -> list[tuple[ProductSVD, bool] | None]:
+    """The Gram route for ``products[indices]`` with Grams formed in ``precision``.
 
     Returns:
-        The indices this precision could not resolve.
+        Per index: the answer in ``out_dtype`` and whether this precision resolves it (see the module
+        docstring), or ``None`` where ``A A^T`` is not numerically positive definite, or where the answer
+        is unresolved and ``keep_unresolved`` is false (its thin products are then skipped).
     """
     factors = [(products[i][0].to(precision), products[i][1].to(precision)) for i in indices]
     grams = [(A @ A.mT, B.mT @ B) for B, A in factors]
@@ -218,22 +247,24 @@ def _gram_route(
         lambda _, group: _small_parts(group, precision=precision, out_dtype=out_dtype),
     )
 
-    candidates = [
-        (index, *_map_back(B, A, part, tops[index]), part.S)
+    mapped = [
+        (*_map_back(B, A, part, tops[index]), part) if part.factored and (part.sharp or keep_unresolved) else None
         for index, (B, A), part in zip(indices, factors, parts)
-        if part.usable
     ]
     # Right vectors that are not orthonormal betray an ill-conditioned A A^T.
-    defects = _orthonormality_defects([Vh for _, _, Vh, _ in candidates])
+    defects = iter(_orthonormality_defects([entry[1] for entry in mapped if entry is not None]))
     tolerance = _ORTHONORMALITY_EPS * torch.finfo(out_dtype).eps
-    accepted = set()
-    for (index, U, Vh, S), defect in zip(candidates, defects):
-        if defect <= tolerance:
-            B, A = products[index]
-            k = min(B.shape[0], A.shape[1], B.shape[1])
-            results[index] = ProductSVD(U.to(out_dtype), S[:k].to(device=B.device, dtype=out_dtype), Vh.to(out_dtype))
-            accepted.add(index)
-    return [index for index in indices if index not in accepted]
+    steps: list[tuple[ProductSVD, bool] | None] = []
+    for index, entry in zip(indices, mapped):
+        if entry is None:
+            steps.append(None)
+            continue
+        U, Vh, part = entry
+        B, A = products[index]
+        k = min(B.shape[0], A.shape[1], B.shape[1])
+        svd = ProductSVD(U.to(out_dtype), part.S[:k], Vh.to(out_dtype))
+        steps.append((svd, part.sharp and next(defects) <= tolerance))
+    return steps
 
 
 def _orthonormality_defects(Vhs: list[Tensor]) -> list[float]:
@@ -269,9 +300,10 @@ def _small_parts(group: list[tuple[Tensor, Tensor, int]], *, precision: torch.dt
 
     L, info = torch.linalg.cholesky_ex(G_A)
     factored = (info == 0) & G_B.sum(dim=(-2, -1)).isfinite()
-    # Layers whose Cholesky failed go to the next step; a harmless stand-in keeps the batch going.
-    L = torch.where(factored[:, None, None], L, torch.eye(rank, dtype=torch.float64))
-    G_B = torch.where(factored[:, None, None], G_B, 0.0)
+    if not bool(factored.all()):
+        # Layers whose Cholesky failed go to the next step; a harmless stand-in keeps the batch going.
+        L = torch.where(factored[:, None, None], L, torch.eye(rank, dtype=torch.float64))
+        G_B = torch.where(factored[:, None, None], G_B, 0.0)
     eigenvalues, W = torch.linalg.eigh(L.mT @ G_B @ L)
     eigenvalues, W = eigenvalues.flip(-1), W[..., -widest:].flip(-1)  # descending
 
@@ -292,7 +324,6 @@ def _small_parts(group: list[tuple[Tensor, Tensor, int]], *, precision: torch.dt
     if precision != torch.float64:
         # Below the Grams' rounding a singular value may be small rather than zero: ask more precision.
         sharp &= (nonzero_in_top == tops) | (s_1 == 0)
-    usable = factored & sharp
 
     right = torch.linalg.solve_triangular(L.mT, W, upper=True)
     top_S = S[:, :widest, None].mT
@@ -301,8 +332,16 @@ def _small_parts(group: list[tuple[Tensor, Tensor, int]], *, precision: torch.dt
     device = group[0][0].device
     right = right.mT.to(device=device, dtype=precision, memory_format=torch.contiguous_format)
     left = left.mT.to(device=device, dtype=precision, memory_format=torch.contiguous_format)
+    S = S.to(device=device, dtype=out_dtype)
     return [
-        _SmallParts(S=S[i], right=right[i], left=left[i], usable=bool(usable[i]), complete_left=bool(complete_left[i]))
+        _SmallParts(
+            S=S[i],
+            right=right[i],
+            left=left[i],
+            factored=bool(factored[i]),
+            sharp=bool(sharp[i]),
+            complete_left=bool(complete_left[i]),
+        )
         for i in range(len(group))
     ]
 
