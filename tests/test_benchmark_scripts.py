@@ -135,7 +135,7 @@ def test_running_the_file_by_path_says_how_to_run_it():
 def test_gram_route_study_shows_the_gram_route_losing_only_on_steep_spectra(capsys):
     from benchmarks import gram_route_study
 
-    samples = gram_route_study.main(["--tops", "4", "--decades", "1", "10", "--repeats", "1"])
+    samples = gram_route_study.main(["--tops", "16", "--decades", "1", "10", "--repeats", "1"])
     out = capsys.readouterr().out
     assert out.startswith("Command: python -m benchmarks.gram_route_study")
     flat = [(gram, qr) for steepness, gram, qr in samples if steepness < 2]

@@ -13,21 +13,22 @@
   ``R x R`` core ``R_b R_a^T``. Backward stable, and about ten times the Grams' time on a CPU.
 
 The Grams square the factors' condition numbers. The top-r right subspace then carries an error of
-about ``eps s_1^2 / (s_r^2 - s_{r+1}^2)``, against ``eps s_1 / (s_r - s_{r+1})`` for the QR route. Both were
-measured on Gaussian and preheat-like factors (``BENCHMARKS.md``): the Gram route with float32
-Grams is the more accurate while ``s_1 / (s_r + s_{r+1})`` stays below about 5, the less accurate on steeper
-spectra.
-So each layer takes the cheapest step that resolves it:
+about ``eps s_1^2 / (s_r^2 - s_{r+1}^2)``, against ``eps s_1 / (s_r - s_{r+1})`` for the QR route: their
+ratio grows with the steepness ``s_1 / (s_r + s_{r+1})``. Measured in float32 (``BENCHMARKS.md``), the
+Gram route was the more accurate (by about 5x on Gaussian and preheat-like factors) below a steepness
+of 4 and lost on steeper spectra. So each layer takes the cheapest step that resolves it:
 
 1. the Gram route with Grams in the compute dtype;
 2. if that cannot resolve the layer, the Gram route with float64 Grams. "Cannot resolve" means: the
-   predicted error exceeds the QR route's (the spectrum is too steep at that precision, or a top-r
-   singular value is below the Grams' rounding), ``A A^T`` is not numerically positive definite, or
-   the right singular vectors come out orthonormal to worse than ``100 eps``;
-3. if float64 Grams cannot either (``A`` rank-deficient, e.g. ``R > in``), the QR route in float64.
+   spectrum is too steep for Grams of that precision (``eps_grams s_1 > 3 eps_out (s_r + s_{r+1})``),
+   a top-r singular value is below the Grams' rounding, ``A A^T`` is not numerically positive
+   definite, or the right singular vectors come out orthonormal to worse than ``100 eps``;
+3. if float64 Grams cannot either (``A`` rank-deficient), the QR route in float64; layers with
+   ``R > in`` (``A A^T`` singular by shape) go there directly.
 
-Singular values below the Grams' rounding (``s_j^2 <= R eps s_1^2`` at the precision the Grams were
-formed in) are reported as exactly 0. Their singular vectors are an orthonormal completion.
+On the Gram route, singular values below the Grams' rounding (``s_j^2 <= R eps s_1^2`` at the precision
+the Grams were formed in) are reported as exactly 0, and their singular vectors are an orthonormal
+completion. The ``R x R`` work runs on the host whatever the factors' device (see ``_SMALL_WORK_DEVICE``).
 """
 
 from __future__ import annotations
@@ -42,9 +43,10 @@ from torch import Tensor
 from lightning_hrp.engine.batching import map_grouped
 
 _COMPUTE_DTYPES = (torch.float32, torch.float64)
-# Step up a precision when eps_grams * s_1 > _STEEPNESS * eps_out * (s_r + s_{r+1}), where the Gram
-# route's predicted error exceeds the QR route's. Measured, the errors cross near s_1 / (s_r + s_{r+1}) = 5;
-# 3 keeps a margin (below it the Gram route's error was at most 0.98 times the QR route's).
+# Step up a precision when eps_grams * s_1 > _STEEPNESS * eps_out * (s_r + s_{r+1}): from there on the Gram
+# route's predicted error approaches the QR route's. Measured (benchmarks/gram_route_study.py, BENCHMARKS.md):
+# in float32 the Gram route lost to the QR route in some products from a steepness s_1 / (s_r + s_{r+1}) of
+# 4 on and in the median from about 7, never below 4; 3 keeps a margin.
 _STEEPNESS = 3.0
 # Right singular vectors must be orthonormal to this many eps of the output dtype, or the layer steps up.
 _ORTHONORMALITY_EPS = 100.0
@@ -98,7 +100,9 @@ def svd_of_products(
         _check_top(B, A, top)
 
     results: list[ProductSVD | None] = [None] * len(products)
-    pending = list(range(len(products)))
+    # With R > in, A A^T is singular whatever the precision: straight to the QR route.
+    pending = [i for i, (_, A) in enumerate(products) if A.shape[0] <= A.shape[1]]
+    singular = [i for i, (_, A) in enumerate(products) if A.shape[0] > A.shape[1]]
     gram_precisions = (torch.float32, torch.float64) if dtype == torch.float32 else (torch.float64,)
     with _full_precision_float32_matmuls():
         for precision in gram_precisions:
@@ -108,6 +112,7 @@ def svd_of_products(
                     if step is not None and step[1]:
                         results[index] = step[0]
                 pending = [index for index in pending if results[index] is None]
+        pending += singular
         if pending:
             exact = qr_svd_of_products([products[i] for i in pending], [tops[i] for i in pending], dtype=torch.float64)
             for index, svd in zip(pending, exact):
@@ -247,10 +252,11 @@ def _gram_step(
         lambda _, group: _small_parts(group, precision=precision, out_dtype=out_dtype),
     )
 
+    # Back to the factors in reverse order: the last layers' factors are still in cache from their Grams.
     mapped = [
         (*_map_back(B, A, part, tops[index]), part) if part.factored and (part.sharp or keep_unresolved) else None
-        for index, (B, A), part in zip(indices, factors, parts)
-    ]
+        for index, (B, A), part in reversed(list(zip(indices, factors, parts)))
+    ][::-1]
     # Right vectors that are not orthonormal betray an ill-conditioned A A^T.
     defects = iter(_orthonormality_defects([entry[1] for entry in mapped if entry is not None]))
     tolerance = _ORTHONORMALITY_EPS * torch.finfo(out_dtype).eps
