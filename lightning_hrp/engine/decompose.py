@@ -340,15 +340,8 @@ def _small_parts(group: list[tuple[Tensor, Tensor, int]], *, precision: torch.dt
     left = left.mT.to(device=device, dtype=precision, memory_format=torch.contiguous_format)
     S = S.to(device=device, dtype=out_dtype)
     return [
-        _SmallParts(
-            S=S[i],
-            right=right[i],
-            left=left[i],
-            factored=bool(factored[i]),
-            sharp=bool(sharp[i]),
-            complete_left=bool(complete_left[i]),
-        )
-        for i in range(len(group))
+        _SmallParts(S=S[i], right=right[i], left=left[i], factored=f, sharp=sh, complete_left=c)
+        for i, (f, sh, c) in enumerate(zip(factored.tolist(), sharp.tolist(), complete_left.tolist()))
     ]
 
 
