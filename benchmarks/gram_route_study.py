@@ -35,10 +35,13 @@ def sin_largest_angle(Vh: torch.Tensor, Vh_reference: torch.Tensor) -> float:
     return torch.linalg.matrix_norm(V - V_reference @ (V_reference.mT @ V), ord=2).item()
 
 
-def spread_product(out: int, inp: int, rank: int, decades: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def spread_product(
+    out: int, inp: int, rank: int, decades: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``A`` Gaussian; ``B`` with singular values log-spaced over ``decades`` (jittered), in float32."""
     spread = torch.logspace(0, -decades, rank, dtype=torch.float64)
-    spread = (spread * (1 + 0.3 * torch.rand(rank, generator=generator, dtype=torch.float64))).sort(descending=True).values
+    jitter = 1 + 0.3 * torch.rand(rank, generator=generator, dtype=torch.float64)
+    spread = (spread * jitter).sort(descending=True).values
     left = torch.randn(out, rank, generator=generator, dtype=torch.float64) / math.sqrt(out)
     rotation = torch.linalg.qr(torch.randn(rank, rank, generator=generator, dtype=torch.float64)).Q
     A = torch.randn(rank, inp, generator=generator, dtype=torch.float64) / math.sqrt(inp)
@@ -74,7 +77,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> list[tuple[float, float, f
                     reference = decompose.qr_svd_of_product(B, A, dtype=torch.float64)
                     S = reference.S
                     steepness = (S[0] / (S[top - 1] + S[top])).item()
-                    samples.append((steepness, sin_largest_angle(gram.Vh, reference.Vh[:top]), sin_largest_angle(qr.Vh, reference.Vh[:top])))
+                    errors = (sin_largest_angle(svd.Vh, reference.Vh[:top]) for svd in (gram, qr))
+                    samples.append((steepness, *errors))
     clock.stop()
 
     machine = machine_line(torch.device("cpu"))

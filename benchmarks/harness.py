@@ -111,7 +111,9 @@ def measure_interleaved(
             walls[name].append(wall)
             cpus[name].append(cpu)
             spent += wall
-    return {name: Timing(seconds=walls[name] if clock == "wall" else cpus[name], wall_seconds=walls[name]) for name in names}
+    return {
+        name: Timing(seconds=walls[name] if clock == "wall" else cpus[name], wall_seconds=walls[name]) for name in names
+    }
 
 
 def paired_ratio(numerator: Timing, denominator: Timing) -> float:
@@ -156,7 +158,9 @@ class RunClock:
         return self
 
 
-def header_lines(script: str, argv: Sequence[str], machine: str, load_before: float, load_after: float, seconds: float) -> list[str]:
+def header_lines(
+    script: str, argv: Sequence[str], machine: str, load_before: float, load_after: float, seconds: float
+) -> list[str]:
     """The first lines of every report: the command, the machine, the load and the run time."""
     return [
         f"Command: python -m benchmarks.{script} {' '.join(argv)}".rstrip(),

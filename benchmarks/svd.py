@@ -617,7 +617,8 @@ def run_and_report(args: argparse.Namespace, argv: list[str]) -> list[SetRow]:
         for factors in args.factors:
             for rank in args.ranks:
                 # Progress on stderr, so that stdout stays a clean report.
-                print(f"[{time.perf_counter() - clock.started:6.0f} s] {set_name}, {factors}, R={rank}", file=sys.stderr, flush=True)
+                elapsed = time.perf_counter() - clock.started
+                print(f"[{elapsed:6.0f} s] {set_name}, {factors}, R={rank}", file=sys.stderr, flush=True)
                 rows.extend(run_set(LAYER_SETS[set_name], rank, factors, args, dtype))
     clock.stop()
 

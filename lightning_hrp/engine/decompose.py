@@ -166,7 +166,9 @@ def gram_route_only(
     return [None if step is None else step[0] for step in steps]
 
 
-def qr_svd_of_product(B: Tensor, A: Tensor, *, top: int | None = None, dtype: torch.dtype = torch.float32) -> ProductSVD:
+def qr_svd_of_product(
+    B: Tensor, A: Tensor, *, top: int | None = None, dtype: torch.dtype = torch.float32
+) -> ProductSVD:
     """The QR route (spec section 2): thin QRs of ``B`` and ``A^T``, SVD of the ``R x R`` core.
 
     Backward stable whatever the factors' conditioning; :func:`svd_of_products` uses it for the
@@ -296,7 +298,9 @@ def _map_back(B: Tensor, A: Tensor, part: _SmallParts, top: int) -> tuple[Tensor
     return U, (part.right[:top] * signs[:, None]) @ A
 
 
-def _small_parts(group: list[tuple[Tensor, Tensor, int]], *, precision: torch.dtype, out_dtype: torch.dtype) -> list[_SmallParts]:
+def _small_parts(
+    group: list[tuple[Tensor, Tensor, int]], *, precision: torch.dtype, out_dtype: torch.dtype
+) -> list[_SmallParts]:
     """The float64 ``R x R`` work of layers with equal ``R``, batched: Cholesky, ``K``, eigh, criteria."""
     G_A = torch.stack([g[0] for g in group]).to(device=_SMALL_WORK_DEVICE, dtype=torch.float64)
     G_B = torch.stack([g[1] for g in group]).to(device=_SMALL_WORK_DEVICE, dtype=torch.float64)
