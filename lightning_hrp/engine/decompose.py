@@ -271,7 +271,8 @@ def _gram_step(
         B, A = products[index]
         k = min(B.shape[0], A.shape[1], B.shape[1])
         svd = ProductSVD(U.to(out_dtype), part.S[:k], Vh.to(out_dtype))
-        steps.append((svd, part.sharp and next(defects) <= tolerance))
+        defect = next(defects)
+        steps.append((svd, part.sharp and defect <= tolerance))
     return steps
 
 
