@@ -13,19 +13,17 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
 from lightning_hrp._validation import check_int
 from lightning_hrp.engine.batches import CycledBatches, generators_restored, with_own_workers
-from lightning_hrp.engine.distributed import rank_and_world_size
 from lightning_hrp.engine.init_rules import DirectionScale, InitRule
 from lightning_hrp.engine.preheat import PreheatMode
 from lightning_hrp.engine.preheat_loop import BatchSteps, isolated_rng
 from lightning_hrp.errors import HRPConfigurationError
 from lightning_hrp.options import HRPOptions, OnFailure, OptimizerFactory, SvdDtype
-from lightning_hrp.orchestration import EntryPoint, preheat_and_initialise
+from lightning_hrp.orchestration import EntryPoint, forward_communicates, preheat_and_initialise
 from lightning_hrp.report import HRPReport
 
 LossFunction = Callable[[nn.Module, Any], "Tensor | None"]
@@ -133,7 +131,7 @@ class _FunctionEntry(EntryPoint):
                 "module does): a forward through it would prepare DDP's reducer for a backward that never reaches "
                 "it. Pass the wrapper's module instead (with Fabric: hrp_init(model.module, ...))."
             )
-        super().__init__(network, model, accumulate=accumulate, collective_model=_forward_communicates(network))
+        super().__init__(network, model, accumulate=accumulate, collective_model=forward_communicates(network))
         self.batches = batches
         self.loss_fn = loss_fn
 
@@ -153,9 +151,3 @@ class _FunctionEntry(EntryPoint):
             )
         return loss
 
-
-def _forward_communicates(network: nn.Module) -> bool:
-    """Whether a forward/backward of ``network`` issues collectives: FSDP (1 or 2) or SyncBatchNorm on several processes."""
-    if rank_and_world_size()[1] == 1:
-        return False
-    return any(isinstance(m, (FSDPModule, FullyShardedDataParallel, nn.SyncBatchNorm)) for m in network.modules())

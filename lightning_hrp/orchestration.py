@@ -19,6 +19,7 @@ from contextlib import AbstractContextManager
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 from torch.optim import Optimizer
 
 from lightning_hrp.engine.decompose import energy_kept
@@ -281,6 +282,16 @@ def _initialise(
             "LoRA rank: with init_rule='keep_progress' their directions beyond that rank start at zero in both A "
             "and B and get no gradient in the main run. Use init_rule='direction', or more preheat_steps."
         )
+
+
+def forward_communicates(network: nn.Module) -> bool:
+    """Whether a forward/backward of ``network`` issues collectives: FSDP (1 or 2) or SyncBatchNorm on several processes.
+
+    ``network`` is what the preheat forward runs through; a DDP wrapper around it does not count.
+    """
+    if rank_and_world_size()[1] == 1:
+        return False
+    return any(isinstance(m, (FSDPModule, FullyShardedDataParallel, nn.SyncBatchNorm)) for m in network.modules())
 
 
 def warn_on_rank_zero(message: str) -> None:
