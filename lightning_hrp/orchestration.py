@@ -26,6 +26,7 @@ from lightning_hrp.engine.decompose import energy_kept
 from lightning_hrp.engine.distributed import broadcast_int, rank_and_world_size, read_lora_weights
 from lightning_hrp.engine.lora import LoraTarget, find_lora_targets
 from lightning_hrp.engine.preheat import PreheatAdapters
+from lightning_hrp.engine.quantized import cpu_inference_packed_layers
 from lightning_hrp.engine.preheat_loop import (
     BatchSteps,
     RestoreFailedError,
@@ -129,6 +130,14 @@ def preheat_and_initialise(options: HRPOptions, entry: EntryPoint) -> HRPReport 
     all_targets = find_lora_targets(entry.model, options.adapter_name)
     targets = [t for t in all_targets if t.trainable]
     check_targets(options, all_targets, targets, entry.warn)
+    packed = cpu_inference_packed_layers(entry.model)
+    if packed:
+        raise HRPConfigurationError(
+            f"bitsandbytes repacked {len(packed)} 4-bit layer(s) (e.g. {packed[0]}) for CPU inference at an eval-mode "
+            "forward without gradients, and such a layer passes no gradient back to its input: neither preheating "
+            "nor training can reach the LoRA layers before it. Call model.state_dict() once to unpack them, and run "
+            "no eval-mode forward (evaluation, a sanity check, generation) before training."
+        )
     frozen = [t.name for t in all_targets if not t.trainable]
     if frozen:
         entry.info(
