@@ -1,5 +1,6 @@
 """``HRPTrainerCallback`` in a real transformers ``Trainer`` on CPU, with a tiny Llama built from a config."""
 
+import ast
 import warnings
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from accelerate.state import GradientState
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+import lightning_hrp
 from lightning_hrp import HRPConfigurationError
 from lightning_hrp.integrations.transformers import HRPTrainerCallback
 from modules import lora_weights, tiny_llama, token_dataset
@@ -166,3 +168,20 @@ def test_a_resumed_run_does_not_preheat_again_and_a_checkpoint_without_hrp_is_re
         warnings.simplefilter("ignore")
         with pytest.raises(HRPConfigurationError, match="without HRP"):
             refused.train(resume_from_checkpoint=str(tmp_path / "plain" / "checkpoint-2"))
+
+
+def test_only_the_integration_imports_transformers():
+    # peft imports transformers itself, so the check is on lightning_hrp's own import statements.
+    package = Path(lightning_hrp.__file__).parent
+    importers = set()
+    for path in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                modules = [node.module]
+            else:
+                continue
+            if any(module.split(".")[0] in ("transformers", "accelerate") for module in modules):
+                importers.add(path.relative_to(package).as_posix())
+    assert importers == {"integrations/transformers.py"}
