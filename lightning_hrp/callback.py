@@ -1,9 +1,11 @@
 """``HRPPreheatCallback``: High-Rank Preheating as one line in a Lightning ``Trainer``.
 
-Thin Lightning glue over :mod:`lightning_hrp.engine` (the preheat loop, the decomposition) and
-:mod:`lightning_hrp._lightning` (the Lightning internals), in the manner of Lightning's
-``LearningRateFinder`` over its tuner: arguments are checked in ``__init__``, the strategy in
-``setup``, and the work happens once, at ``on_train_start``, on the already wrapped model.
+Thin Lightning glue over :func:`lightning_hrp.orchestration.preheat_and_initialise` (the HRP run
+every entry point shares) and :mod:`lightning_hrp._lightning` (the Lightning internals), in the
+manner of Lightning's ``LearningRateFinder`` over its tuner: arguments are checked in ``__init__``,
+the strategy in ``setup``, and the work happens once, at ``on_train_start``, on the already wrapped
+model. What is Lightning's own here: the batches, ``training_step`` and the backward through the
+strategy and its precision plugin, SIGTERM, logging to the Trainer's loggers, checkpointed state.
 """
 
 from __future__ import annotations
@@ -107,21 +109,7 @@ class HRPPreheatCallback(Callback):
         track_subspace_drift: bool = False,
         drift_tolerance: float | None = None,
     ) -> None:
-        self.options = HRPOptions(
-            preheat_rank=preheat_rank,
-            preheat_steps=preheat_steps,
-            mode=mode,
-            init_rule=init_rule,
-            direction_scale=direction_scale,
-            preheat_lr=preheat_lr,
-            preheat_optimizer=preheat_optimizer,
-            adapter_name=adapter_name,
-            seed=seed,
-            svd_dtype=svd_dtype,
-            on_failure=on_failure,
-            track_subspace_drift=track_subspace_drift,
-            drift_tolerance=drift_tolerance,
-        )
+        self.options = HRPOptions.from_arguments(locals())
         check_bool("log_layer_metrics", log_layer_metrics)
         self.log_layer_metrics = log_layer_metrics
         self.report: HRPReport | None = None

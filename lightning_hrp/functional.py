@@ -67,10 +67,11 @@ def hrp_init(
     Args:
         model: A module holding peft LoRA layers: plain, wrapped in ``DistributedDataParallel``, or
             sharded with ``fully_shard`` (FSDP2) or FSDP1. Under DDP, ``loss_fn`` gets the module
-            inside the wrapper (``model.module``): a forward through DDP would prepare its reducer for
-            a backward that never reaches it (preheating computes no gradient for the model's own
-            parameters). A DDP inside another wrapper (Lightning Fabric's) is refused: pass the
-            wrapper's module (``fabric_model.module``).
+            inside the wrapper (``model.module``): a forward through DDP would broadcast buffers and
+            arm its reducer for a backward that brings it no gradient (preheating computes none for
+            the model's own parameters), collectives HRP does not need and that a rank failing before
+            its forward would leave the others waiting in. A DDP inside another wrapper (Lightning
+            Fabric's) is refused: pass the wrapper's module (``fabric_model.module``).
         batches: Batches already on the model's device (a DataLoader, a list, a generator); a
             re-iterable is cycled if shorter than needed (one warning), a one-shot iterator is not.
         loss_fn: ``loss_fn(model, batch)`` returns the batch's loss as a scalar tensor, or ``None`` to
@@ -92,21 +93,7 @@ def hrp_init(
             restoring the adapters bit for bit).
         PreheatFailedError: A failed preheat with ``on_failure="raise"``, after restoring the adapters.
     """
-    options = HRPOptions(
-        preheat_rank=preheat_rank,
-        preheat_steps=preheat_steps,
-        mode=mode,
-        init_rule=init_rule,
-        direction_scale=direction_scale,
-        preheat_lr=preheat_lr,
-        preheat_optimizer=preheat_optimizer,
-        adapter_name=adapter_name,
-        seed=seed,
-        svd_dtype=svd_dtype,
-        on_failure=on_failure,
-        track_subspace_drift=track_subspace_drift,
-        drift_tolerance=drift_tolerance,
-    )
+    options = HRPOptions.from_arguments(locals())
     check_int("accumulate_grad_batches", accumulate_grad_batches, minimum=1)
     if not isinstance(model, nn.Module):
         raise HRPConfigurationError(f"model must be a torch.nn.Module holding peft LoRA layers, got {type(model).__name__}.")
@@ -128,8 +115,10 @@ class _FunctionEntry(EntryPoint):
         if nested:
             raise HRPConfigurationError(
                 f"model holds a DistributedDataParallel at {nested[0]!r} inside another wrapper (as Lightning Fabric's "
-                "module does): a forward through it would prepare DDP's reducer for a backward that never reaches "
-                "it. Pass the wrapper's module instead (with Fabric: hrp_init(model.module, ...))."
+                "module does). hrp_init runs the preheat forward on the module inside DDP, since a forward through DDP "
+                "broadcasts buffers and arms its reducer (collectives that a rank failing before its forward would "
+                "leave the others waiting in), and cannot reach it here. Pass the wrapper's module instead (with "
+                "Fabric: hrp_init(model.module, ...))."
             )
         super().__init__(network, model, accumulate=accumulate, collective_model=forward_communicates(network))
         self.batches = batches

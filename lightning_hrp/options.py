@@ -7,9 +7,9 @@ LightningCLI and jsonargparse see every option with its type) and builds one of 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -76,6 +76,15 @@ class HRPOptions:
             raise HRPConfigurationError(f"seed must be an int in [0, 2**63) or None (seed_everything's), got {seed!r}.")
         if self.adapter_name is not None and not isinstance(self.adapter_name, str):
             raise HRPConfigurationError(f"adapter_name must be a str or None, got {self.adapter_name!r}.")
+
+    @classmethod
+    def from_arguments(cls, arguments: Mapping[str, Any]) -> HRPOptions:
+        """The options among an entry point's arguments (its ``locals()`` on entry), checked.
+
+        Every entry point keeps its own explicit keyword signature (LightningCLI and jsonargparse read
+        it); ``tests/test_options.py`` checks that each one takes every option, with the same default.
+        """
+        return cls(**{field.name: arguments[field.name] for field in fields(cls) if field.name in arguments})
 
     @property
     def tracks_drift(self) -> bool:

@@ -116,7 +116,8 @@ def preheat_and_initialise(options: HRPOptions, entry: EntryPoint) -> HRPReport 
         adapters then keep their untouched init, and every rank warned).
 
     Raises:
-        HRPConfigurationError: Whatever ``on_failure`` says.
+        HRPConfigurationError: Bad input (before anything changes, or found while preheating, after the
+            restore), whatever ``on_failure`` says.
         PreheatFailedError: A failed preheat with ``on_failure="raise"``.
         RestoreFailedError: Restoring the originals failed.
         PreheatStopped: A stop was requested on some rank (after restoring).

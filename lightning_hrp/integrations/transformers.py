@@ -93,21 +93,7 @@ class HRPTrainerCallback(TrainerCallback):
         track_subspace_drift: bool = False,
         drift_tolerance: float | None = None,
     ) -> None:
-        self.options = HRPOptions(
-            preheat_rank=preheat_rank,
-            preheat_steps=preheat_steps,
-            mode=mode,
-            init_rule=init_rule,
-            direction_scale=direction_scale,
-            preheat_lr=preheat_lr,
-            preheat_optimizer=preheat_optimizer,
-            adapter_name=adapter_name,
-            seed=seed,
-            svd_dtype=svd_dtype,
-            on_failure=on_failure,
-            track_subspace_drift=track_subspace_drift,
-            drift_tolerance=drift_tolerance,
-        )
+        self.options = HRPOptions.from_arguments(locals())
         check_bool("log_layer_metrics", log_layer_metrics)
         self.log_layer_metrics = log_layer_metrics
         self.report: HRPReport | None = None
