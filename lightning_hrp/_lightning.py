@@ -8,8 +8,6 @@ is why ``pyproject.toml`` pins ``lightning`` to the minor series the tests run o
 
 from __future__ import annotations
 
-import copy
-import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -24,16 +22,16 @@ from lightning.pytorch.trainer.connectors.logger_connector.result import _Result
 from lightning.pytorch.utilities import CombinedLoader
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
+from lightning_hrp.engine.batches import (  # generators_restored: for lightning_hrp.inits
+    generator_states,
+    generators_restored,
+    restore_generator_states,
+    with_own_workers,
+)
 from lightning_hrp.engine.preheat_loop import interrupts_deferred, isolated_rng
 from lightning_hrp.errors import HRPConfigurationError
-
-# The x-axis of every per-preheat-step metric (W&B charts them against it; CSV gets a column).
-PREHEAT_STEP = "hrp/preheat_step"
-# peft's wrappers between a LightningModule attribute and the user's network: PeftModel.base_model
-# (the LoraModel) and LoraModel.model.
-_PEFT_WRAPPER = re.compile(r"^(?:.*\.)?base_model\.model\.")
+from lightning_hrp.report import PREHEAT_STEP
 
 
 def batch_to_device(trainer: pl.Trainer, batch: Any, *, device: torch.device | None = None) -> Any:
@@ -148,9 +146,9 @@ class MainRunBatches:
                 f"The train data includes a one-shot iterator ({one_shot[0]}); HRP would consume the main run's "
                 "batches from it. Return a DataLoader or another re-iterable."
             )
-        self._generator_states = _generator_states(main.flattened)
+        self._generator_states = generator_states(main.flattened)
         self._combined = CombinedLoader(main.iterables, mode)
-        self._combined.flattened = [_with_own_workers(loader) for loader in main.flattened]
+        self._combined.flattened = [with_own_workers(loader) for loader in main.flattened]
         self._combined.limits = main.limits
         self.per_pass = trainer.num_training_batches
 
@@ -169,55 +167,7 @@ class MainRunBatches:
     def close(self) -> None:
         """Shut down the worker processes HRP started; give the shuffling generators back their state."""
         self._combined.reset()
-        _restore_generator_states(self._generator_states)
-
-
-def _with_own_workers(loader: Any) -> Any:
-    """``loader``, or for a DataLoader with persistent workers a copy that starts workers of its own."""
-    if isinstance(loader, DataLoader) and loader.persistent_workers and loader.num_workers > 0:
-        own = copy.copy(loader)
-        own._iterator = None  # private: the shared persistent iterator is the main run's
-        return own
-    return loader
-
-
-@contextmanager
-def generators_restored(loaders: Sequence[Any]) -> Iterator[None]:
-    """Give the torch.Generators the loaders shuffle with (worker seeds, random samplers) their state back afterwards."""
-    states = _generator_states(loaders)
-    try:
-        yield
-    finally:
-        _restore_generator_states(states)
-
-
-def _generator_states(loaders: Sequence[Any]) -> list[tuple[torch.Generator, Tensor]]:
-    """The state of every torch.Generator the loaders' iterators draw from (worker seeds, random samplers)."""
-    generators: list[torch.Generator] = []
-    for loader in loaders:
-        if not isinstance(loader, DataLoader):
-            continue
-        samplers = [loader.sampler]
-        if isinstance(loader.batch_sampler, BatchSampler):
-            samplers.append(loader.batch_sampler.sampler)
-        candidates = [loader.generator] + [s.generator for s in samplers if isinstance(s, RandomSampler)]
-        generators += [g for g in candidates if isinstance(g, torch.Generator)]
-    return [(g, g.get_state()) for g in dict.fromkeys(generators)]
-
-
-def _restore_generator_states(states: list[tuple[torch.Generator, Tensor]]) -> None:
-    for generator, state in states:
-        generator.set_state(state)
-
-
-def metric_layer_names(names: Sequence[str]) -> list[str]:
-    """Layer names for metrics: the path inside the user's network, without peft's wrapper prefix.
-
-    ``model.base_model.model.bert.encoder.layer.0...`` becomes ``bert.encoder.layer.0...``; where
-    shortening would make two names equal, the full names are kept.
-    """
-    short = [_PEFT_WRAPPER.sub("", name) for name in names]
-    return short if len(set(short)) == len(short) else list(names)
+        restore_generator_states(self._generator_states)
 
 
 def define_preheat_step_axis(trainer: pl.Trainer, metrics: Sequence[str]) -> None:

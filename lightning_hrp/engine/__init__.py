@@ -2,8 +2,9 @@
 
 Finding LoRA layers (:mod:`.lora`), rank-R preheat adapters outside the model (:mod:`.preheat`),
 the exact batched decomposition (:mod:`.decompose`), the init rules (:mod:`.init_rules`), the
-collectives for multi-process runs (:mod:`.distributed`) and the preheat loop every entry point
-shares (:mod:`.preheat_loop`).
+collectives for multi-process runs (:mod:`.distributed`), the preheat loop every entry point
+shares (:mod:`.preheat_loop`), reading batches without disturbing the main run (:mod:`.batches`)
+and what quantized bases need (:mod:`.quantized`).
 """
 
 from lightning_hrp.engine.decompose import ProductSVD, svd_of_product, svd_of_products

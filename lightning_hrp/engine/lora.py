@@ -96,8 +96,8 @@ def find_lora_targets(model: nn.Module, adapter_name: str | None = None) -> list
     if adapter_name is None:
         if len(adapters) != 1:
             raise HRPConfigurationError(
-                f"The model holds several LoRA adapters {adapters}; choose one with "
-                "HRPPreheatCallback(adapter_name=...)."
+                f"The model holds several LoRA adapters {adapters}; choose one with adapter_name=... "
+                "(an option of every HRP entry point)."
             )
         adapter_name = adapters[0]
     elif adapter_name not in adapters:

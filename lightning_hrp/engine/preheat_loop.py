@@ -1,7 +1,7 @@
 """The preheat loop and the decomposition step, shared by every entry point: plain torch, no Lightning.
 
-An entry point (the Lightning callback; a plain-PyTorch ``hrp_init`` later) supplies what one batch
-is and how it becomes a loss and a backward pass (:class:`BatchSteps`). This module does the rest:
+An entry point (through :mod:`lightning_hrp.orchestration`) supplies what one batch is and how it
+becomes a loss and a backward pass (:class:`BatchSteps`). This module does the rest:
 optimizer steps with gradient accumulation, one all-reduce per step of the preheat gradients that
 also carries every rank's failure flags, agreement on failure so that no rank is left waiting in a
 collective, the finite and "learned something" checks, subspace-drift tracking, and leaving the

@@ -93,6 +93,18 @@ def regression_data(seed: int = 0) -> TensorDataset:
     return TensorDataset(x, torch.sin(x @ mixing) + 0.5 * x)
 
 
+def toy_lora_network() -> nn.Module:
+    """Two residual blocks with peft LoRA on both linears: the same base weights and LoRA init in every process and call."""
+    torch.manual_seed(0)
+    config = LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules=["up", "down"], lora_dropout=0.0)
+    return get_peft_model(_Net(), config)
+
+
+def toy_loss(model: nn.Module, batch: list[Tensor]) -> Tensor:
+    x, y = batch
+    return torch.nn.functional.mse_loss(model(x), y)
+
+
 class ToyLoRARegression(pl.LightningModule):
     """Two LoRA-adapted residual blocks fitting :func:`regression_data` with a mean squared error.
 
@@ -106,9 +118,7 @@ class ToyLoRARegression(pl.LightningModule):
         super().__init__()
         self.batch_size = batch_size
         self.fully_shard_blocks = fully_shard_blocks
-        torch.manual_seed(0)  # the same base weights and LoRA init in every process and every run
-        config = LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules=["up", "down"], lora_dropout=0.0)
-        self.model = get_peft_model(_Net(), config)
+        self.model = toy_lora_network()
         self.training_step_calls = 0
 
     def configure_model(self) -> None:
@@ -590,19 +600,24 @@ def run_worker(
     failure_runs: tuple[str, ...] = (),
     collective_timeout: float | None = None,
 ) -> int:
-    """Run :mod:`hrp_dist_worker` as a script and return its exit status; its output goes to ``out_dir/worker.log``.
+    """Run :mod:`hrp_dist_worker` as a script and return its exit status; its output goes to ``out_dir/worker.log``."""
+    arguments = [
+        "--runs", ",".join(runs), "--failure-runs", ",".join(failure_runs), "--accelerator", accelerator,
+        "--devices", str(devices), "--precision", precision, "--batch-size", str(BATCH_SIZE), "--out", str(out_dir),
+    ]  # fmt: skip
+    if collective_timeout is not None:
+        arguments += ["--collective-timeout", str(collective_timeout)]
+    return run_script(WORKER, arguments, out_dir, timeout)
+
+
+def run_script(script: Path, arguments: list[str], out_dir: Path, timeout: float) -> int:
+    """Run a multi-process worker script and return its exit status; its output goes to ``out_dir/worker.log``.
 
     Lightning re-runs the script for the other ranks, as children of rank 0. The worker gets a
     session of its own, so that on timeout the whole tree is ended, not just rank 0.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    command = [
-        sys.executable, str(WORKER), "--runs", ",".join(runs), "--failure-runs", ",".join(failure_runs),
-        "--accelerator", accelerator, "--devices", str(devices), "--precision", precision,
-        "--batch-size", str(BATCH_SIZE), "--out", str(out_dir),
-    ]  # fmt: skip
-    if collective_timeout is not None:
-        command += ["--collective-timeout", str(collective_timeout)]
+    command = [sys.executable, str(script), *arguments]
     # Without PL_GLOBAL_SEED the ranks' RNGs differ, which the seed broadcast must overcome.
     env = {k: v for k, v in os.environ.items() if k not in ("PL_GLOBAL_SEED", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
     # The script's own folder comes first on its path; the repository root makes lightning_hrp importable

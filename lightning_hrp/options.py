@@ -1,0 +1,117 @@
+"""HRP's options, checked once, shared by every entry point (plain torch: no Lightning, no transformers).
+
+:class:`HRPOptions` holds what every entry point takes (the Lightning callback, :func:`lightning_hrp.hrp_init`,
+the transformers callback); each entry point keeps its own explicit keyword signature (so that
+LightningCLI and jsonargparse see every option with its type) and builds one of these from it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+from torch.optim import AdamW, Optimizer
+
+from lightning_hrp._validation import check_bool, check_choice, check_int, is_positive_number
+from lightning_hrp.engine.init_rules import DirectionScale, InitRule
+from lightning_hrp.engine.preheat import PreheatMode
+from lightning_hrp.errors import HRPConfigurationError
+
+OnFailure = Literal["raise", "continue"]
+SvdDtype = Literal["float32", "float64"]
+OptimizerFactory = Callable[[Iterable[Tensor]], Optimizer]
+
+
+@dataclass(frozen=True)
+class HRPOptions:
+    """Every option of one HRP run, checked on construction (an :class:`HRPConfigurationError` names the argument).
+
+    See :class:`lightning_hrp.HRPPreheatCallback` for what each option means.
+    """
+
+    preheat_rank: int
+    preheat_steps: int
+    mode: PreheatMode = "classic"
+    init_rule: InitRule = "direction"
+    direction_scale: DirectionScale = "match_init_norm"
+    preheat_lr: float | None = None
+    preheat_optimizer: OptimizerFactory | None = None
+    adapter_name: str | None = None
+    seed: int | None = None
+    svd_dtype: SvdDtype = "float32"
+    on_failure: OnFailure = "raise"
+    track_subspace_drift: bool = False
+    drift_tolerance: float | None = None
+
+    def __post_init__(self) -> None:
+        check_int("preheat_rank", self.preheat_rank, minimum=2)
+        check_int("preheat_steps", self.preheat_steps, minimum=1)
+        check_choice("mode", self.mode, PreheatMode)
+        check_choice("init_rule", self.init_rule, InitRule)
+        check_choice("direction_scale", self.direction_scale, DirectionScale)
+        check_choice("svd_dtype", self.svd_dtype, SvdDtype)
+        check_choice("on_failure", self.on_failure, OnFailure)
+        check_bool("track_subspace_drift", self.track_subspace_drift)
+        if self.preheat_lr is not None and not is_positive_number(self.preheat_lr):
+            raise HRPConfigurationError(
+                f"preheat_lr must be a positive number or None (the main optimizer's), got {self.preheat_lr!r}."
+            )
+        if self.preheat_optimizer is not None and not callable(self.preheat_optimizer):
+            raise HRPConfigurationError(
+                f"preheat_optimizer must be a callable params -> Optimizer (e.g. functools.partial(torch.optim.SGD, "
+                f"lr=0.1)) or None, got {self.preheat_optimizer!r}."
+            )
+        if self.preheat_lr is not None and self.preheat_optimizer is not None:
+            raise HRPConfigurationError(
+                "Give either preheat_lr (for the default AdamW) or preheat_optimizer (which sets its own "
+                "learning rate), not both."
+            )
+        if self.drift_tolerance is not None and not (isinstance(self.drift_tolerance, float) and 0 < self.drift_tolerance < 1):
+            raise HRPConfigurationError(f"drift_tolerance must be a float in (0, 1) or None, got {self.drift_tolerance!r}.")
+        seed = self.seed
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+            raise HRPConfigurationError(f"seed must be an int in [0, 2**63) or None (seed_everything's), got {seed!r}.")
+        if self.adapter_name is not None and not isinstance(self.adapter_name, str):
+            raise HRPConfigurationError(f"adapter_name must be a str or None, got {self.adapter_name!r}.")
+
+    @classmethod
+    def from_arguments(cls, arguments: Mapping[str, Any]) -> HRPOptions:
+        """The options among an entry point's arguments (its ``locals()`` on entry), checked.
+
+        Every entry point keeps its own explicit keyword signature (LightningCLI and jsonargparse read
+        it); ``tests/test_options.py`` checks that each one takes every option, with the same default.
+        """
+        return cls(**{field.name: arguments[field.name] for field in fields(cls) if field.name in arguments})
+
+    @property
+    def tracks_drift(self) -> bool:
+        """Whether the subspace drift is tracked (asked for, or needed by ``drift_tolerance``)."""
+        return self.track_subspace_drift or self.drift_tolerance is not None
+
+    @property
+    def needs_main_lr(self) -> bool:
+        """Whether the preheat learning rate is the main optimizer's (neither ``preheat_lr`` nor ``preheat_optimizer`` given)."""
+        return self.preheat_lr is None and self.preheat_optimizer is None
+
+    @property
+    def svd_torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.svd_dtype)
+
+    def make_optimizer(self, params: list[Tensor], main_lr: float | None) -> Optimizer:
+        """The preheat optimizer: ``preheat_optimizer``'s, or AdamW (no weight decay) at ``preheat_lr``, else at ``main_lr``."""
+        if self.preheat_optimizer is not None:
+            return self.preheat_optimizer(params)
+        return AdamW(params, lr=self.preheat_lr if self.preheat_lr is not None else main_lr, weight_decay=0.0)
+
+
+def initial_learning_rate(optimizer: Optimizer) -> float:
+    """The configured learning rate of ``optimizer``'s first parameter group.
+
+    A warm-up scheduler may have set ``lr`` to about 0 already; ``initial_lr`` (set by every torch
+    scheduler) is the configured value.
+    """
+    group = optimizer.param_groups[0]
+    return group.get("initial_lr", group["lr"])
