@@ -108,37 +108,37 @@ class Recipe:
 
 
 def _matrix_regression_data() -> pl.LightningDataModule:
-    from recipes.matrix_regression import MatrixRegressionDataModule
+    from lightning_hrp.recipes.matrix_regression import MatrixRegressionDataModule
 
     return MatrixRegressionDataModule(in_features=64, out_features=64, task_seed=0, batch_size=32)
 
 
 def _matrix_regression_model() -> pl.LightningModule:
-    from recipes.matrix_regression import MatrixRegressionModule
+    from lightning_hrp.recipes.matrix_regression import MatrixRegressionModule
 
     return MatrixRegressionModule(in_features=64, out_features=64, task_seed=0, lora_rank=4, lora_alpha=4.0)
 
 
 def _classification_data() -> pl.LightningDataModule:
-    from recipes.classification import RottenTomatoesDataModule
+    from lightning_hrp.recipes.classification import RottenTomatoesDataModule
 
     return RottenTomatoesDataModule(max_length=64, batch_size=32)
 
 
 def _classification_model() -> pl.LightningModule:
-    from recipes.classification import SequenceClassifier
+    from lightning_hrp.recipes.classification import SequenceClassifier
 
     return SequenceClassifier(lora_r=8, lora_alpha=16, learning_rate=1e-3)
 
 
 def _math_sft_data() -> pl.LightningDataModule:
-    from recipes.math_sft import MathSFTDataModule
+    from lightning_hrp.recipes.math_sft import MathSFTDataModule
 
     return MathSFTDataModule(train_size=1000, val_size=64, max_length=256, batch_size=4)
 
 
 def _math_sft_model() -> pl.LightningModule:
-    from recipes.math_sft import MathSFTModule
+    from lightning_hrp.recipes.math_sft import MathSFTModule
 
     return MathSFTModule(lora_rank=8, lora_alpha=16.0)
 

@@ -1,8 +1,8 @@
 """The ``lightning-hrp`` command.
 
-``lightning-hrp demo [options]`` runs the LoRA-versus-HRP demo (:mod:`recipes.demo`);
+``lightning-hrp demo [options]`` runs the LoRA-versus-HRP demo (:mod:`lightning_hrp.recipes.demo`);
 ``lightning-hrp compare --config recipes/configs/compare_*.yaml`` compares LoRA initialisations
-over learning rates and seeds (:mod:`recipes.compare`). Everything
+over learning rates and seeds (:mod:`lightning_hrp.recipes.compare`). Everything
 else goes to a ``LightningCLI`` in subclass mode, so a config picks its recipe by ``class_path``::
 
     lightning-hrp fit --config recipes/configs/matrix_regression_hrp.yaml
@@ -133,11 +133,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(format_help() + "lightning-hrp: error: give a subcommand.\n")
         return 2
     if args[0] == "demo":
-        from recipes.demo import main as demo_main
+        from lightning_hrp.recipes.demo import main as demo_main
 
         return demo_main(args[1:])
     if args[0] == "compare":
-        from recipes.compare import main as compare_main
+        from lightning_hrp.recipes.compare import main as compare_main
 
         return compare_main(args[1:])
     # With argv=None LightningCLI reads sys.argv itself (passing both makes it warn).

@@ -322,7 +322,7 @@ def execute_run(settings: CompareSettings, spec: MethodSpec, lr: float, seed: in
     """Fit, validate and test one run; write its folder; return its result."""
     from lightning.pytorch.loggers import CSVLogger
 
-    from recipes.cli import LightningHRPCLI
+    from lightning_hrp.recipes.cli import LightningHRPCLI
 
     directory = run_dir(settings, spec.label, lr, seed)
     if directory.exists():
@@ -816,7 +816,7 @@ def _quiet() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``lightning-hrp compare``."""
-    from recipes.cli import settings_from_command_line
+    from lightning_hrp.recipes.cli import settings_from_command_line
 
     args = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()

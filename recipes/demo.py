@@ -32,7 +32,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from lightning_hrp import HRPPreheatCallback
 from lightning_hrp.engine.preheat import PreheatMode
-from recipes.classification import RottenTomatoesDataModule, SequenceClassifier
+from lightning_hrp.recipes.classification import RottenTomatoesDataModule, SequenceClassifier
 
 # seed_everything's range (outside it Lightning warns and seeds 0 instead).
 Seed = restricted_number_type("Seed", int, [(">=", 0), ("<=", 2**32 - 1)])
@@ -345,7 +345,7 @@ def _quiet_libraries() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the demo; returns the process exit code."""
-    from recipes.cli import settings_from_command_line
+    from lightning_hrp.recipes.cli import settings_from_command_line
 
     parser = build_parser()
     settings = settings_from_command_line(parser, DemoSettings, list(argv or []))

@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import Callback
 from peft.tuners.lora import LoraLayer
 
 from lightning_hrp import HRPPreheatCallback
-from recipes.classification import (
+from lightning_hrp.recipes.classification import (
     GlueDataModule,
     LengthGroupedSampler,
     RottenTomatoesDataModule,

@@ -15,8 +15,8 @@ import pytest
 import torch
 import yaml
 
-from recipes.cli import main, parse
-from recipes.classification import default_model_path
+from lightning_hrp.recipes.cli import main, parse
+from lightning_hrp.recipes.classification import default_model_path
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "recipes" / "configs").rglob("*.yaml"))
@@ -49,7 +49,7 @@ def test_config_header_command_parses(config, monkeypatch):
     assert runs_itself, f"{relative} needs a header comment with its run command, e.g. lightning-hrp fit --config {relative}"
     for argv in commands:
         if argv[0] == "compare":  # a sweep over a recipe config, with its own parser
-            from recipes.compare import build_parser
+            from lightning_hrp.recipes.compare import build_parser
 
             build_parser().parse_args(argv[1:])
             continue
@@ -81,7 +81,7 @@ def test_hrp_callback_from_the_command_line():
     [
         ["--model.init_args.lora_rank=4"],  # no such argument (it is lora_r)
         ["--model.init_args.scheduler=exponential"],  # not one of the choices
-        ["--data.class_path=recipes.classification.NoSuchDataModule"],
+        ["--data.class_path=lightning_hrp.recipes.classification.NoSuchDataModule"],
         ["--trainer.callbacks+=lightning_hrp.HRPPreheatCallback", "--trainer.callbacks.mode=classic"],  # no rank/steps
     ],
 )
@@ -211,7 +211,7 @@ class _TrainingStarted(Exception):
     ],
 )
 def test_demo_checks_every_option_before_the_lora_run(extra, option, tiny_model_dir, tmp_path, monkeypatch, capsys):
-    from recipes import demo
+    from lightning_hrp.recipes import demo
 
     started = []
 
@@ -241,7 +241,7 @@ def test_callback_by_its_short_class_name():
     """`--trainer.callbacks+=HRPPreheatCallback` with a user's own module (here Lightning's BoringModel, which
     imports nothing of lightning_hrp), in a fresh process where nothing imported the callback before."""
     code = (
-        "from recipes.cli import parse\n"
+        "from lightning_hrp.recipes.cli import parse\n"
         "config = parse(['fit', '--model=lightning.pytorch.demos.boring_classes.BoringModel',\n"
         "                '--data=lightning.pytorch.demos.boring_classes.BoringDataModule',\n"
         "                '--trainer.callbacks+=HRPPreheatCallback',\n"
@@ -269,7 +269,7 @@ def test_full_demo(tmp_path, capsys):
     assert main(["demo", "--output_dir", str(tmp_path)]) == 0
     results = json.loads((tmp_path / "results.json").read_text())
     test_size = results["settings"]["test_size"]
-    from recipes.classification import default_rotten_tomatoes_path, load_rotten_tomatoes, split_rotten_tomatoes
+    from lightning_hrp.recipes.classification import default_rotten_tomatoes_path, load_rotten_tomatoes, split_rotten_tomatoes
 
     test_labels = [label for _, label in split_rotten_tomatoes(load_rotten_tomatoes(default_rotten_tomatoes_path()))["test"][:test_size]]
     majority = max(sum(test_labels), len(test_labels) - sum(test_labels)) / len(test_labels)

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from lightning_hrp.inits import InitMethod
-from recipes import compare as compare_module
-from recipes.compare import CompareSettings, MethodSpec, WandbSettings, compare, main
+from lightning_hrp.recipes import compare as compare_module
+from lightning_hrp.recipes.compare import CompareSettings, MethodSpec, WandbSettings, compare, main
 
 RECIPE = str(Path(__file__).resolve().parents[1] / "recipes" / "configs" / "matrix_regression_lora.yaml")
 TINY = {

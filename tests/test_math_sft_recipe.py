@@ -19,7 +19,7 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from lightning_hrp import HRPPreheatCallback
-from recipes.math_sft import (
+from lightning_hrp.recipes.math_sft import (
     IGNORE_INDEX,
     PROMPT_TEMPLATE,
     SMOLLM2_GGUF_FILE,

@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from lightning_hrp import HRPPreheatCallback
-from recipes.matrix_regression import MatrixRegressionDataModule, MatrixRegressionModule
+from lightning_hrp.recipes.matrix_regression import MatrixRegressionDataModule, MatrixRegressionModule
 
 SMALL_TASK = dict(in_features=32, out_features=24, task_seed=3, train_size=128, val_size=64, test_size=256)
 
@@ -187,7 +187,7 @@ import sys
 import lightning.pytorch as pl
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from lightning_hrp import HRPPreheatCallback
-from recipes.matrix_regression import MatrixRegressionDataModule, MatrixRegressionModule
+from lightning_hrp.recipes.matrix_regression import MatrixRegressionDataModule, MatrixRegressionModule
 
 pl.seed_everything(0)
 strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if sys.argv[1] == "model_parallel" else DDPStrategy()
