@@ -12,7 +12,7 @@ from torch import Tensor
 
 from lightning_hrp import HRPConfigurationError, HRPPreheatCallback
 from lightning_hrp.engine.baselines import lora_one_init, oracle_direction_init, top_singular_triplets
-from lightning_hrp.inits import INIT_METHODS, InitMethod, LoraInit, LoraOneInit
+from lightning_hrp.inits import INIT_METHODS, InitMethod, LoraInit, LoraOneInit, SetupTimeInit
 from lightning_hrp.recipes.matrix_regression import MatrixRegressionDataModule, MatrixRegressionModule
 
 IN, OUT, RANK = 16, 12, 2
@@ -81,6 +81,10 @@ def test_registry_documents_every_method() -> None:
         assert info.rule
     # Members are named by their value, so a YAML or command-line value is the name itself.
     assert all(m.name == m.value for m in InitMethod)
+    # A setup-time init reports itself under its method's name.
+    for method, info in INIT_METHODS.items():
+        if info.callback is not None and issubclass(info.callback, SetupTimeInit):
+            assert info.callback.name == method.value
 
 
 @pytest.mark.parametrize("method", [m for m in InitMethod if INIT_METHODS[m].keeps_output], ids=lambda m: m.value)
@@ -317,7 +321,7 @@ def test_token_models_start_where_the_registry_says(method: InitMethod, tiny_ber
 
 
 def test_eva_feeds_only_real_tokens_to_the_pca() -> None:
-    from lightning_hrp.inits import _layer_input_rows, _token_mask
+    from lightning_hrp.inits.eva import _layer_input_rows, _token_mask
 
     hidden = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(2, 3, 4)
     batch = {"input_ids": torch.ones(2, 3, dtype=torch.long), "attention_mask": torch.tensor([[1, 1, 0], [1, 0, 0]])}
