@@ -16,3 +16,6 @@ if __name__ != "lightning_hrp.recipes":
         "lightning_hrp.recipes.<module>.<Class>). An install or console script made before the move still "
         "says 'recipes': run `pip install -e .` (or `make setup`) again."
     )
+
+# The command's one-line description, shared by its top-level help and its LightningCLI parser.
+DESCRIPTION = "lightning-hrp: High-Rank Preheating (HRP) for LoRA as a Lightning callback."

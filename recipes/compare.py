@@ -25,18 +25,14 @@ Run: ``lightning-hrp compare --config recipes/configs/compare_matrix_regression.
 
 from __future__ import annotations
 
-import copy
 import csv
 import hashlib
 import json
-import logging
 import math
 import os
 import re
 import shutil
 import sys
-import time
-import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -46,6 +42,15 @@ from typing import Any, Literal
 import yaml
 
 from lightning_hrp.inits import InitMethod, LoraInit
+from lightning_hrp.recipes.runs import (
+    build_run,
+    load_config,
+    quiet_libraries,
+    set_dotted,
+    settings_from_command_line,
+    with_overrides,
+    without_outputs,
+)
 
 WandbMode = Literal["offline", "online", "disabled"]
 Direction = Literal["min", "max"]
@@ -131,17 +136,9 @@ class CompareSettings:
 # Run configs
 # --------------------------------------------------------------------------------------------
 
-_CHECKPOINT_CALLBACK = "lightning.pytorch.callbacks.ModelCheckpoint"
-
-
 def load_recipe_config(path: str | Path) -> dict[str, Any]:
     """The recipe YAML as a dict, checked to be a ``lightning-hrp fit`` config without its own init callback."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"recipe_config: no file at {path}; expected a lightning-hrp fit YAML such as recipes/configs/matrix_regression_lora.yaml.")
-    config = yaml.safe_load(path.read_text())
-    if not isinstance(config, dict) or "model" not in config:
-        raise ValueError(f"recipe_config: {path} is not a lightning-hrp fit config (no 'model' section).")
+    config = load_config(path, argument="recipe_config")
     for callback in (config.get("trainer") or {}).get("callbacks") or []:
         class_path = callback.get("class_path", "") if isinstance(callback, dict) else str(callback)
         if class_path.endswith("HRPPreheatCallback"):
@@ -152,34 +149,13 @@ def load_recipe_config(path: str | Path) -> dict[str, Any]:
     return config
 
 
-def _set_dotted(config: dict[str, Any], dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    node = config
-    for key in keys[:-1]:
-        child = node.setdefault(key, {})
-        if not isinstance(child, dict):
-            raise ValueError(f"overrides: {dotted!r} goes through {key!r}, which is {child!r}, not a section.")
-        node = child
-    node[keys[-1]] = value
-
-
 def run_config(base: dict[str, Any], settings: CompareSettings, spec: MethodSpec, lr: float, seed: int) -> dict[str, Any]:
     """The complete config of one run: the recipe's, with the overrides, the method, ``lr`` and ``seed``."""
-    config = copy.deepcopy(base)
-    trainer = config.setdefault("trainer", {})
     # Loggers are attached per run (CSV + W&B); no checkpoints: a run is short and its result is kept.
-    trainer["logger"] = False
-    trainer["enable_checkpointing"] = False
-    trainer["enable_progress_bar"] = False
-    trainer["enable_model_summary"] = False
-    trainer["callbacks"] = [
-        c for c in trainer.get("callbacks") or [] if not (isinstance(c, dict) and c.get("class_path") == _CHECKPOINT_CALLBACK)
-    ]
-    for dotted, value in settings.overrides.items():
-        _set_dotted(config, dotted, value)
+    config = with_overrides(without_outputs(base), settings.overrides)
     config["seed_everything"] = seed
     for dotted in settings.seed_keys:
-        _set_dotted(config, dotted, seed)
+        set_dotted(config, dotted, seed)
     init_args = config["model"].setdefault("init_args", {})
     init_args["learning_rate"] = lr
     init_args["init_method"] = spec.method.value
@@ -247,10 +223,6 @@ def check_settings(settings: CompareSettings) -> None:
 # --------------------------------------------------------------------------------------------
 # One run
 # --------------------------------------------------------------------------------------------
-
-
-def _metrics(results: Sequence[dict[str, float]]) -> dict[str, float]:
-    return {k: float(v) for k, v in (results[0] if results else {}).items()}
 
 
 def _wandb_logger(settings: CompareSettings, name: str, config: dict[str, Any]) -> Any:
@@ -322,8 +294,6 @@ def execute_run(settings: CompareSettings, spec: MethodSpec, lr: float, seed: in
     """Fit, validate and test one run; write its folder; return its result."""
     from lightning.pytorch.loggers import CSVLogger
 
-    from lightning_hrp.recipes.cli import LightningHRPCLI
-
     directory = run_dir(settings, spec.label, lr, seed)
     if directory.exists():
         shutil.rmtree(directory)  # an unfinished run from before: start it again
@@ -331,20 +301,15 @@ def execute_run(settings: CompareSettings, spec: MethodSpec, lr: float, seed: in
     (directory / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     name = f"{spec.label}/{lr:g}/{seed}"
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        # The run is built from the very file saved beside its results.
-        cli = LightningHRPCLI(args=["--config", str(directory / "config.yaml")], run=False, save_config_callback=None)
     loggers: list[Any] = [CSVLogger(save_dir=str(directory), name="logs", version="")]
     if settings.wandb.mode != "disabled":
         loggers.append(_wandb_logger(settings, name, config))
-    cli.trainer.loggers = loggers
-    started = time.perf_counter()
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    fit_seconds = time.perf_counter() - started
-    validation = _metrics(cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False))
-    test = _metrics(cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False))
-    diagnostics = _diagnostics(cli.trainer)
+    # The run is built from the very file saved beside its results.
+    run = build_run(load_config(directory / "config.yaml"), loggers=loggers)
+    fit_seconds = run.fit()
+    validation = run.validate()
+    test = run.test()
+    diagnostics = _diagnostics(run.trainer)
     if diagnostics:
         (directory / "diagnostics.json").write_text(json.dumps(diagnostics))
     for logger in loggers:
@@ -803,21 +768,8 @@ def build_parser() -> Any:
     return parser
 
 
-def _quiet() -> None:
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    logging.getLogger("lightning_hrp").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``lightning-hrp compare``."""
-    from lightning_hrp.recipes.cli import settings_from_command_line
-
     args = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     settings = settings_from_command_line(parser, CompareSettings, args)
@@ -825,10 +777,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_settings(settings)
     except ValueError as error:  # a bad grid or method is a usage error, as a malformed option is
         parser.error(str(error))
-    _quiet()
     # The report shows the command that runs the comparison, also when only the report was rebuilt.
     command = " ".join(["lightning-hrp compare", *(a for a in args if not a.startswith("--report_only"))])
-    compare(settings, command=command)
+    with quiet_libraries():
+        compare(settings, command=command)
     return 0
 
 

@@ -15,10 +15,8 @@ checked, and both runs are set up, before the first training step.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +31,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning_hrp import HRPPreheatCallback
 from lightning_hrp.engine.preheat import PreheatMode
 from lightning_hrp.recipes.classification import RottenTomatoesDataModule, SequenceClassifier
+from lightning_hrp.recipes.runs import quiet_libraries, settings_from_command_line
 
 # seed_everything's range (outside it Lightning warns and seeds 0 instead).
 Seed = restricted_number_type("Seed", int, [(">=", 0), ("<=", 2**32 - 1)])
@@ -330,26 +329,15 @@ def build_parser() -> Any:
     return parser
 
 
-def _quiet_libraries() -> None:
-    # The demo is a script: keep its output to progress bars and the table. The head's "missing
-    # weights" report is expected (the classifier is new), the dataloader-worker hint is irrelevant
-    # on two cores.
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
-    logging.getLogger("lightning.pytorch.accelerators.cuda").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the demo; returns the process exit code."""
-    from lightning_hrp.recipes.cli import settings_from_command_line
-
     parser = build_parser()
     settings = settings_from_command_line(parser, DemoSettings, list(argv or []))
-    _quiet_libraries()
+    with quiet_libraries():
+        return _run_demo(parser, settings)
+
+
+def _run_demo(parser: Any, settings: DemoSettings) -> int:
     try:
         # Everything both runs need is checked and set up before the plain-LoRA run starts.
         check_settings(settings)

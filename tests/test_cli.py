@@ -15,7 +15,8 @@ import pytest
 import torch
 import yaml
 
-from lightning_hrp.recipes.cli import main, parse
+from lightning_hrp.recipes.cli import main
+from lightning_hrp.recipes.runs import parse
 from lightning_hrp.recipes.classification import default_model_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -241,7 +242,7 @@ def test_callback_by_its_short_class_name():
     """`--trainer.callbacks+=HRPPreheatCallback` with a user's own module (here Lightning's BoringModel, which
     imports nothing of lightning_hrp), in a fresh process where nothing imported the callback before."""
     code = (
-        "from lightning_hrp.recipes.cli import parse\n"
+        "from lightning_hrp.recipes.runs import parse\n"
         "config = parse(['fit', '--model=lightning.pytorch.demos.boring_classes.BoringModel',\n"
         "                '--data=lightning.pytorch.demos.boring_classes.BoringDataModule',\n"
         "                '--trainer.callbacks+=HRPPreheatCallback',\n"

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_hrp.recipes.cli import main, parse
+from lightning_hrp.recipes.cli import main
+from lightning_hrp.recipes.runs import parse
 from test_cli import CONFIGS, header_commands
 
 REPO = Path(__file__).resolve().parents[1]
