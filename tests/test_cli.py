@@ -17,7 +17,7 @@ import yaml
 
 from lightning_hrp.recipes.cli import main
 from lightning_hrp.recipes.runs import parse
-from lightning_hrp.recipes.classification import default_model_path
+from lightning_hrp.recipes.pretrained import default_model_path
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "recipes" / "configs").rglob("*.yaml"))

