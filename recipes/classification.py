@@ -18,24 +18,23 @@ from __future__ import annotations
 import bz2
 import csv
 import hashlib
-import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, Sampler
 from torchmetrics import MetricCollection
 from torchmetrics.classification import Accuracy, F1Score, MatthewsCorrCoef
 
-from lightning_hrp.inits import InitMethod, LoraInit
+from lightning_hrp._validation import check_int
+from lightning_hrp.inits import InitMethod
+from lightning_hrp.recipes.lora_module import LoraRecipeModule, ModelRequirements, Scheduler
 from lightning_hrp.recipes.pretrained import default_model_path, load_hub_dataset, load_tokenizer, package_dir, resolve_pretrained
 
-Scheduler = Literal["linear", "cosine", "constant"]
 
 ROTTEN_TOMATOES_FILE = "rotten_tomatoes_corpus_full.csv.bz2"
 ROTTEN_TOMATOES_LABELS = {"rotten": 0, "fresh": 1}
@@ -196,7 +195,7 @@ class LengthGroupedSampler(Sampler[int]):
         return iter([index for batch in shuffled + partial for index in batch])
 
 
-class TextClassificationDataModule(pl.LightningDataModule):
+class TextClassificationDataModule(pl.LightningDataModule, ModelRequirements):
     """Tokenises ``(text or text pair, label)`` splits and serves padded batches.
 
     Subclasses implement :meth:`load_splits`. Batches are dicts of ``input_ids``, ``attention_mask``
@@ -241,6 +240,10 @@ class TextClassificationDataModule(pl.LightningDataModule):
     def load_splits(self) -> dict[str, list[TextExample]]:
         """The raw ``train``, ``validation`` and ``test`` splits."""
         raise NotImplementedError
+
+    def model_requirements(self) -> dict[str, Any]:
+        """A classification head of the data's number of classes."""
+        return {"num_labels": self.num_labels}
 
     def setup(self, stage: str) -> None:
         if self.datasets:
@@ -435,7 +438,7 @@ def _metrics(num_labels: int, prefix: str) -> MetricCollection:
     return MetricCollection(metrics, prefix=prefix)
 
 
-class SequenceClassifier(pl.LightningModule):
+class SequenceClassifier(LoraRecipeModule):
     """A transformers encoder with a classification head, fine-tuned with peft LoRA.
 
     The head is trained in full (peft's ``modules_to_save`` for ``SEQ_CLS``), the encoder only through
@@ -478,25 +481,17 @@ class SequenceClassifier(pl.LightningModule):
         init_options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        if num_labels < 2:
-            raise ValueError(f"num_labels must be at least 2, got {num_labels}.")
-        if lora_r < 1:
-            raise ValueError(f"lora_r must be at least 1, got {lora_r}.")
-        if not 0.0 <= warmup_ratio < 1.0:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}.")
-        if scheduler not in ("linear", "cosine", "constant"):
-            raise ValueError(f"scheduler must be 'linear', 'cosine' or 'constant', got {scheduler!r}.")
+        check_int("num_labels", num_labels, minimum=2)
+        check_int("lora_r", lora_r, minimum=1)
         if target_modules is not None and lora_on_mlp:
             raise ValueError("lora_on_mlp applies to the default targets only; add the MLP modules to target_modules instead.")
-        self.lora_init = LoraInit(init_method, init_options)
-        self.save_hyperparameters()
-        self.hparams.init_method = self.lora_init.method.value  # a plain string in checkpoints and hparams.yaml
+        self.save_recipe_hyperparameters()
         self.model = self._build_model()
         self.val_metrics = _metrics(num_labels, "val/")
         self.test_metrics = _metrics(num_labels, "test/")
 
     def _build_model(self) -> torch.nn.Module:
-        from peft import LoraConfig, TaskType, get_peft_model
+        from peft import TaskType
         from transformers import AutoModelForSequenceClassification
 
         hp = self.hparams
@@ -512,36 +507,19 @@ class SequenceClassifier(pl.LightningModule):
                 f"{hp.num_labels} from {source!r} ({error}). Expected a Hugging Face model folder (config.json, "
                 "model.safetensors) or a hub model name."
             ) from error
-        if not self.lora_init.uses_lora:
-            return backbone.train()  # full fine-tuning: every weight trains
         targets = hp.target_modules
         if targets is None:
             targets = lora_target_modules(backbone.config.model_type, hp.lora_on_mlp)
-        config = LoraConfig(
+        # Full fine-tuning (init_method="full") trains every weight of the backbone.
+        return self.with_lora(
+            backbone,
             task_type=TaskType.SEQ_CLS,
             r=hp.lora_r,
             lora_alpha=hp.lora_alpha,
             lora_dropout=hp.lora_dropout,
             target_modules=targets,
             use_rslora=hp.use_rslora,
-            **self.lora_init.lora_config_kwargs(),
         )
-        model = get_peft_model(backbone, config)
-        # from_pretrained returns eval mode; fine-tuning trains with the model's dropout, and
-        # Lightning keeps each submodule's mode as it finds it.
-        return model.train()
-
-    def configure_callbacks(self) -> list[pl.Callback]:
-        # Data-driven inits (lora_ga, eva, lora_one, hrp) run as callbacks of this fit.
-        return self.lora_init.callbacks(self.trainer.callbacks)
-
-    def setup(self, stage: str) -> None:
-        datamodule = self.trainer.datamodule
-        if isinstance(datamodule, TextClassificationDataModule) and datamodule.num_labels != self.hparams.num_labels:
-            raise ValueError(
-                f"The model has num_labels={self.hparams.num_labels} but the data has {datamodule.num_labels} "
-                "classes; set model.init_args.num_labels to match."
-            )
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
         """Class logits for a batch (its ``labels``, if any, are ignored)."""
@@ -566,22 +544,3 @@ class SequenceClassifier(pl.LightningModule):
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._evaluate(batch, self.test_metrics, "test/")
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
-        trainable = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=hp.learning_rate, weight_decay=hp.weight_decay)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = int(hp.warmup_ratio * total)
-
-        def lr_factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / (warmup + 1)
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            if hp.scheduler == "linear":
-                return 1.0 - progress
-            if hp.scheduler == "cosine":
-                return 0.5 * (1.0 + math.cos(math.pi * progress))
-            return 1.0
-
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": LambdaLR(optimizer, lr_factor), "interval": "step"}}

@@ -34,13 +34,14 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics import MeanMetric
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
-from lightning_hrp.inits import InitMethod, LoraInit
+from lightning_hrp._validation import check_choice, check_int
+from lightning_hrp.inits import InitMethod
+from lightning_hrp.recipes.lora_module import LoraRecipeModule, ModelRequirements, Scheduler
 from lightning_hrp.recipes.pretrained import load_causal_lm, load_hub_dataset, load_tokenizer, package_dir, resolve_model_location
 
 PROMPT_TEMPLATE = "Question: {question}\nAnswer:"
@@ -280,7 +281,7 @@ def collate_math_batch(features: list[dict[str, Any]], pad_token_id: int) -> dic
     }
 
 
-class MathSFTDataModule(pl.LightningDataModule):
+class MathSFTDataModule(pl.LightningDataModule, ModelRequirements):
     """Train/val/test splits of math problems, tokenised for SFT and for generation.
 
     Args:
@@ -324,16 +325,12 @@ class MathSFTDataModule(pl.LightningDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
-        if data_source not in ("gsm8k_file", "hub"):
-            raise ValueError(f"data_source must be 'gsm8k_file' or 'hub', got {data_source!r}.")
-        for name, value in {"train_size": train_size, "val_size": val_size, "batch_size": batch_size,
-                            "eval_batch_size": eval_batch_size}.items():
-            if value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value}.")
-        if test_size is not None and test_size < 1:
-            raise ValueError(f"test_size must be a positive integer or None (all the rest), got {test_size}.")
-        if max_length < 2 * MIN_SOLUTION_TOKENS:
-            raise ValueError(f"max_length must be at least {2 * MIN_SOLUTION_TOKENS} tokens, got {max_length}.")
+        check_choice("data_source", data_source, DataSource)
+        for name, value in {"train_size": train_size, "val_size": val_size, "batch_size": batch_size, "eval_batch_size": eval_batch_size}.items():
+            check_int(name, value, minimum=1)
+        if test_size is not None:  # None: all the rest
+            check_int("test_size", test_size, minimum=1)
+        check_int("max_length", max_length, minimum=2 * MIN_SOLUTION_TOKENS)
         self.save_hyperparameters()
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.splits: MathSplits | None = None
@@ -352,6 +349,10 @@ class MathSFTDataModule(pl.LightningDataModule):
                 hp.train_dataset, hp.eval_dataset, hp.eval_dataset_config,
                 hp.train_size, hp.val_size, hp.test_size, hp.split_seed,
             )
+
+    def model_requirements(self) -> dict[str, Any]:
+        """The data tokenises with its own copy of the model's tokenizer: the same model."""
+        return {"model_name_or_path": self.hparams.model_name_or_path, "gguf_file": self.hparams.gguf_file}
 
     def _loader(self, examples: list[MathExample], batch_size: int, shuffle: bool) -> DataLoader:
         if self.tokenizer is None or self.splits is None:
@@ -382,7 +383,7 @@ class MathSFTDataModule(pl.LightningDataModule):
 # --------------------------------------------------------------------------------------------
 
 
-class MathSFTModule(pl.LightningModule):
+class MathSFTModule(LoraRecipeModule):
     """A causal LM with peft LoRA, trained on solutions and scored by greedy exact match.
 
     Args:
@@ -401,7 +402,8 @@ class MathSFTModule(pl.LightningModule):
         init_options: The method's options (e.g. ``{"preheat_rank": 64, "preheat_steps": 20}`` for ``hrp``).
         learning_rate: Peak AdamW learning rate.
         weight_decay: AdamW weight decay.
-        warmup_ratio: Fraction of the training steps of linear warm-up, before a cosine decay to 0.
+        warmup_ratio: Fraction of the training steps with linear warm-up from 0.
+        scheduler: Learning-rate shape after warm-up: cosine (default) or linear decay to 0, or constant.
         max_new_tokens: Greedy generation budget per evaluated problem.
     """
 
@@ -421,57 +423,27 @@ class MathSFTModule(pl.LightningModule):
         learning_rate: float = 2e-4,
         weight_decay: float = 0.0,
         warmup_ratio: float = 0.03,
+        scheduler: Scheduler = "cosine",
         max_new_tokens: int = 256,
     ) -> None:
         super().__init__()
-        if load_dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"load_dtype must be 'float32', 'bfloat16' or 'float16', got {load_dtype!r}.")
-        if not 0.0 <= warmup_ratio < 1.0:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}.")
-        self.lora_init = LoraInit(init_method, init_options)
-        self.save_hyperparameters()
-        self.hparams.init_method = self.lora_init.method.value  # a plain string in checkpoints and hparams.yaml
+        check_choice("load_dtype", load_dtype, LoadDtype)
+        self.save_recipe_hyperparameters()
         location = resolve_model_location(model_name_or_path, gguf_file, cache_dir)
         self.tokenizer = load_tokenizer(location, "model_name_or_path", needs_eos=True)
         base = load_causal_lm(location, getattr(torch, load_dtype))
         self.val_exact_match = MeanMetric()
         self.test_exact_match = MeanMetric()
-        if not self.lora_init.uses_lora:
-            self.model: PeftModel | PreTrainedModel = base.train()  # full fine-tuning: every weight trains
-            return
-        # Built here, before any strategy wraps the module: HRP writes these adapters in place.
-        lora_config = LoraConfig(
+        # Full fine-tuning (init_method="full") trains every weight of the model.
+        self.model = self.with_lora(
+            base,
             r=lora_rank,
             lora_alpha=lora_alpha,
             lora_dropout=lora_dropout,
             use_rslora=use_rslora,
             target_modules=target_modules if target_modules is not None else LLAMA_TARGET_MODULES,
             task_type="CAUSAL_LM",
-            **self.lora_init.lora_config_kwargs(),
         )
-        self.model = get_peft_model(base, lora_config)
-        # from_pretrained returns the model in eval mode; Lightning expects training mode at fit start.
-        self.model.train()
-
-    def configure_callbacks(self) -> list[pl.Callback]:
-        # Data-driven inits (lora_ga, eva, lora_one, hrp) run as callbacks of this fit.
-        return self.lora_init.callbacks(self.trainer.callbacks)
-
-    def setup(self, stage: str) -> None:
-        # The data module tokenises with its own copy of the tokenizer: it must be the model's.
-        datamodule = self.trainer.datamodule
-        if isinstance(datamodule, MathSFTDataModule):
-            mismatched = [
-                name
-                for name in ("model_name_or_path", "gguf_file")
-                if datamodule.hparams[name] != self.hparams[name]
-            ]
-            if mismatched:
-                raise ValueError(
-                    f"MathSFTModule and MathSFTDataModule load different models/tokenizers ({mismatched}): "
-                    + ", ".join(f"{n}={self.hparams[n]!r} vs {datamodule.hparams[n]!r}" for n in mismatched)
-                    + ". Give both the same values (model.init_args and data.init_args)."
-                )
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor | None = None) -> Any:
         return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
@@ -508,18 +480,3 @@ class MathSFTModule(pl.LightningModule):
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluate(batch, "test", self.test_exact_match)
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        trainable = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
-        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup_steps = int(self.hparams.warmup_ratio * total_steps)
-
-        def warmup_then_cosine(step: int) -> float:
-            if step < warmup_steps:
-                return (step + 1) / (warmup_steps + 1)
-            progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_cosine)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

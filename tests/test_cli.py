@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from lightning_hrp.recipes.cli import main
-from lightning_hrp.recipes.runs import parse
+from lightning_hrp.recipes.runs import RECIPE_LINKS, build_run, load_config, parse, with_overrides, without_outputs
 from lightning_hrp.recipes.pretrained import default_model_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -262,6 +262,39 @@ def test_a_config_given_as_a_dict_parses():
     parsed = parse({"fit": config})
     assert parsed.subcommand == "fit"
     assert parsed.fit.trainer.callbacks[-1].init_args.preheat_rank == 32
+
+
+def test_the_module_follows_its_data_where_they_must_agree():
+    """What a module must share with its data is set once, on one side (RECIPE_LINKS)."""
+    matrix = parse(["fit", "--config", str(REPO / "recipes/configs/matrix_regression_lora.yaml"), "--data.init_args.task_seed=3", "--data.init_args.in_features=16"])
+    assert (matrix.fit.model.init_args.task_seed, matrix.fit.model.init_args.in_features) == (3, 16)
+    classification = parse(["fit", "--config", str(REPO / LORA_CONFIG), "--model.init_args.model_name_or_path=/models/bert"])
+    assert classification.fit.data.init_args.tokenizer == "/models/bert"
+    math_sft = parse(
+        ["fit", "--config", str(REPO / "recipes/configs/math_sft_smollm2_lora.yaml"), "--model.init_args.model_name_or_path=/models/llama",
+         "--model.init_args.gguf_file=llama.gguf", "--model.init_args.cache_dir=/cache"]
+    )  # fmt: skip
+    data = math_sft.fit.data.init_args
+    assert (data.model_name_or_path, data.gguf_file, data.cache_dir) == ("/models/llama", "llama.gguf", "/cache")
+
+
+def test_the_classifier_head_gets_the_data_classes(tiny_model_dir):
+    config = load_config(REPO / "recipes/configs/classification_glue_sst2_lora.yaml")
+    overrides = {"model.init_args.model_name_or_path": tiny_model_dir, "data.init_args.task": "mnli", "trainer.accelerator": "cpu"}
+    run = build_run(with_overrides(without_outputs(config), overrides))
+    assert run.datamodule.num_labels == 3 and run.model.hparams.num_labels == 3
+    assert run.model.model.config.num_labels == 3
+
+
+def test_no_bundled_config_sets_what_follows_the_data():
+    """A value given for a linked argument would be replaced by the data's without a word: configs leave them out."""
+    for path in CONFIGS:
+        config = yaml.safe_load(path.read_text())
+        for _, target, _ in RECIPE_LINKS:
+            node = config
+            for key in target.split("."):
+                node = node.get(key) if isinstance(node, dict) else None
+            assert node is None, f"{path.name} sets {target}, which follows the data"
 
 
 @pytest.mark.slow
