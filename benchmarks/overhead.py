@@ -120,7 +120,7 @@ def _matrix_regression_model() -> pl.LightningModule:
 
 
 def _classification_data() -> pl.LightningDataModule:
-    from lightning_hrp.recipes.classification import RottenTomatoesDataModule
+    from lightning_hrp.recipes.classification_data import RottenTomatoesDataModule
 
     return RottenTomatoesDataModule(max_length=64, batch_size=32)
 
@@ -132,7 +132,7 @@ def _classification_model() -> pl.LightningModule:
 
 
 def _math_sft_data() -> pl.LightningDataModule:
-    from lightning_hrp.recipes.math_sft import MathSFTDataModule
+    from lightning_hrp.recipes.math_sft_data import MathSFTDataModule
 
     return MathSFTDataModule(train_size=1000, val_size=64, max_length=256, batch_size=4)
 

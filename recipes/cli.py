@@ -14,10 +14,12 @@ else goes to a ``LightningCLI`` in subclass mode, so a config picks its recipe b
     lightning-hrp validate --config ... --ckpt_path path/to.ckpt
     lightning-hrp test --config ... --ckpt_path path/to.ckpt
 
-HRP is a Trainer callback (``class_path: lightning_hrp.HRPPreheatCallback``, or just
-``HRPPreheatCallback``, under ``trainer.callbacks``), configurable from YAML and the command line
-like any other; a run that adds it to a config gives itself its own folders, as above (README,
-"Recipes and the command line"). Every subcommand takes ``--snake_case`` options.
+A recipe starts from HRP with ``model.init_args.init_method: hrp`` and HRP's options in
+``init_options`` (the ``*_hrp.yaml`` configs; ``--model.init_args.init_options.preheat_steps=100``
+changes one). HRP is also a plain Trainer callback (``lightning_hrp.HRPPreheatCallback``, or just
+``HRPPreheatCallback``, under ``trainer.callbacks``) that any config can add, as above; such a run
+gives itself its own folders (README, "Recipes and the command line"). Every subcommand takes
+``--snake_case`` options. How a config becomes a run: :mod:`lightning_hrp.recipes.runs`.
 """
 
 from __future__ import annotations

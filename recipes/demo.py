@@ -30,7 +30,8 @@ from lightning.pytorch.loggers import CSVLogger
 
 from lightning_hrp import HRPPreheatCallback
 from lightning_hrp.engine.preheat import PreheatMode
-from lightning_hrp.recipes.classification import RottenTomatoesDataModule, SequenceClassifier
+from lightning_hrp.recipes.classification import SequenceClassifier
+from lightning_hrp.recipes.classification_data import RottenTomatoesDataModule
 from lightning_hrp.recipes.runs import quiet_libraries, settings_from_command_line
 
 # seed_everything's range (outside it Lightning warns and seeds 0 instead).

@@ -15,14 +15,13 @@ from lightning.pytorch.callbacks import Callback
 from peft.tuners.lora import LoraLayer
 
 from lightning_hrp import HRPPreheatCallback
-from lightning_hrp.recipes.classification import (
+from lightning_hrp.recipes.classification import SequenceClassifier, lora_target_modules
+from lightning_hrp.recipes.classification_data import (
     GlueDataModule,
     LengthGroupedSampler,
     RottenTomatoesDataModule,
-    SequenceClassifier,
     default_rotten_tomatoes_path,
     load_rotten_tomatoes,
-    lora_target_modules,
     split_rotten_tomatoes,
 )
 from lightning_hrp.recipes.pretrained import default_model_path, resolve_pretrained

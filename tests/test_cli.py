@@ -77,6 +77,21 @@ def test_hrp_callback_from_the_command_line():
     assert (hrp[0].init_args.preheat_rank, hrp[0].init_args.preheat_steps, hrp[0].init_args.mode) == (32, 7, "asymmetric")
 
 
+HRP_TWINS = [path for path in CONFIGS if path.name.endswith("_hrp.yaml") and path.with_name(path.name.replace("_hrp", "_lora")).is_file()]
+
+
+@pytest.mark.parametrize("hrp_config", HRP_TWINS, ids=lambda path: path.name)
+def test_an_hrp_config_is_its_lora_twin_with_init_method_hrp(hrp_config):
+    """``init_method`` is the one switch between LoRA and HRP: nothing else differs but the run's own folders."""
+    lora_config = hrp_config.with_name(hrp_config.name.replace("_hrp", "_lora"))
+    hrp, lora = (parse(["fit", "--config", str(path)]).fit.as_dict() for path in (hrp_config, lora_config))
+    hrp.pop("config"), lora.pop("config")  # the files' own paths
+    assert hrp["model"]["init_args"].pop("init_method") == "hrp" and lora["model"]["init_args"].pop("init_method") == "lora"
+    assert hrp["model"]["init_args"].pop("init_options")["preheat_steps"] >= 1 and lora["model"]["init_args"].pop("init_options") is None
+    lora_name, hrp_name = lora_config.stem, hrp_config.stem
+    assert json.loads(json.dumps(lora, default=str).replace(f"runs/{lora_name}", f"runs/{hrp_name}")) == json.loads(json.dumps(hrp, default=str))
+
+
 @pytest.mark.parametrize(
     "extra",
     [
@@ -126,15 +141,14 @@ def test_fit_then_test_through_the_cli_with_hrp(tiny_model_dir, tmp_path, monkey
         "--data.init_args.batch_size=8",
         "--trainer.enable_progress_bar=false",
     ]
-    # A callbacks override addresses the last callback in the list: here HRP.
-    hrp = ["--trainer.callbacks.preheat_rank=16", "--trainer.callbacks.preheat_steps=2"]
+    hrp = ["--model.init_args.init_options.preheat_rank=16", "--model.init_args.init_options.preheat_steps=2"]
     assert main(["fit", "--config", config, *overrides, *hrp, "--trainer.max_steps=3", "--trainer.val_check_interval=3"]) == 0
 
     logs = tmp_path / "runs" / "classification_rotten_tomatoes_hrp" / "lightning_logs" / "version_0"
     metrics = (logs / "metrics.csv").read_text()
     assert "hrp/preheat_loss" in metrics and "val/acc" in metrics
     saved = yaml.safe_load((logs / "config.yaml").read_text())
-    assert saved["trainer"]["callbacks"][-1]["init_args"]["preheat_steps"] == 2
+    assert saved["model"]["init_args"]["init_options"]["preheat_steps"] == 2
 
     # The test command of the config's header, on the checkpoint the fit wrote.
     checkpoint = "runs/classification_rotten_tomatoes_hrp/checkpoints/last.ckpt"
@@ -261,7 +275,7 @@ def test_a_config_given_as_a_dict_parses():
     config = yaml.safe_load((REPO / "recipes/configs/matrix_regression_hrp.yaml").read_text())
     parsed = parse({"fit": config})
     assert parsed.subcommand == "fit"
-    assert parsed.fit.trainer.callbacks[-1].init_args.preheat_rank == 32
+    assert parsed.fit.model.init_args.init_options["preheat_rank"] == 32
 
 
 def test_the_module_follows_its_data_where_they_must_agree():
@@ -303,7 +317,7 @@ def test_full_demo(tmp_path, capsys):
     assert main(["demo", "--output_dir", str(tmp_path)]) == 0
     results = json.loads((tmp_path / "results.json").read_text())
     test_size = results["settings"]["test_size"]
-    from lightning_hrp.recipes.classification import default_rotten_tomatoes_path, load_rotten_tomatoes, split_rotten_tomatoes
+    from lightning_hrp.recipes.classification_data import default_rotten_tomatoes_path, load_rotten_tomatoes, split_rotten_tomatoes
 
     test_labels = [label for _, label in split_rotten_tomatoes(load_rotten_tomatoes(default_rotten_tomatoes_path()))["test"][:test_size]]
     majority = max(sum(test_labels), len(test_labels) - sum(test_labels)) / len(test_labels)

@@ -11,6 +11,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+import yaml
 
 from lightning_hrp.inits import InitMethod
 from lightning_hrp.recipes import compare as compare_module
@@ -132,9 +133,12 @@ def test_bad_input_is_refused_before_any_run(tmp_path: Path) -> None:
     settings.methods = [MethodSpec("hrp", InitMethod.hrp, {"preheat_rank": 8})]
     with pytest.raises(Exception, match="do not fit HRPPreheatCallback"):
         compare(settings)
-    hrp_config = str(Path(RECIPE).with_name("matrix_regression_hrp.yaml"))
+    hrp_config = tmp_path / "with_hrp.yaml"  # a recipe config that brings its own HRP callback
+    config = yaml.safe_load(Path(RECIPE).read_text())
+    config["trainer"]["callbacks"].append({"class_path": "lightning_hrp.HRPPreheatCallback", "init_args": {"preheat_rank": 8, "preheat_steps": 2}})
+    hrp_config.write_text(yaml.safe_dump(config))
     settings = _settings(tmp_path, wandb_mode="disabled")
-    settings.recipe_config = hrp_config
+    settings.recipe_config = str(hrp_config)
     with pytest.raises(ValueError, match="adds an HRPPreheatCallback"):
         compare(settings)
     assert not (tmp_path / "runs").exists()

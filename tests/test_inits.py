@@ -297,7 +297,8 @@ class FirstBatchLogits(pl.Callback):
 def test_token_models_start_where_the_registry_says(method: InitMethod, tiny_bert_dir: str) -> None:
     from transformers import AutoModelForSequenceClassification
 
-    from lightning_hrp.recipes.classification import RottenTomatoesDataModule, SequenceClassifier
+    from lightning_hrp.recipes.classification import SequenceClassifier
+    from lightning_hrp.recipes.classification_data import RottenTomatoesDataModule
 
     data = RottenTomatoesDataModule(train_size=32, val_size=8, test_size=8, tokenizer=tiny_bert_dir, max_length=60, batch_size=8)
     pl.seed_everything(0, verbose=False)
@@ -369,7 +370,8 @@ def tiny_llama_folder(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.mark.parametrize("method", [InitMethod.lora_one, InitMethod.eva, InitMethod.full], ids=lambda m: m.value)
 def test_math_sft_recipe_takes_the_init_by_name(method: InitMethod, tiny_llama_folder: str) -> None:
-    from lightning_hrp.recipes.math_sft import MathSFTDataModule, MathSFTModule
+    from lightning_hrp.recipes.math_sft import MathSFTModule
+    from lightning_hrp.recipes.math_sft_data import MathSFTDataModule
 
     pl.seed_everything(0, verbose=False)
     module = MathSFTModule(model_name_or_path=tiny_llama_folder, lora_rank=4, init_method=method, init_options=OPTIONS.get(method))

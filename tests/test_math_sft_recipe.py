@@ -19,11 +19,11 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from lightning_hrp import HRPPreheatCallback
-from lightning_hrp.recipes.math_sft import (
+from lightning_hrp.recipes.math_sft import MathSFTModule
+from lightning_hrp.recipes.math_sft_data import (
     IGNORE_INDEX,
     PROMPT_TEMPLATE,
     MathSFTDataModule,
-    MathSFTModule,
     TokenizedMathDataset,
     collate_math_batch,
     extract_final_number,
