@@ -17,7 +17,6 @@ import yaml
 
 from lightning_hrp.recipes.cli import main
 from lightning_hrp.recipes.runs import RECIPE_LINKS, build_run, load_config, parse, with_overrides, without_outputs
-from lightning_hrp.recipes.pretrained import default_model_path
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "recipes" / "configs").rglob("*.yaml"))
@@ -113,28 +112,13 @@ def test_predict_is_not_offered(capsys):
     assert "invalid choice" in capsys.readouterr().err
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    folder = tmp_path_factory.mktemp("tiny_bert_cli")
-    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
-    )
-    torch.manual_seed(0)
-    BertModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
-
-
-def test_fit_then_test_through_the_cli_with_hrp(tiny_model_dir, tmp_path, monkeypatch):
+def test_fit_then_test_through_the_cli_with_hrp(tiny_bert_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the config's relative runs/ paths land here
     config = str(REPO / "recipes/configs/classification_rotten_tomatoes_hrp.yaml")
     overrides = [
-        f"--model.init_args.model_name_or_path={tiny_model_dir}",
+        f"--model.init_args.model_name_or_path={tiny_bert_dir}",
         "--model.init_args.lora_r=4",
-        f"--data.init_args.tokenizer={tiny_model_dir}",
+        f"--data.init_args.tokenizer={tiny_bert_dir}",
         "--data.init_args.train_size=32",
         "--data.init_args.val_size=16",
         "--data.init_args.test_size=16",
@@ -165,8 +149,8 @@ def _demo_argv(model: str, output: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def test_demo_dispatch_with_a_tiny_model(tiny_model_dir, tmp_path, capsys):
-    assert main(_demo_argv(tiny_model_dir, tmp_path)) == 0
+def test_demo_dispatch_with_a_tiny_model(tiny_bert_dir, tmp_path, capsys):
+    assert main(_demo_argv(tiny_bert_dir, tmp_path)) == 0
     out = capsys.readouterr().out
     assert re.search(r"^LoRA\s+\|\s+2\s+\|", out, re.MULTILINE)
     assert re.search(r"^HRP\s+\|\s+2 \+ 1 preheat\s+\|", out, re.MULTILINE)
@@ -225,7 +209,7 @@ class _TrainingStarted(Exception):
         (["--accelerator", "abacus"], "accelerator"),
     ],
 )
-def test_demo_checks_every_option_before_the_lora_run(extra, option, tiny_model_dir, tmp_path, monkeypatch, capsys):
+def test_demo_checks_every_option_before_the_lora_run(extra, option, tiny_bert_dir, tmp_path, monkeypatch, capsys):
     from lightning_hrp.recipes import demo
 
     started = []
@@ -237,10 +221,10 @@ def test_demo_checks_every_option_before_the_lora_run(extra, option, tiny_model_
     monkeypatch.setattr(demo, "run_method", first_run)
     # Without the bad option the same command gets as far as the first run.
     with pytest.raises(_TrainingStarted):
-        main(_demo_argv(tiny_model_dir, tmp_path / "valid"))
+        main(_demo_argv(tiny_bert_dir, tmp_path / "valid"))
     started.clear()
     with pytest.raises(SystemExit) as exit_info:
-        main(_demo_argv(tiny_model_dir, tmp_path / "refused", *extra))
+        main(_demo_argv(tiny_bert_dir, tmp_path / "refused", *extra))
     assert exit_info.value.code == 2
     assert option in capsys.readouterr().err
     assert started == [] and not (tmp_path / "refused").exists()
@@ -292,9 +276,9 @@ def test_the_module_follows_its_data_where_they_must_agree():
     assert (data.model_name_or_path, data.gguf_file, data.cache_dir) == ("/models/llama", "llama.gguf", "/cache")
 
 
-def test_the_classifier_head_gets_the_data_classes(tiny_model_dir):
+def test_the_classifier_head_gets_the_data_classes(tiny_bert_dir):
     config = load_config(REPO / "recipes/configs/classification_glue_sst2_lora.yaml")
-    overrides = {"model.init_args.model_name_or_path": tiny_model_dir, "data.init_args.task": "mnli", "trainer.accelerator": "cpu"}
+    overrides = {"model.init_args.model_name_or_path": tiny_bert_dir, "data.init_args.task": "mnli", "trainer.accelerator": "cpu"}
     run = build_run(with_overrides(without_outputs(config), overrides))
     assert run.datamodule.num_labels == 3 and run.model.hparams.num_labels == 3
     assert run.model.model.config.num_labels == 3
