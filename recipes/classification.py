@@ -17,7 +17,6 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import Accuracy, F1Score, MatthewsCorrCoef
 
 from lightning_hrp._validation import check_int
-from lightning_hrp.inits import InitMethod
 from lightning_hrp.recipes.lora_module import LoraRecipeModule, Scheduler
 from lightning_hrp.recipes.pretrained import default_model_path, resolve_pretrained
 
@@ -85,12 +84,10 @@ class SequenceClassifier(LoraRecipeModule):
         lora_on_mlp: Also adapt the MLP projections (only with ``target_modules=None``).
         use_rslora: Rank-stabilised scaling alpha / sqrt(r).
         learning_rate: Peak AdamW learning rate.
-        weight_decay: AdamW weight decay on the trainable parameters.
         warmup_ratio: Fraction of the training steps with linear warm-up from 0.
         scheduler: Learning-rate shape after warm-up: linear or cosine decay to 0, or constant.
-        init_method: How the adapters start (:class:`lightning_hrp.inits.InitMethod`; ``full`` trains
-            the whole model without LoRA, ``oracle`` needs a task with a known update and does not apply).
-        init_options: The method's options (e.g. ``{"preheat_rank": 64, "preheat_steps": 50}`` for ``hrp``).
+        **kwargs: ``init_method`` (``full`` trains the whole model), ``init_options``, ``weight_decay``:
+            see :class:`~lightning_hrp.recipes.lora_module.LoraRecipeModule`.
     """
 
     def __init__(
@@ -104,18 +101,15 @@ class SequenceClassifier(LoraRecipeModule):
         lora_on_mlp: bool = False,
         use_rslora: bool = False,
         learning_rate: float = 5e-4,
-        weight_decay: float = 0.0,
         warmup_ratio: float = 0.06,
         scheduler: Scheduler = "linear",
-        init_method: InitMethod = InitMethod.lora,
-        init_options: dict[str, Any] | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__()
         check_int("num_labels", num_labels, minimum=2)
         check_int("lora_r", lora_r, minimum=1)
         if target_modules is not None and lora_on_mlp:
             raise ValueError("lora_on_mlp applies to the default targets only; add the MLP modules to target_modules instead.")
-        self.save_recipe_hyperparameters()
+        super().__init__(learning_rate=learning_rate, warmup_ratio=warmup_ratio, scheduler=scheduler, **kwargs)
         self.model = self._build_model()
         self.val_metrics = _metrics(num_labels, "val/")
         self.test_metrics = _metrics(num_labels, "test/")

@@ -40,7 +40,7 @@ from typing import Any
 from lightning_hrp.recipes.compare_report import log_summary_to_wandb, write_report
 from lightning_hrp.recipes.compare_running import DamagedRunError, execute_run, finished_result, load_recipe_config, run_config
 from lightning_hrp.recipes.compare_settings import CompareSettings, MethodSpec, WandbSettings, check_settings, run_dir
-from lightning_hrp.recipes.runs import quiet_libraries, settings_from_command_line
+from lightning_hrp.recipes.runs import quiet_libraries, settings_from_command_line, settings_parser
 
 __all__ = ["CompareSettings", "MethodSpec", "WandbSettings", "build_parser", "compare", "execute_run", "main", "run_dir"]
 
@@ -93,18 +93,12 @@ def compare(settings: CompareSettings, command: str = "") -> list[dict[str, Any]
 
 
 def build_parser() -> Any:
-    from jsonargparse import ActionConfigFile, ArgumentParser
-
-    parser = ArgumentParser(
-        prog="lightning-hrp compare",
-        description=(
-            "Compare LoRA initialisations on one recipe: methods x learning rates x seeds, learning rate chosen per "
-            "method on validation, test reported; resumable; CSV + W&B (offline by default) logging; markdown + PNG report."
-        ),
+    """The ``lightning-hrp compare`` command line: one ``--snake_case`` option per :class:`CompareSettings` field."""
+    description = (
+        "Compare LoRA initialisations on one recipe: methods x learning rates x seeds, learning rate chosen per "
+        "method on validation, test reported; resumable; CSV + W&B (offline by default) logging; markdown + PNG report."
     )
-    parser.add_argument("--config", action=ActionConfigFile, help="A compare YAML (see recipes/configs/compare_*.yaml).")
-    parser.add_class_arguments(CompareSettings, as_positional=False)
-    return parser
+    return settings_parser("lightning-hrp compare", description, CompareSettings, "A compare YAML (see recipes/configs/compare_*.yaml).")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -38,6 +38,7 @@ from lightning_hrp.recipes.runs import (
     load_config,
     quiet_libraries,
     settings_from_command_line,
+    settings_parser,
     with_overrides,
     without_outputs,
 )
@@ -326,19 +327,12 @@ def _moving_average(values: list[float], window: int) -> list[float]:
 
 def build_parser() -> Any:
     """The ``lightning-hrp demo`` command line: one ``--snake_case`` option per :class:`DemoSettings` field."""
-    from jsonargparse import ActionConfigFile, ArgumentParser
-
-    parser = ArgumentParser(
-        prog="lightning-hrp demo",
-        description=(
-            "Fine-tune all-MiniLM-L6-v2 on Rotten Tomatoes with plain LoRA and with HRP (same seed, steps and "
-            "learning-rate policy), print a comparison table and write learning curves. Offline; about five "
-            "minutes on two CPU cores with the defaults."
-        ),
+    description = (
+        "Fine-tune all-MiniLM-L6-v2 on Rotten Tomatoes with plain LoRA and with HRP (same seed, steps and "
+        "learning-rate policy), print a comparison table and write learning curves. Offline; about five "
+        "minutes on two CPU cores with the defaults."
     )
-    parser.add_argument("--config", action=ActionConfigFile, help="A YAML file of these options.")
-    parser.add_class_arguments(DemoSettings, as_positional=False)
-    return parser
+    return settings_parser("lightning-hrp demo", description, DemoSettings, "A YAML file of these options.")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -3,7 +3,6 @@ and learning-rate schedule, and agreement with its data."""
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -12,7 +11,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from lightning_hrp._validation import check_choice
-from lightning_hrp.inits import LoraInit
+from lightning_hrp.inits import InitMethod, LoraInit
 
 Scheduler = Literal["linear", "cosine", "constant"]
 # transformers' schedule of each name: warm-up from 0, then decay to 0 (linear, cosine) or none.
@@ -34,23 +33,39 @@ class ModelRequirements:
 class LoraRecipeModule(pl.LightningModule):
     """Base of the recipes' LightningModules: the LoRA and init wiring, the optimizer, the data check.
 
-    A subclass's ``__init__`` takes (at least) ``init_method``, ``init_options``, ``learning_rate``,
-    ``weight_decay``, ``warmup_ratio`` and ``scheduler``, calls :meth:`save_recipe_hyperparameters`
-    first and wraps its base model with :meth:`with_lora`. Data-driven inits (``lora_ga``, ``eva``,
-    ``lora_one``, ``hrp``, ``oracle``) then run as callbacks of the fit (:meth:`configure_callbacks`).
+    A recipe's ``__init__`` takes its own arguments (with its own ``learning_rate`` and, where they
+    differ from these defaults, ``warmup_ratio`` and ``scheduler``) and ``**kwargs`` for the rest of
+    these, calls ``super().__init__(...)`` and wraps its base model with :meth:`with_lora`. Every
+    argument of the chain lands in ``hparams``. Data-driven inits (``lora_ga``, ``eva``, ``lora_one``,
+    ``hrp``, ``oracle``) run as callbacks of the fit (:meth:`configure_callbacks`).
+
+    Args:
+        learning_rate: Peak AdamW learning rate.
+        init_method: How the adapters start (:class:`lightning_hrp.inits.InitMethod`: ``lora``,
+            ``gaussian``, ``pissa``, ``olora``, ``lora_ga``, ``eva``, ``lora_one``, ``hrp``, ``oracle``
+            (only for a task with a known update), or ``full`` for full fine-tuning without LoRA).
+        init_options: The method's options (e.g. ``{"preheat_rank": 32, "preheat_steps": 8}`` for ``hrp``).
+        weight_decay: AdamW weight decay on the trainable parameters.
+        warmup_ratio: Fraction of the training steps with linear warm-up from 0.
+        scheduler: Learning-rate shape after warm-up: linear or cosine decay to 0, or constant.
     """
 
-    lora_init: LoraInit
-
-    def save_recipe_hyperparameters(self) -> None:
-        """``save_hyperparameters()`` of the calling ``__init__``; checks the init method, options and schedule."""
-        self.save_hyperparameters(frame=inspect.currentframe().f_back)
-        hp = self.hparams
-        check_choice("scheduler", hp.scheduler, Scheduler)
-        if not 0.0 <= hp.warmup_ratio < 1.0:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {hp.warmup_ratio}.")
-        self.lora_init = LoraInit(hp.init_method, hp.init_options)
-        hp.init_method = self.lora_init.method.value  # a plain string in checkpoints and hparams.yaml
+    def __init__(
+        self,
+        learning_rate: float,
+        init_method: InitMethod = InitMethod.lora,
+        init_options: dict[str, Any] | None = None,
+        weight_decay: float = 0.0,
+        warmup_ratio: float = 0.0,
+        scheduler: Scheduler = "constant",
+    ) -> None:
+        super().__init__()
+        check_choice("scheduler", scheduler, Scheduler)
+        if not 0.0 <= warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}.")
+        self.lora_init = LoraInit(init_method, init_options)
+        self.save_hyperparameters()  # the recipe's own arguments too: Lightning reads the whole __init__ chain
+        self.hparams.init_method = self.lora_init.method.value  # a plain string in checkpoints and hparams.yaml
 
     def with_lora(self, base: nn.Module, **lora_config: Any) -> nn.Module:
         """``base`` with peft LoRA adapters (``LoraConfig(**lora_config)`` plus what the init needs), in training mode.

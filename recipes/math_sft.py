@@ -19,7 +19,6 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 
 from lightning_hrp._validation import check_choice
-from lightning_hrp.inits import InitMethod
 from lightning_hrp.recipes.lora_module import LoraRecipeModule, Scheduler
 from lightning_hrp.recipes.math_sft_data import is_exact_match
 from lightning_hrp.recipes.pretrained import load_causal_lm, load_tokenizer, resolve_model_location
@@ -42,14 +41,12 @@ class MathSFTModule(LoraRecipeModule):
         lora_dropout: Dropout on the LoRA branch.
         use_rslora: Use rank-stabilised scaling.
         target_modules: Names of the linear layers that get LoRA adapters.
-        init_method: How the adapters start (:class:`lightning_hrp.inits.InitMethod`; ``full`` trains
-            the whole model without LoRA, ``oracle`` needs a task with a known update and does not apply).
-        init_options: The method's options (e.g. ``{"preheat_rank": 64, "preheat_steps": 20}`` for ``hrp``).
         learning_rate: Peak AdamW learning rate.
-        weight_decay: AdamW weight decay.
         warmup_ratio: Fraction of the training steps with linear warm-up from 0.
         scheduler: Learning-rate shape after warm-up: cosine (default) or linear decay to 0, or constant.
         max_new_tokens: Greedy generation budget per evaluated problem.
+        **kwargs: ``init_method`` (``full`` trains the whole model), ``init_options``, ``weight_decay``:
+            see :class:`~lightning_hrp.recipes.lora_module.LoraRecipeModule`.
     """
 
     def __init__(
@@ -63,17 +60,14 @@ class MathSFTModule(LoraRecipeModule):
         lora_dropout: float = 0.0,
         use_rslora: bool = False,
         target_modules: list[str] | None = None,
-        init_method: InitMethod = InitMethod.lora,
-        init_options: dict[str, Any] | None = None,
         learning_rate: float = 2e-4,
-        weight_decay: float = 0.0,
         warmup_ratio: float = 0.03,
         scheduler: Scheduler = "cosine",
         max_new_tokens: int = 256,
+        **kwargs: Any,
     ) -> None:
-        super().__init__()
         check_choice("load_dtype", load_dtype, LoadDtype)
-        self.save_recipe_hyperparameters()
+        super().__init__(learning_rate=learning_rate, warmup_ratio=warmup_ratio, scheduler=scheduler, **kwargs)
         location = resolve_model_location(model_name_or_path, gguf_file, cache_dir)
         self.tokenizer = load_tokenizer(location, "model_name_or_path", needs_eos=True)
         base = load_causal_lm(location, getattr(torch, load_dtype))

@@ -27,8 +27,8 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_hrp._validation import check_int
-from lightning_hrp.inits import InitMethod, KnownTargetUpdates
-from lightning_hrp.recipes.lora_module import LoraRecipeModule, ModelRequirements, Scheduler
+from lightning_hrp.inits import KnownTargetUpdates
+from lightning_hrp.recipes.lora_module import LoraRecipeModule, ModelRequirements
 
 # --------------------------------------------------------------------------------------------
 # The task
@@ -203,14 +203,9 @@ class MatrixRegressionModule(LoraRecipeModule):
         lora_rank: LoRA rank ``r``.
         lora_alpha: LoRA alpha; the adapter's scale is ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA).
         use_rslora: Use rank-stabilised scaling.
-        init_method: How the adapter starts (:class:`lightning_hrp.inits.InitMethod`: ``lora``,
-            ``gaussian``, ``pissa``, ``olora``, ``lora_ga``, ``eva``, ``lora_one``, ``hrp``, ``oracle``,
-            or ``full`` for full fine-tuning of ``W0`` without LoRA).
-        init_options: The method's options (e.g. ``{"preheat_rank": 32, "preheat_steps": 8}`` for ``hrp``).
-        learning_rate: AdamW learning rate.
-        weight_decay: AdamW weight decay.
-        warmup_ratio: Fraction of the training steps with linear warm-up from 0 (none by default).
-        scheduler: Learning-rate shape after warm-up: linear or cosine decay to 0, or constant.
+        learning_rate: AdamW learning rate (constant by default: no warm-up, no decay).
+        **kwargs: ``init_method`` (``full`` trains ``W0`` itself), ``init_options``, ``weight_decay``,
+            ``warmup_ratio``, ``scheduler``: see :class:`~lightning_hrp.recipes.lora_module.LoraRecipeModule`.
     """
 
     def __init__(
@@ -221,15 +216,10 @@ class MatrixRegressionModule(LoraRecipeModule):
         lora_rank: int = 4,
         lora_alpha: float = 4.0,
         use_rslora: bool = False,
-        init_method: InitMethod = InitMethod.lora,
-        init_options: dict[str, Any] | None = None,
         learning_rate: float = 1e-2,
-        weight_decay: float = 0.0,
-        warmup_ratio: float = 0.0,
-        scheduler: Scheduler = "constant",
+        **kwargs: Any,
     ) -> None:
-        super().__init__()
-        self.save_recipe_hyperparameters()
+        super().__init__(learning_rate=learning_rate, **kwargs)
         base = LinearRegressor(in_features, out_features)
         with torch.no_grad():
             base.proj.weight.copy_(make_base_weight(in_features, out_features, task_seed))

@@ -224,8 +224,18 @@ def without_outputs(config: Mapping[str, Any]) -> dict[str, Any]:
     return changed
 
 
+def settings_parser(prog: str, description: str, settings_class: type, config_help: str) -> ArgumentParser:
+    """A command line of ``--config`` (a YAML of the options) and one ``--snake_case`` option per field of ``settings_class``."""
+    from jsonargparse import ActionConfigFile
+
+    parser = ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", action=ActionConfigFile, help=config_help)
+    parser.add_class_arguments(settings_class, as_positional=False)
+    return parser
+
+
 def settings_from_command_line(parser: ArgumentParser, settings_class: type[Settings], args: Sequence[str]) -> Settings:
-    """Parse ``args`` with ``parser`` (built with ``add_class_arguments(settings_class)``) into a ``settings_class``."""
+    """Parse ``args`` with a :func:`settings_parser` of ``settings_class`` into a ``settings_class``."""
     fields = vars(parser.instantiate(parser.parse_args(args)))
     return settings_class(**{k: v for k, v in fields.items() if k in settings_class.__dataclass_fields__})
 
