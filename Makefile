@@ -28,4 +28,4 @@ slow-test: setup
 	$(PY) -m pytest -q -m slow
 
 benchmarks: setup
-	$(PY) benchmarks/svd.py --quick
+	$(PY) -m benchmarks.svd --quick

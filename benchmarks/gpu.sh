@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Every benchmark of lightning-hrp on one CUDA GPU, in under 5 minutes, printing the reports:
-#   1. benchmarks/svd.py       the batched QR-core SVD against dense and randomised SVDs, on the
-#                              BERT-base and LLaMA-7B layer sets at R = 16, 64, 256 (the LLaMA dense SVDs
-#                              at R = 64 only, the set's default: cuSOLVER's dense SVD of a 4096x11008
-#                              matrix can take seconds, which 3 shapes x 3 ranks x repeats cannot afford);
+#   1. benchmarks/svd.py       the engine's decomposition of the 224 LLaMA-7B layers at R = 64, r = 8 against
+#                              its Gram floor (issue 15, goal 1), the QR route and dense and randomised SVDs,
+#                              on Gaussian, preheat-like and steep factors (the dense SVDs on the Gaussian
+#                              ones only: cuSOLVER's dense SVD of a 4096x11008 matrix can take seconds);
 #   2. benchmarks/overhead.py  HRP's time and peak memory against the main training, on the matrix
 #                              regression (400 main steps) and MiniLM Rotten Tomatoes (300) recipes,
 #                              3 repeats;
@@ -13,8 +13,9 @@
 # others' results; the exit status is that of the first step that failed.
 #
 # Usage (from anywhere):  benchmarks/gpu.sh            PYTHON=/path/to/python benchmarks/gpu.sh
-# Needs a CUDA build of torch in that Python's environment, with lightning-hrp installed
-# (pip install -e .[dev]) and the offline model/data packages (see DATA_PACKAGES in the Makefile).
+# Needs a CUDA build of torch in that Python's environment and, for the overhead steps, the offline
+# model/data packages (see DATA_PACKAGES in the Makefile); the scripts run as modules of this checkout
+# (python -m benchmarks.svd), so lightning-hrp itself needs no install.
 # Reports go to stdout and, as JSON, to $OUT_DIR (default: a new temporary folder, printed at the end).
 set -uo pipefail
 
@@ -49,15 +50,15 @@ run_step() {  # run_step LIMIT_SECONDS NAME COMMAND...
 }
 
 run_step 80 "Decomposition (benchmarks/svd.py)" \
-    "$PYTHON" benchmarks/svd.py --device cuda --sets bert-base llama-7b --ranks 16 64 256 --tops 8 16 \
-    --repeats 3 --budget-s 2 --json "$OUT_DIR/svd.json"
+    "$PYTHON" -m benchmarks.svd --device cuda --sets llama-7b --ranks 64 --tops 8 --factors gaussian preheat steep \
+    --repeats 5 --budget-s 2 --json "$OUT_DIR/svd.json"
 
 run_step 95 "Overhead and memory: matrix regression, classification (benchmarks/overhead.py)" \
-    "$PYTHON" benchmarks/overhead.py --device cuda --recipes matrix_regression classification --repeats 3 \
+    "$PYTHON" -m benchmarks.overhead --device cuda --recipes matrix_regression classification --repeats 3 \
     --json "$OUT_DIR/overhead.json"
 
 run_step 105 "Overhead and memory: math SFT (benchmarks/overhead.py)" \
-    "$PYTHON" benchmarks/overhead.py --device cuda --recipes math_sft --repeats 2 --json "$OUT_DIR/overhead_sft.json"
+    "$PYTHON" -m benchmarks.overhead --device cuda --recipes math_sft --repeats 2 --json "$OUT_DIR/overhead_sft.json"
 
 echo
 echo "JSON reports in $OUT_DIR; exit status $STATUS"

@@ -34,7 +34,8 @@ Peak memory, per phase (preheating = the callback's ``on_train_start``; main = t
 peak). Goal: at most 1.1 at ``R = 8r``. Everything is reported as medians over repeats of the
 per-repeat figures.
 
-Run ``python benchmarks/overhead.py --help``; results and the exact commands are in BENCHMARKS.md.
+Run ``python -m benchmarks.overhead --help`` from the repository root; results and the exact commands are in
+BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -45,8 +46,6 @@ import ctypes.util
 import gc
 import json
 import logging
-import os
-import platform
 import re
 import statistics
 import sys
@@ -66,6 +65,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from benchmarks.harness import RunClock, header_lines, print_goal_lines, torch_threads, verdict  # noqa: E402
+from benchmarks.harness import machine_line as harness_machine_line  # noqa: E402
 from lightning_hrp import HRPPreheatCallback  # noqa: E402
 
 MIB = 2**20
@@ -648,25 +649,8 @@ def progress(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def machine_line(args: argparse.Namespace) -> str:
-    device = torch.device(args.device)
-    host = f"CPU {cpu_model()}, nproc {os.cpu_count()}, torch threads {torch.get_num_threads()}"
-    where = f"GPU {torch.cuda.get_device_name(device)}; host {host}" if device.type == "cuda" else host
-    return (
-        f"{where}; torch {torch.__version__}; lightning {pl.__version__}; Python {platform.python_version()}; "
-        f"precision {args.precision}"
-    )
+    return harness_machine_line(torch.device(args.device), [f"lightning {pl.__version__}", f"precision {args.precision}"])
 
 
 def _f(value: float, digits: int = 3) -> str:
@@ -684,7 +668,7 @@ def time_table(rows: list[OverheadRow]) -> str:
             f"| {row.recipe} | {row.lora_rank} | {row.preheat_rank} | {row.preheat_steps} / {row.main_steps} "
             f"| {_f(row.main_s_lora)} | {_f(row.main_s)} | {_f(row.preheat_s)} | {row.decompose_s:.2e} "
             f"| {row.hrp_share:.2%} | {row.hrp_phase_share:.2%} | {row.fit_delta_share:.2%} | {row.budget_share:.2%} "
-            f"| {'MET' if row.time_goal_met else 'NOT MET'} |"
+            f"| {verdict(row.time_goal_met)} |"
         )
     return "\n".join(lines)
 
@@ -713,7 +697,7 @@ def memory_table(rows: list[OverheadRow]) -> str:
     ]
     for row in rows:
         at_8r = row.preheat_rank == 8 * row.lora_rank
-        goal = ("MET" if row.memory_goal_met else "NOT MET") if at_8r else "-"
+        goal = verdict(row.memory_goal_met) if at_8r else "-"
         lines.append(
             f"| {row.recipe} | {row.lora_rank} | {row.preheat_rank} | {row.preheat_peak_mib:.1f} "
             f"| {row.main_peak_mib:.1f} | {row.mem_ratio:.3f} | {row.main_peak_mib_lora:.1f} "
@@ -729,14 +713,14 @@ def goal_lines(rows: list[OverheadRow]) -> list[str]:
         lines.append(
             f"Time, {row.recipe}, R={row.preheat_rank}: (preheat + decompose) / main = {row.hrp_share:.2%} "
             f"<= {row.preheat_steps}/{row.main_steps} + 1% = {row.budget_share:.2%}? "
-            f"{'MET' if row.time_goal_met else 'NOT MET'} (whole fit Δ / main = {row.fit_delta_share:.2%}; "
+            f"{verdict(row.time_goal_met)} (whole fit Δ / main = {row.fit_delta_share:.2%}; "
             f"a preheat step costs {row.step_cost:.3g} steady main steps)"
         )
     for row in rows:
         if row.preheat_rank == 8 * row.lora_rank:
             lines.append(
                 f"Memory, {row.recipe}, R=8r={row.preheat_rank}: preheat peak / main peak = {row.mem_ratio:.3f} "
-                f"<= {MEMORY_LIMIT}? {'MET' if row.memory_goal_met else 'NOT MET'} "
+                f"<= {MEMORY_LIMIT}? {verdict(row.memory_goal_met)} "
                 f"(against the LoRA fit's main peak: {row.mem_ratio_vs_lora:.3f})"
             )
     return lines
@@ -748,16 +732,10 @@ def main(argv: Sequence[str] | None = None) -> list[OverheadRow]:
     ``--threads`` applies for the run only; the previous torch thread count is restored after.
     """
     args = parse_args(argv)
-    threads_before = torch.get_num_threads()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    try:
-        with warnings.catch_warnings(), quiet_libraries():
-            # Lightning's advice (more dataloader workers, a logger) is noise in a benchmark report.
-            warnings.simplefilter("ignore")
-            return run_and_report(args, list(sys.argv[1:] if argv is None else argv))
-    finally:
-        torch.set_num_threads(threads_before)
+    with torch_threads(args.threads), warnings.catch_warnings(), quiet_libraries():
+        # Lightning's advice (more dataloader workers, a logger) is noise in a benchmark report.
+        warnings.simplefilter("ignore")
+        return run_and_report(args, list(sys.argv[1:] if argv is None else argv))
 
 
 class quiet_libraries:
@@ -792,20 +770,18 @@ def run_and_report(args: argparse.Namespace, argv: list[str]) -> list[OverheadRo
     machine = machine_line(args)
     device = torch.device(args.device)
     meter_description = make_meter(device).what
-    load_before = os.getloadavg()
-    started = time.perf_counter()
+    clock = RunClock.start()
     rows: list[OverheadRow] = []
     plans = {name: plan_for(RECIPES[name], args) for name in args.recipes}
     for name in args.recipes:
         rows.extend(run_recipe(RECIPES[name], plans[name], args))
-    elapsed = time.perf_counter() - started
-    load_after = os.getloadavg()
+    clock.stop()
     payload = {
         "argv": argv,
         "machine": machine,
         "memory": meter_description,
-        "load_average_before_after": [load_before[0], load_after[0]],
-        "seconds": elapsed,
+        "load_average_before_after": [clock.load_before, clock.load_after],
+        "seconds": clock.seconds,
         "rows": [asdict(row) for row in rows],
     }
     print_report(rows, payload)
@@ -839,12 +815,12 @@ def print_report(rows: list[OverheadRow], payload: dict[str, Any], rendered_by: 
     # The run's own options, for the header (also when re-rendered from its JSON elsewhere).
     args = build_parser().parse_args(payload["argv"])
     fill_defaults(args)
-    load_before, load_after = payload["load_average_before_after"]
-    print(f"Command: benchmarks/overhead.py {' '.join(payload['argv'])}".rstrip())
+    command, machine, load = header_lines("overhead", payload["argv"], payload["machine"], *payload["load_average_before_after"], payload["seconds"])
+    print(command)
     if rendered_by is not None:
-        print(f"(Report rendered from that run's JSON by: benchmarks/overhead.py {' '.join(rendered_by)})")
-    print(f"Machine: {payload['machine']}")
-    print(f"1-min load average before / after: {load_before:.2f} / {load_after:.2f}; run took {payload['seconds']:.0f} s")
+        print(f"(Report rendered from that run's JSON by: python -m benchmarks.overhead {' '.join(rendered_by)})")
+    print(machine)
+    print(load)
     for name in dict.fromkeys(row.recipe for row in rows):
         main_steps = next(row.main_steps for row in rows if row.recipe == name)
         print(f"Recipe {name}: {RECIPES[name].description}; {main_steps} main steps")
@@ -858,9 +834,7 @@ def print_report(rows: list[OverheadRow], payload: dict[str, Any], rendered_by: 
     print(step_table(rows))
     print("\nPeak memory per phase (preheating = the callback's on_train_start; main = the training loop):\n")
     print(memory_table(rows))
-    print()
-    for line in goal_lines(rows):
-        print(f"- {line}")
+    print_goal_lines(goal_lines(rows))
 
 
 if __name__ == "__main__":

@@ -1,31 +1,34 @@
-"""Benchmark: the batched QR-core SVD of ``B @ A`` against dense and randomised SVDs.
+"""Benchmark: the engine's SVD of ``B @ A`` against its floor, the QR route, and dense and randomised SVDs.
 
-Methods, each giving the top-``r`` singular triplets of every layer's ``P = B @ A``:
+Every time is reported as a ratio to the **Gram floor**: forming the two ``R x R`` Gram matrices
+``B^T B`` and ``A A^T`` of every layer, the one pass over the factors that any Gram-based route must
+make. Methods, each giving the top-``r`` singular triplets of every layer's ``P = B @ A``:
 
-* ``ours``: :func:`lightning_hrp.engine.decompose.svd_of_products`, one batched call per shape,
-  timed on every layer of the set.
-* ``loop``: :func:`lightning_hrp.engine.decompose.svd_of_product` called layer by layer (no
-  stacking), timed on every layer of the set.
-* ``cholqr``: a candidate engine variant defined here (not in ``lightning_hrp``): the same core
-  with the triangular factors taken from Cholesky factors of the ``R x R`` Gram matrices, batched
-  like ``ours``, timed on every layer.
-* ``dense``: form ``P`` and run ``torch.linalg.svd(P, full_matrices=False)``.
-* ``lowrank``: form ``P`` and run ``torch.svd_lowrank(P, q=r + oversample, niter=...)``.
+* ``ours``: :func:`lightning_hrp.engine.decompose.svd_of_products`, the engine's entry point (Gram
+  route, per-layer Grams, the ``R x R`` work batched), timed on every layer;
+* ``loop``: :func:`~lightning_hrp.engine.decompose.svd_of_product` layer by layer (the ``R x R`` work
+  not batched), timed on every layer;
+* ``qr``: :func:`~lightning_hrp.engine.decompose.qr_svd_of_products`, the QR route (what the engine
+  did before the Gram route), stacked by shape, timed on every layer;
+* ``dense``: ``torch.linalg.svd`` of the formed ``P``; ``lowrank``: ``torch.svd_lowrank(P, q=r + 10)``.
+  Both are timed on a sample (by default the first layer of each shape) and extrapolated to the set
+  as ``sum over shapes of (layers of that shape) x (median time per layer)``.
 
-``dense`` and ``lowrank`` are timed per layer on a sample (by default the first layer of each
-shape) and extrapolated to the whole set as ``sum over shapes of (layers of that shape) x (median
-time per layer)``; the report marks such totals. (The dense SVD of one 4096 x 11008 matrix takes
-about a minute on one CPU core.)
+The floor and ``ours`` are timed in alternating rounds, so the goal's ratio holds within one
+round; the report gives the median of the per-round ratios next to the ratio of the medians.
 
-Subspace error: ``sin`` of the largest principal angle between the top-``r`` right singular
-subspaces (the rows of ``Vh`` that initialise LoRA ``A``) of a method and of the dense SVD,
-``||V V^T - V_dense V_dense^T||_2``, computed in float64 and maximised over the sampled layers. It
-measures disagreement, so it includes the dense SVD's own rounding error; the per-layer table
-therefore also gives both ``ours`` and ``dense`` against ``ours`` in float64 (exact up to 1e-15
-here), and the relative spectral gap ``(s_r - s_{r+1}) / s_1`` that such errors scale with
-(``~ eps / gap``).
+Factors (``--factors``): ``gaussian`` (``B ~ N(0, 1/R)``, ``A ~ N(0, 1/in)``); ``preheat``, like a
+preheated adapter: ``A`` Gaussian, ``B`` of rank ``3R/4`` with singular values spread over three
+decades and the last ``R/4`` columns exactly zero; ``steep``: ``B``'s singular values spread over
+eight decades, where the Gram route loses to the QR route and the engine steps up to float64 Grams.
 
-Run ``python benchmarks/svd.py --help``; results and the exact commands are in BENCHMARKS.md.
+Accuracy: ``sin`` of the largest principal angle between the top-``r`` right singular subspaces (the
+rows of ``Vh`` that initialise LoRA ``A``) of a method and of a float64 reference (the QR route in
+float64, exact to ~1e-15 here; with ``--dtype float64`` the dense float64 SVD, so that the ``qr``
+method is not graded against itself), ``||V V^T - V_ref V_ref^T||_2``, maximised over the sampled
+layers, and the relative spectral gap ``(s_r - s_{r+1}) / s_1`` that such errors scale with.
+
+Run ``python -m benchmarks.svd --help`` from the repository root; results and commands are in BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -33,21 +36,39 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import statistics
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, TypeVar
+from typing import Any
+
+if not __package__:
+    sys.exit("Run this benchmark from the repository root as a module: python -m benchmarks.svd --help")
 
 import torch
 from torch import Tensor
 
-from lightning_hrp.engine.decompose import ProductSVD, svd_of_product, svd_of_products
-
-ResultT = TypeVar("ResultT")
+from benchmarks.harness import (
+    CLOCKS,
+    RunClock,
+    Timing,
+    header_lines,
+    machine_line,
+    measure,
+    measure_interleaved,
+    paired_ratio,
+    print_goal_lines,
+    torch_threads,
+    verdict,
+)
+from lightning_hrp.engine.decompose import (
+    ProductSVD,
+    qr_svd_of_product,
+    qr_svd_of_products,
+    svd_of_product,
+    svd_of_products,
+)
 
 
 @dataclass(frozen=True)
@@ -113,39 +134,30 @@ LAYER_SETS: dict[str, LayerSet] = {
     )
 }
 
-COMPARISONS = ("loop", "cholqr", "dense", "lowrank")
-FULL_DEFAULTS = {"sets": ["bert-base", "llama-7b"], "ranks": [16, 64, 256], "tops": [8, 16], "repeats": 5}
-QUICK_DEFAULTS = {"sets": ["tiny"], "ranks": [16, 64], "tops": [8, 16], "repeats": 3}  # plus --threads 1
-
-
-@dataclass
-class Timing:
-    """Measurements of one operation, in seconds, on the clock the report uses.
-
-    Attributes:
-        seconds: One entry per run, on the chosen clock (wall or this process's CPU time).
-        wall_seconds: The same runs by the wall clock (what the repeat budget counts).
-    """
-
-    seconds: list[float]
-    wall_seconds: list[float]
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.seconds)
+FACTORS = ("gaussian", "preheat", "steep")
+COMPARISONS = ("loop", "qr", "dense", "lowrank")
+METHOD_ORDER = ("grams", "ours", "loop", "qr", "dense", "lowrank")
+FULL_DEFAULTS = {
+    "sets": ["bert-base", "llama-7b"],
+    "ranks": [16, 64, 256],
+    "tops": [8, 16],
+    "factors": ["gaussian", "preheat"],
+    "repeats": 5,
+}
+QUICK_DEFAULTS = {"sets": ["tiny"], "ranks": [16, 64], "tops": [8, 16], "factors": list(FACTORS), "repeats": 3}
+GOAL_RATIO = 2.0  # issue 15, goal 1: at most twice the Gram floor
 
 
 @dataclass
 class MethodResult:
-    """One method on a whole layer set at one ``(R, r)``.
+    """One method on a whole layer set at one ``(factors, R, r)``.
 
     Attributes:
         seconds: Whole-set time on the report's clock (median per call, or extrapolated).
         wall_seconds: The same by the wall clock.
         runs: Measurements behind each median.
         extrapolated: Whether the total was extrapolated from sampled layers.
-        max_sin_theta: Largest subspace error against the dense SVD over the sampled layers
-            (``None`` without a dense reference).
+        max_sin_theta: Largest subspace error against the float64 reference over the sampled layers.
     """
 
     seconds: float
@@ -157,39 +169,43 @@ class MethodResult:
 
 @dataclass
 class LayerRow:
-    """One sampled layer at one ``(R, r)``: per-layer times (seconds) and errors."""
+    """One sampled layer at one ``(factors, R, r)``: per-layer times (seconds) and errors against float64."""
 
     shape: str
     layer_index: int
-    ours_s: float
-    ours_runs: int
     dense_s: float | None = None
     dense_runs: int = 0
     lowrank_s: float | None = None
     lowrank_runs: int = 0
-    ours_sin_theta: float | None = None
-    lowrank_sin_theta: float | None = None
+    sin_theta: dict[str, float] = field(default_factory=dict)
     ours_rel_sv_error: float | None = None
-    ours_sin_theta_vs_float64: float | None = None
-    dense_sin_theta_vs_float64: float | None = None
     relative_gap: float | None = None
+    steepness: float | None = None
 
 
 @dataclass
 class SetRow:
-    """A whole layer set at one ``(R, r)``: one :class:`MethodResult` per method, and the sampled layers."""
+    """A whole layer set at one ``(factors, R, r)``: one :class:`MethodResult` per method, and the sampled layers.
+
+    Attributes:
+        paired_ratio: Median over alternating rounds of ``ours`` time / Gram-floor time.
+    """
 
     set_name: str
+    factors: str
     layers: int
     preheat_rank: int
     top: int
     methods: dict[str, MethodResult] = field(default_factory=dict)
+    paired_ratio: float | None = None
     layer_rows: list[LayerRow] = field(default_factory=list)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Time the batched QR-core SVD of B@A against torch.linalg.svd and torch.svd_lowrank.",
+        prog="python -m benchmarks.svd",
+        description="Time the engine's SVD of B@A against its Gram floor, the QR route, torch.linalg.svd and "
+        "torch.svd_lowrank.",
     )
     parser.add_argument(
         "--quick",
@@ -200,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sets", nargs="+", choices=sorted(LAYER_SETS), help="layer sets to run")
     parser.add_argument("--ranks", nargs="+", type=int, help="preheat ranks R")
     parser.add_argument("--tops", nargs="+", type=int, help="target LoRA ranks r")
+    parser.add_argument("--factors", nargs="+", choices=FACTORS, help="kinds of factors (see the module docstring)")
     parser.add_argument("--repeats", type=int, help="measurements per timed operation (median reported)")
     parser.add_argument(
         "--budget-s",
@@ -214,14 +231,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="layers of each shape on which the dense and lowrank baselines run (the rest is extrapolated)",
     )
     parser.add_argument(
+        "--reference-layers-per-shape",
+        type=int,
+        default=3,
+        help="layers of each shape whose results are checked against the float64 reference",
+    )
+    parser.add_argument(
         "--compare",
         nargs="*",
         choices=COMPARISONS,
         default=list(COMPARISONS),
-        help="methods to compare with ours (give none to time only ours)",
+        help="methods to compare with ours and the Gram floor (give none to time only those)",
     )
     parser.add_argument(
         "--dense-all-ranks", action="store_true", help="run the dense baseline at every R (default: per-set ranks)"
+    )
+    parser.add_argument(
+        "--dense-all-factors",
+        action="store_true",
+        help="run the dense baseline for every kind of factors (default: only the first of --factors)",
     )
     parser.add_argument("--oversample", type=int, default=10, help="svd_lowrank q = r + oversample")
     parser.add_argument("--niter", type=int, default=2, help="svd_lowrank power iterations")
@@ -229,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument(
         "--clock",
-        choices=["wall", "cpu"],
+        choices=CLOCKS,
         default="wall",
         help="what the tables report: wall-clock seconds, or this process's CPU seconds (steadier on a shared CPU "
         "with --threads 1)",
@@ -255,7 +283,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"--ranks and --tops must be positive, got {args.ranks} and {args.tops}.")
     if max(args.tops) > min(args.ranks):
         parser.error(f"every --tops value must be <= every --ranks value, got tops {args.tops} and ranks {args.ranks}.")
-    for name in ("repeats", "baseline_layers_per_shape", "oversample"):
+    for name in ("repeats", "baseline_layers_per_shape", "reference_layers_per_shape", "oversample"):
         if getattr(args, name) < (0 if name == "oversample" else 1):
             parser.error(f"--{name.replace('_', '-')} is too small: {getattr(args, name)}.")
     if args.niter < 0:
@@ -270,42 +298,27 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def measure(
-    operation: Callable[[], ResultT], *, repeats: int, budget_s: float, device: torch.device, clock: str
-) -> tuple[ResultT, Timing]:
-    """Run ``operation`` up to ``repeats`` times (fewer once ``budget_s`` wall seconds are spent).
-
-    The device is synchronised before and after each run; ``clock`` is ``"wall"`` or ``"cpu"``
-    (CPU time of this process, all its threads together).
-    """
-    wall: list[float] = []
-    cpu: list[float] = []
-    result = None
-    while len(wall) < repeats and (not wall or sum(wall) < budget_s):
-        synchronize(device)
-        wall_start, cpu_start = time.perf_counter(), time.process_time()
-        result = operation()
-        synchronize(device)
-        wall.append(time.perf_counter() - wall_start)
-        cpu.append(time.process_time() - cpu_start)
-    return result, Timing(seconds=wall if clock == "wall" else cpu, wall_seconds=wall)  # type: ignore[return-value]
-
-
 def make_products(
-    layer_set: LayerSet, rank: int, *, dtype: torch.dtype, device: torch.device, seed: int
+    layer_set: LayerSet, rank: int, factors: str, *, dtype: torch.dtype, device: torch.device, seed: int
 ) -> list[tuple[Tensor, Tensor]]:
-    """Gaussian preheat factors ``B (out, R)``, ``A (R, in)``, scaled so ``B @ A`` entries are O(1/sqrt(in))."""
+    """``B (out, R)``, ``A (R, in)`` per layer, scaled so ``B @ A`` entries are O(1/sqrt(in)); see ``--factors``."""
     generator = torch.Generator(device=device).manual_seed(seed)
+
+    def gaussian(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=generator, dtype=dtype, device=device)
+
     products = []
     for shape in layer_set.layer_shapes():
-        B = torch.randn(shape.out_features, rank, generator=generator, dtype=dtype, device=device) / math.sqrt(rank)
-        A = torch.randn(rank, shape.in_features, generator=generator, dtype=dtype, device=device)
-        products.append((B, A / math.sqrt(shape.in_features)))
+        A = gaussian(rank, shape.in_features) / math.sqrt(shape.in_features)
+        if factors == "gaussian":
+            B = gaussian(shape.out_features, rank) / math.sqrt(rank)
+        else:
+            kept, decades = (rank - rank // 4, 3.0) if factors == "preheat" else (rank, 8.0)
+            spread = torch.logspace(0, -decades, kept, dtype=dtype, device=device)
+            rotation = torch.linalg.qr(gaussian(kept, kept)).Q
+            B = torch.zeros(shape.out_features, rank, dtype=dtype, device=device)
+            B[:, :kept] = (gaussian(shape.out_features, kept) / math.sqrt(shape.out_features) * spread) @ rotation
+        products.append((B, A))
     return products
 
 
@@ -318,6 +331,25 @@ def sample_layers(layer_set: LayerSet, per_shape: int) -> list[int]:
             taken[shape] = taken.get(shape, 0) + 1
             indices.append(index)
     return indices
+
+
+def gram_floor(products: Sequence[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor]]:
+    """The two ``R x R`` Gram matrices of every layer: the one pass over the factors a Gram route needs."""
+    return [(B.mT @ B, A @ A.mT) for B, A in products]
+
+
+def reference_svd(B: Tensor, A: Tensor, *, dtype: torch.dtype) -> ProductSVD:
+    """All ``min(out, in, R)`` singular triplets in float64, computed independently of the methods compared.
+
+    For float32 methods, the QR route in float64 (exact to ~1e-15 here, far below their errors); for
+    float64 methods that would grade the ``qr`` method against itself, so the dense SVD of the product
+    formed in float64 (slow: use small layer sets with ``--dtype float64``).
+    """
+    k = min(B.shape[0], A.shape[1], B.shape[1])
+    if dtype != torch.float64:
+        return qr_svd_of_product(B, A, dtype=torch.float64)
+    U, S, Vh = torch.linalg.svd(B.double() @ A.double(), full_matrices=False)
+    return ProductSVD(U=U[:, :k], S=S[:k], Vh=Vh[:k])
 
 
 def dense_svd(B: Tensor, A: Tensor, keep: int) -> ProductSVD:
@@ -333,47 +365,6 @@ def lowrank_svd(B: Tensor, A: Tensor, top: int, oversample: int, niter: int) -> 
     q = min(top + oversample, *product.shape)
     U, S, V = torch.svd_lowrank(product, q=q, niter=niter)
     return ProductSVD(U=U[:, :top], S=S, Vh=V[:, :top].mT)
-
-
-def cholqr_svd_of_product(B: Tensor, A: Tensor, *, top: int, dtype: torch.dtype) -> ProductSVD:
-    """Candidate engine variant (not in lightning_hrp): the same core from Cholesky-QR.
-
-    ``B = Q_b L_b^T`` with ``L_b L_b^T = B^T B`` (and likewise for ``A^T``), so the triangular
-    factors come from two ``R x R`` Gram matrices (one BLAS-3 product each) instead of Householder
-    QR, and the orthonormal factors are never formed: ``Vh = Vh_c[:top] L_a^{-1} A`` and
-    ``U = B L_b^{-T} U_c[:, :top]``. It squares the factors' condition number, so it needs
-    full-rank, reasonably conditioned ``B`` and ``A``; here it is only timed and checked on the
-    benchmark's Gaussian factors.
-    """
-    B, A = B.to(dtype), A.to(dtype)
-    L_b, info_b = torch.linalg.cholesky_ex(B.mT @ B)
-    L_a, info_a = torch.linalg.cholesky_ex(A @ A.mT)
-    if bool((info_b != 0).any()) or bool((info_a != 0).any()):
-        raise RuntimeError("cholqr candidate: a Gram matrix is not positive definite (rank-deficient factors).")
-    u_core, S, vh_core = torch.linalg.svd(L_b.mT @ L_a, full_matrices=False)
-    Vh = torch.linalg.solve_triangular(L_a, vh_core[..., :top, :], upper=False, left=False) @ A
-    U = B @ torch.linalg.solve_triangular(L_b.mT, u_core[..., :top], upper=True)
-    return ProductSVD(U=U, S=S, Vh=Vh)
-
-
-def cholqr_svd_of_products(
-    products: Sequence[tuple[Tensor, Tensor]], top: int, *, dtype: torch.dtype
-) -> list[ProductSVD]:
-    """The candidate batched like :func:`svd_of_products`: one call per group of equal shapes."""
-    groups: dict[tuple, list[int]] = {}
-    for index, (B, A) in enumerate(products):
-        groups.setdefault((tuple(B.shape), tuple(A.shape)), []).append(index)
-    results: list[ProductSVD | None] = [None] * len(products)
-    for indices in groups.values():
-        stacked = cholqr_svd_of_product(
-            torch.stack([products[i][0] for i in indices]),
-            torch.stack([products[i][1] for i in indices]),
-            top=top,
-            dtype=dtype,
-        )
-        for position, index in enumerate(indices):
-            results[index] = ProductSVD(stacked.U[position], stacked.S[position], stacked.Vh[position])
-    return results  # type: ignore[return-value]
 
 
 def sin_largest_angle(Vh: Tensor, Vh_reference: Tensor) -> float:
@@ -395,89 +386,87 @@ def relative_sv_error(S: Tensor, S_reference: Tensor, top: int) -> float:
     return ((S - S_reference).abs().max() / S_reference[0]).item()
 
 
-def run_set(layer_set: LayerSet, rank: int, args: argparse.Namespace, dtype: torch.dtype) -> list[SetRow]:
-    """All timings and errors for one layer set at one preheat rank (one row per target rank)."""
-    device = torch.device(args.device)
-    products = make_products(layer_set, rank, dtype=dtype, device=device, seed=args.seed)
+def run_set(layer_set: LayerSet, rank: int, factors: str, args: argparse.Namespace, dtype: torch.dtype) -> list[SetRow]:
+    """All timings and errors for one layer set, kind of factors and preheat rank (one row per target rank)."""
+    products = make_products(layer_set, rank, factors, dtype=dtype, device=torch.device(args.device), seed=args.seed)
     shapes = layer_set.layer_shapes()
-    sampled = sample_layers(layer_set, args.baseline_layers_per_shape)
+    baseline_layers = sample_layers(layer_set, args.baseline_layers_per_shape)
+    reference_layers = sorted(set(sample_layers(layer_set, args.reference_layers_per_shape)) | set(baseline_layers))
+    references = {i: reference_svd(*products[i], dtype=dtype) for i in reference_layers}
 
-    def timed(operation: Callable[[], ResultT]) -> tuple[ResultT, Timing]:
-        return measure(operation, repeats=args.repeats, budget_s=args.budget_s, device=device, clock=args.clock)
+    def timed(operation: Callable[[], Any]) -> tuple[Any, Timing]:
+        return measure(operation, repeats=args.repeats, budget_s=args.budget_s, clock=args.clock)
 
-    run_dense = "dense" in args.compare and (
-        args.dense_all_ranks or layer_set.dense_ranks is None or rank in layer_set.dense_ranks
+    run_dense = (
+        "dense" in args.compare
+        and (args.dense_all_ranks or layer_set.dense_ranks is None or rank in layer_set.dense_ranks)
+        and (args.dense_all_factors or factors == args.factors[0])
     )
     dense_results: dict[int, tuple[ProductSVD, Timing]] = {}
     if run_dense:
-        keep = max(args.tops) + 1  # one more singular value than needed, for the gap
-        for index in sampled:
+        keep = max(args.tops)
+        for index in baseline_layers:
             B, A = products[index]
             dense_results[index] = timed(lambda: dense_svd(B, A, keep))
 
-    def max_error(results: Sequence[ProductSVD], top: int) -> float | None:
-        """Largest subspace error of per-layer ``results`` against the sampled dense SVDs."""
-        return max_or_none(sin_largest_angle(results[i].Vh, dense.Vh[:top]) for i, (dense, _) in dense_results.items())
+    def max_error(results: Sequence[ProductSVD], top: int) -> float:
+        return max(sin_largest_angle(results[i].Vh, references[i].Vh[:top]) for i in reference_layers)
 
+    # Warm up every code path (LAPACK's first calls, allocator) before anything is timed.
+    svd_of_products(products[:1], [min(args.tops)], dtype=dtype)
     rows = []
     for top in args.tops:
-        row = SetRow(set_name=layer_set.name, layers=len(products), preheat_rank=rank, top=top)
-        lowrank_timings: dict[int, Timing] = {}
-        for index in sampled:
-            B, A = products[index]
-            # Per-layer ours first: it also warms up LAPACK for this shape.
-            ours_single, ours_single_timing = timed(lambda: svd_of_product(B, A, top=top, dtype=dtype))
-            layer_row = LayerRow(
-                shape=shapes[index].label,
-                layer_index=index,
-                ours_s=ours_single_timing.median,
-                ours_runs=len(ours_single_timing.seconds),
-            )
-            lowrank = None
-            if "lowrank" in args.compare:
-                lowrank, lowrank_timings[index] = timed(lambda: lowrank_svd(B, A, top, args.oversample, args.niter))
-                layer_row.lowrank_s = lowrank_timings[index].median
-                layer_row.lowrank_runs = len(lowrank_timings[index].seconds)
-            if index in dense_results:
-                dense, dense_timing = dense_results[index]
-                layer_row.dense_s, layer_row.dense_runs = dense_timing.median, len(dense_timing.seconds)
-                layer_row.ours_sin_theta = sin_largest_angle(ours_single.Vh, dense.Vh[:top])
-                layer_row.ours_rel_sv_error = relative_sv_error(ours_single.S, dense.S, top)
-                if lowrank is not None:
-                    layer_row.lowrank_sin_theta = sin_largest_angle(lowrank.Vh, dense.Vh[:top])
-                # Which side a disagreement comes from: both against ours in float64.
-                exact = svd_of_product(B, A, top=top, dtype=torch.float64)
-                layer_row.ours_sin_theta_vs_float64 = sin_largest_angle(ours_single.Vh, exact.Vh)
-                layer_row.dense_sin_theta_vs_float64 = sin_largest_angle(dense.Vh[:top], exact.Vh)
-                # Beyond the first min(out, in, R) singular values the product's are exactly zero.
-                next_value = exact.S[top] if top < exact.S.shape[-1] else 0.0
-                layer_row.relative_gap = ((exact.S[top - 1] - next_value) / exact.S[0]).item()
-            row.layer_rows.append(layer_row)
-
-        batched, timing = timed(lambda: svd_of_products(products, [top] * len(products), dtype=dtype))
-        # Errors of the whole-set methods use exactly the results that were timed.
-        row.methods["ours"] = whole_set_result(timing, max_error(batched, top))
-        del batched
+        row = SetRow(set_name=layer_set.name, factors=factors, layers=len(products), preheat_rank=rank, top=top)
+        tops = [top] * len(products)
+        ours = svd_of_products(products, tops, dtype=dtype)  # the results whose errors are reported
+        interleaved = measure_interleaved(
+            {"grams": lambda: gram_floor(products), "ours": lambda: svd_of_products(products, tops, dtype=dtype)},
+            repeats=args.repeats,
+            budget_s=args.budget_s,
+            clock=args.clock,
+        )
+        row.methods["grams"] = whole_set_result(interleaved["grams"], None)
+        row.methods["ours"] = whole_set_result(interleaved["ours"], max_error(ours, top))
+        row.paired_ratio = paired_ratio(interleaved["ours"], interleaved["grams"])
         if "loop" in args.compare:
             looped, timing = timed(lambda: [svd_of_product(B, A, top=top, dtype=dtype) for B, A in products])
             row.methods["loop"] = whole_set_result(timing, max_error(looped, top))
             del looped
-        if "cholqr" in args.compare:
-            candidate, timing = timed(lambda: cholqr_svd_of_products(products, top, dtype=dtype))
-            row.methods["cholqr"] = whole_set_result(timing, max_error(candidate, top))
-            del candidate
-        if dense_results:
-            row.methods["dense"] = extrapolate(
-                shapes,
-                {i: timing for i, (_, timing) in dense_results.items()},
-                max_sin_theta=None,  # it is the reference
-            )
-        if lowrank_timings:
-            row.methods["lowrank"] = extrapolate(
-                shapes,
-                lowrank_timings,
-                max_sin_theta=max_or_none(layer_row.lowrank_sin_theta for layer_row in row.layer_rows),
-            )
+        qr = None
+        if "qr" in args.compare:
+            qr, timing = timed(lambda: qr_svd_of_products(products, tops, dtype=dtype))
+            row.methods["qr"] = whole_set_result(timing, max_error(qr, top))
+
+        lowrank_timings: dict[int, Timing] = {}
+        for index in reference_layers:
+            B, A = products[index]
+            reference = references[index]
+            layer_row = LayerRow(shape=shapes[index].label, layer_index=index)
+            layer_row.sin_theta["ours"] = sin_largest_angle(ours[index].Vh, reference.Vh[:top])
+            if qr is not None:
+                layer_row.sin_theta["qr"] = sin_largest_angle(qr[index].Vh, reference.Vh[:top])
+            layer_row.ours_rel_sv_error = relative_sv_error(ours[index].S, reference.S, top)
+            s_1, s_r, s_next = (reference.S[i].item() if i < reference.S.shape[-1] else 0.0 for i in (0, top - 1, top))
+            layer_row.relative_gap = (s_r - s_next) / s_1 if s_1 > 0 else None
+            layer_row.steepness = s_1 / (s_r + s_next) if s_r + s_next > 0 else math.inf
+            if index in dense_results:
+                dense, dense_timing = dense_results[index]
+                layer_row.dense_s, layer_row.dense_runs = dense_timing.median, dense_timing.runs
+                layer_row.sin_theta["dense"] = sin_largest_angle(dense.Vh[:top], reference.Vh[:top])
+            if "lowrank" in args.compare and index in baseline_layers:
+                lowrank, lowrank_timings[index] = timed(lambda: lowrank_svd(B, A, top, args.oversample, args.niter))
+                layer_row.lowrank_s, layer_row.lowrank_runs = lowrank_timings[index].median, lowrank_timings[index].runs
+                layer_row.sin_theta["lowrank"] = sin_largest_angle(lowrank.Vh, reference.Vh[:top])
+            row.layer_rows.append(layer_row)
+        del ours, qr
+
+        for name, timings in (("dense", {i: t for i, (_, t) in dense_results.items()}), ("lowrank", lowrank_timings)):
+            if timings:
+                row.methods[name] = extrapolate(
+                    shapes,
+                    timings,
+                    max_sin_theta=max_or_none(layer.sin_theta.get(name) for layer in row.layer_rows),
+                )
         rows.append(row)
     return rows
 
@@ -485,8 +474,8 @@ def run_set(layer_set: LayerSet, rank: int, args: argparse.Namespace, dtype: tor
 def whole_set_result(timing: Timing, max_sin_theta: float | None) -> MethodResult:
     return MethodResult(
         seconds=timing.median,
-        wall_seconds=statistics.median(timing.wall_seconds),
-        runs=len(timing.seconds),
+        wall_seconds=timing.wall_median,
+        runs=timing.runs,
         extrapolated=False,
         max_sin_theta=max_sin_theta,
     )
@@ -504,7 +493,7 @@ def extrapolate(shapes: list[LayerShape], timings: dict[int, Timing], max_sin_th
     return MethodResult(
         seconds=total(lambda t: t.seconds),
         wall_seconds=total(lambda t: t.wall_seconds),
-        runs=min(len(t.seconds) for t in timings.values()),
+        runs=min(t.runs for t in timings.values()),
         extrapolated=len(timings) < len(shapes),
         max_sin_theta=max_sin_theta,
     )
@@ -515,29 +504,6 @@ def max_or_none(values: Iterable[float | None]) -> float | None:
     return max(present) if present else None
 
 
-def machine_line(args: argparse.Namespace) -> str:
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        where = f"GPU {torch.cuda.get_device_name(device)}"
-    else:
-        where = f"CPU {cpu_model()}, nproc {os.cpu_count()}, torch threads {torch.get_num_threads()}"
-    return f"{where}; torch {torch.__version__}; Python {platform.python_version()}; dtype {args.dtype}"
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-METHOD_ORDER = ("ours", "loop", "cholqr", "dense", "lowrank")
-
-
 def format_seconds(seconds: float | None, runs: int | None = None) -> str:
     if seconds is None:
         return "not run"
@@ -545,86 +511,88 @@ def format_seconds(seconds: float | None, runs: int | None = None) -> str:
     return text if runs is None else f"{text} [n={runs}]"
 
 
-def format_ratio(numerator: float | None, denominator: float) -> str:
-    return "-" if numerator is None else f"{numerator / denominator:.3g}"
-
-
 def format_error(error: float | None) -> str:
     return "-" if error is None else f"{error:.1e}"
 
 
-def set_table(rows: list[SetRow], sampled_per_set: dict[str, int]) -> str:
+def set_table(rows: list[SetRow], sampled: dict[str, tuple[int, int]]) -> str:
+    """Whole-set times as multiples of the Gram floor, and the largest subspace error of each method."""
     lines = [
-        "| set | layers | R | r | method | time (s) | time / ours | max sin θ vs dense | timed on |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| set | factors | layers | R | r | method | time (s) | / Gram floor | max sin θ vs f64 | timed on |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
-        ours = row.methods["ours"]
+        floor = row.methods["grams"].seconds
         for name in METHOD_ORDER:
             result = row.methods.get(name)
             if result is None:
                 continue
+            baseline_layers, reference_layers = sampled[row.set_name]
             if result.extrapolated:
-                timed_on = f"{sampled_per_set[row.set_name]} layers, extrapolated, n={result.runs}"
+                timed_on = f"{baseline_layers} layers, extrapolated, n={result.runs}"
             else:
                 timed_on = f"all {row.layers} layers, n={result.runs}"
-            error = "reference" if name == "dense" else format_error(result.max_sin_theta)
+            ratio = f"{result.seconds / floor:.3g}"
+            if name == "ours" and row.paired_ratio is not None:
+                ratio += f" (paired {row.paired_ratio:.3g})"
+            error = "-" if name == "grams" else format_error(result.max_sin_theta)
             lines.append(
-                f"| {row.set_name} | {row.layers} | {row.preheat_rank} | {row.top} | {name} "
-                f"| {format_seconds(result.seconds)} | {format_ratio(result.seconds, ours.seconds)} "
-                f"| {error} | {timed_on} |"
+                f"| {row.set_name} | {row.factors} | {row.layers} | {row.preheat_rank} | {row.top} | {name} "
+                f"| {format_seconds(result.seconds)} | {ratio} | {error} | {timed_on} |"
             )
     return "\n".join(lines)
 
 
 def layer_table(rows: list[SetRow]) -> str:
+    """Per layer shape: the baselines' times on its first layer, and each method's largest subspace error
+    against float64 over its sampled layers."""
     lines = [
-        "| set | shape (out x in) | R | r | ours (s) | dense (s) | dense / ours | lowrank (s) | lowrank / ours "
-        "| sin θ ours | sin θ lowrank | rel. σ error ours | sin θ ours vs f64 | sin θ dense vs f64 | gap |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| set | factors | shape (out x in) | R | r | dense (s) | lowrank (s) | sin θ ours | sin θ qr | sin θ dense "
+        "| sin θ lowrank | rel. σ error ours | smallest gap | largest s_1 / (s_r + s_r+1) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for set_row in rows:
-        for row in set_row.layer_rows:
+        by_shape: dict[str, list[LayerRow]] = {}
+        for layer in set_row.layer_rows:
+            by_shape.setdefault(layer.shape, []).append(layer)
+        for shape, layers in by_shape.items():
+            first = layers[0]
+            errors = " | ".join(
+                format_error(max_or_none(layer.sin_theta.get(name) for layer in layers))
+                for name in ("ours", "qr", "dense", "lowrank")
+            )
+            gap = min((layer.relative_gap for layer in layers if layer.relative_gap is not None), default=None)
+            steepness = max(layer.steepness for layer in layers if layer.steepness is not None)
             lines.append(
-                f"| {set_row.set_name} | {row.shape} | {set_row.preheat_rank} | {set_row.top} "
-                f"| {format_seconds(row.ours_s, row.ours_runs)} "
-                f"| {format_seconds(row.dense_s, row.dense_runs or None)} "
-                f"| {format_ratio(row.dense_s, row.ours_s)} "
-                f"| {format_seconds(row.lowrank_s, row.lowrank_runs or None)} "
-                f"| {format_ratio(row.lowrank_s, row.ours_s)} "
-                f"| {format_error(row.ours_sin_theta)} | {format_error(row.lowrank_sin_theta)} "
-                f"| {format_error(row.ours_rel_sv_error)} | {format_error(row.ours_sin_theta_vs_float64)} "
-                f"| {format_error(row.dense_sin_theta_vs_float64)} | {format_error(row.relative_gap)} |"
+                f"| {set_row.set_name} | {set_row.factors} | {shape} | {set_row.preheat_rank} | {set_row.top} "
+                f"| {format_seconds(first.dense_s, first.dense_runs or None)} "
+                f"| {format_seconds(first.lowrank_s, first.lowrank_runs or None)} | {errors} "
+                f"| {format_error(max_or_none(layer.ours_rel_sv_error for layer in layers))} | {format_error(gap)} "
+                f"| {steepness:.3g} |"
             )
     return "\n".join(lines)
 
 
 def goal_lines(rows: list[SetRow], device: torch.device, clock: str) -> list[str]:
-    """Verdicts on the two project goals, from whatever rows this run produced, on the report's clock."""
+    """Verdicts on issue 15's goal 1 and on the 1-second goal, from whatever rows this run produced."""
     lines = []
-    for set_row in rows:
-        if set_row.set_name != "llama-7b" or set_row.preheat_rank != 64:
+    where = f"{device.type}, {clock} clock"
+    for row in rows:
+        if row.set_name != "llama-7b" or row.preheat_rank != 64:
             continue
-        where = f"{device.type}, {clock} clock"
-        for row in set_row.layer_rows:
-            if row.shape == "4096x4096" and row.dense_s is not None and row.ours_sin_theta is not None:
-                ratio = row.dense_s / row.ours_s
-                met = ratio >= 100 and row.ours_sin_theta < 1e-4
-                lines.append(
-                    f"Goal 1 (one 4096x4096, R=64, r={set_row.top}, {where}): dense / ours = {ratio:.3g} (>= 100?), "
-                    f"sin θ vs dense = {row.ours_sin_theta:.1e} (< 1e-4?): {'MET' if met else 'NOT MET'} "
-                    f"(sin θ vs float64: ours {row.ours_sin_theta_vs_float64:.1e}, "
-                    f"dense {row.dense_sin_theta_vs_float64:.1e})"
-                )
-                break
-        ours = set_row.methods["ours"]
-        others = ", ".join(
-            f"{name} {set_row.methods[name].seconds:.3g} s" for name in ("loop", "cholqr") if name in set_row.methods
-        )
+        ours = row.methods["ours"]
+        ratio = ours.seconds / row.methods["grams"].seconds
+        if row.top == 8 and "qr" in row.methods:
+            qr_error = row.methods["qr"].max_sin_theta
+            met = ratio <= GOAL_RATIO and row.paired_ratio <= GOAL_RATIO and ours.max_sin_theta <= qr_error
+            lines.append(
+                f"Gram-floor goal (issue 15, goal 1; all {row.layers} LLaMA-7B layers, R=64, r=8, {row.factors} factors, "
+                f"{where}): ours / Gram floor = {ratio:.3g} (paired {row.paired_ratio:.3g}) (<= {GOAL_RATIO:g}?), "
+                f"max sin θ vs float64 ours {ours.max_sin_theta:.1e} vs QR route {qr_error:.1e} (<=?): {verdict(met)}"
+            )
         lines.append(
-            f"Goal 2 (all {set_row.layers} LLaMA-7B layers, R=64, r={set_row.top}, {where}): "
-            f"ours = {ours.seconds:.3g} s (< 1 s?): {'MET' if ours.seconds < 1.0 else 'NOT MET'} "
-            f"(wall clock {ours.wall_seconds:.3g} s{'; ' + others if others else ''})"
+            f"1-second goal (all {row.layers} LLaMA-7B layers, R=64, r={row.top}, {row.factors} factors, {where}): "
+            f"ours = {ours.seconds:.3g} s (< 1 s?): {verdict(ours.seconds < 1.0)} (wall clock {ours.wall_seconds:.3g} s)"
         )
     return lines
 
@@ -635,58 +603,58 @@ def main(argv: Sequence[str] | None = None) -> list[SetRow]:
     ``--threads`` applies for the run only; the previous torch thread count is restored after.
     """
     args = parse_args(argv)
-    threads_before = torch.get_num_threads()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         return run_and_report(args, list(sys.argv[1:] if argv is None else argv))
-    finally:
-        torch.set_num_threads(threads_before)
 
 
 def run_and_report(args: argparse.Namespace, argv: list[str]) -> list[SetRow]:
     dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
     device = torch.device(args.device)
-    machine = machine_line(args)
-    load_before = os.getloadavg()
-    started = time.perf_counter()
+    machine = machine_line(device, [f"dtype {args.dtype}"])
+    clock = RunClock.start()
     rows: list[SetRow] = []
     for set_name in args.sets:
-        for rank in args.ranks:
-            # Progress on stderr, so that stdout stays a clean report.
-            print(f"[{time.perf_counter() - started:6.0f} s] {set_name}, R={rank}", file=sys.stderr, flush=True)
-            rows.extend(run_set(LAYER_SETS[set_name], rank, args, dtype))
-    elapsed = time.perf_counter() - started
-    load_after = os.getloadavg()
+        for factors in args.factors:
+            for rank in args.ranks:
+                # Progress on stderr, so that stdout stays a clean report.
+                elapsed = time.perf_counter() - clock.started
+                print(f"[{elapsed:6.0f} s] {set_name}, {factors}, R={rank}", file=sys.stderr, flush=True)
+                rows.extend(run_set(LAYER_SETS[set_name], rank, factors, args, dtype))
+    clock.stop()
 
-    print(f"Command: benchmarks/svd.py {' '.join(argv)}".rstrip())
-    print(f"Machine: {machine}")
-    print(f"1-min load average before / after: {load_before[0]:.2f} / {load_after[0]:.2f}; run took {elapsed:.0f} s")
+    for line in header_lines("svd", argv, machine, clock.load_before, clock.load_after, clock.seconds):
+        print(line)
     for set_name in args.sets:
         print(f"Layer set {set_name}: {LAYER_SETS[set_name].description}")
     print(
         f"Times: {'wall-clock' if args.clock == 'wall' else 'CPU (process_time)'} seconds, "
-        f"median of up to {args.repeats} runs, fewer once {args.budget_s:g} s are spent ([n=...] = runs); "
-        f"dense and lowrank timed on {args.baseline_layers_per_shape} layer(s) per shape; "
+        f"median of up to {args.repeats} runs, fewer once {args.budget_s:g} s are spent ([n=...] = runs); the Gram floor "
+        f"and ours in alternating rounds; dense and lowrank timed on {args.baseline_layers_per_shape} layer(s) per shape; "
+        f"errors against the float64 {'dense SVD' if dtype == torch.float64 else 'QR route'} on "
+        f"{args.reference_layers_per_shape} layer(s) per shape; "
         f"lowrank q = r + {args.oversample}, niter = {args.niter}."
     )
-    print("\nWhole layer sets (ours and cholqr: one batched call per shape; loop: one call per layer):\n")
-    print(set_table(rows, {name: len(sample_layers(LAYER_SETS[name], args.baseline_layers_per_shape)) for name in args.sets}))
-    print("\nPer sampled layer (ours: svd_of_product on that layer alone):\n")
+    sampled = {
+        name: (
+            len(sample_layers(LAYER_SETS[name], args.baseline_layers_per_shape)),
+            len(sample_layers(LAYER_SETS[name], args.reference_layers_per_shape)),
+        )
+        for name in args.sets
+    }
+    print("\nWhole layer sets, as multiples of the Gram floor (forming B^T B and A A^T of every layer):\n")
+    print(set_table(rows, sampled))
+    print("\nPer layer shape (errors: sin θ of the top-r right subspace against the float64 reference, largest over "
+          "the sampled layers):\n")
     print(layer_table(rows))
-    goals = goal_lines(rows, device, args.clock)
-    if goals:
-        print()
-        for line in goals:
-            print(f"- {line}")
+    print_goal_lines(goal_lines(rows, device, args.clock))
 
     if args.json_path:
         payload: dict[str, Any] = {
             "argv": argv,
             "machine": machine,
-            "load_average_before_after": [load_before[0], load_after[0]],
+            "load_average_before_after": [clock.load_before, clock.load_after],
             "clock": args.clock,
-            "seconds": elapsed,
+            "seconds": clock.seconds,
             "layer_sets": {name: LAYER_SETS[name].description for name in args.sets},
             "rows": [asdict(row) for row in rows],
         }

@@ -20,7 +20,8 @@ from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.hooks import RemovableHandle
 
-from lightning_hrp.engine.decompose import ProductSVD, group_by_key, product_group_key, svd_of_product
+from lightning_hrp.engine.batching import group_by_key, map_grouped
+from lightning_hrp.engine.decompose import ProductSVD, product_group_key, svd_of_products
 from lightning_hrp.engine.lora import LoraTarget
 from lightning_hrp.errors import PreheatFailedError
 
@@ -153,58 +154,51 @@ def shared_svd_of_products(
 ) -> list[ProductSVD]:
     """Like :func:`~lightning_hrp.engine.decompose.svd_of_products`, with the work split over ranks.
 
-    Each group of equally shaped products is decomposed, batched, by one rank (groups are dealt
-    out largest first to the least-loaded rank) and broadcast from there, so the wall time falls
-    as the world grows and every rank ends with bitwise the same result.
+    Each group of equally shaped products is decomposed by one rank (groups are dealt out largest
+    first to the least-loaded rank) and broadcast from there, stacked, so the wall time falls as the
+    world grows and every rank ends with bitwise the same result.
     """
-    keys = [product_group_key(B, A, top) for (B, A), top in zip(products, tops)]
-    groups = list(group_by_key(keys).values())
     rank, world_size = rank_and_world_size()
-    owners = _deal_out(groups, products, world_size)
+    if world_size == 1:
+        return svd_of_products(products, tops, dtype=dtype)
+    keys = [product_group_key(B, A, top) for (B, A), top in zip(products, tops)]
+    groups = group_by_key(keys)
+    owner_of = {indices[0]: owner for indices, owner in zip(groups, _deal_out(groups, products, world_size))}
 
     # Each rank first decomposes the groups it owns, then the ranks agree that all succeeded, and only
     # then broadcast: a rank whose decomposition fails (a LAPACK error, out of memory) must not leave
     # the others waiting in a broadcast it never joins.
-    computed: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
+    computed: dict[int, list[ProductSVD]] = {}
     error: Exception | None = None
-    for g, (indices, owner) in enumerate(zip(groups, owners)):
-        if owner != rank:
-            continue
-        try:
-            svd = svd_of_product(
-                torch.stack([products[i][0] for i in indices]),
-                torch.stack([products[i][1] for i in indices]),
-                top=tops[indices[0]],
-                dtype=dtype,
-            )
-        except Exception as caught:
-            error = caught
-            break
-        computed[g] = (svd.U.contiguous(), svd.S.contiguous(), svd.Vh.contiguous())
-    if world_size > 1:
-        (failed,) = mean_over_ranks([float(error is not None)])
-        if failed > 0 and error is None:
-            raise PreheatFailedError(f"the decomposition failed on {round(failed * world_size)} of {world_size} ranks.")
+    try:
+        for indices in groups:
+            if owner_of[indices[0]] == rank:
+                group_tops = [tops[i] for i in indices]
+                computed[indices[0]] = svd_of_products([products[i] for i in indices], group_tops, dtype=dtype)
+    except Exception as caught:
+        error = caught
+    (failed,) = mean_over_ranks([float(error is not None)])
     if error is not None:
         raise error
+    if failed > 0:
+        raise PreheatFailedError(f"the decomposition failed on {round(failed * world_size)} of {world_size} ranks.")
 
-    results: list[ProductSVD | None] = [None] * len(products)
-    for g, (indices, owner) in enumerate(zip(groups, owners)):
-        B0, A0 = products[indices[0]]
-        top = tops[indices[0]]
+    def broadcast_group(indices: list[int], group: list[tuple[Tensor, Tensor]]) -> list[ProductSVD]:
+        owner, top = owner_of[indices[0]], tops[indices[0]]
         if owner == rank:
-            U, S, Vh = computed[g]
+            svds = computed[indices[0]]
+            U, S, Vh = (torch.stack([getattr(svd, name) for svd in svds]) for name in ("U", "S", "Vh"))
         else:
+            B0, A0 = group[0]
             k = min(B0.shape[0], A0.shape[1], B0.shape[1])
-            U = B0.new_empty(len(indices), B0.shape[0], top, dtype=dtype)
-            S = B0.new_empty(len(indices), k, dtype=dtype)
-            Vh = B0.new_empty(len(indices), top, A0.shape[1], dtype=dtype)
-        if world_size > 1:
-            for tensor in (U, S, Vh):
-                _broadcast_(tensor, src=owner)
-        for position, index in enumerate(indices):
-            results[index] = ProductSVD(U[position], S[position], Vh[position])
-    return results  # type: ignore[return-value]
+            U = B0.new_empty(len(group), B0.shape[0], top, dtype=dtype)
+            S = B0.new_empty(len(group), k, dtype=dtype)
+            Vh = B0.new_empty(len(group), top, A0.shape[1], dtype=dtype)
+        for tensor in (U, S, Vh):
+            _broadcast_(tensor, src=owner)
+        return [ProductSVD(U[i], S[i], Vh[i]) for i in range(len(group))]
+
+    return map_grouped(products, keys, broadcast_group)
 
 
 def _deal_out(groups: list[list[int]], products: Sequence[tuple[Tensor, Tensor]], world_size: int) -> list[int]:
