@@ -20,7 +20,6 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,7 @@ from lightning_hrp.engine.preheat import PreheatMode
 from lightning_hrp.recipes.runs import (
     Run,
     build_run,
-    load_config,
+    bundled_config,
     quiet_libraries,
     settings_from_command_line,
     settings_parser,
@@ -218,7 +217,7 @@ def run_config(method: str, settings: DemoSettings) -> dict[str, Any]:
         "data.init_args.eval_batch_size": 64,
         "data.init_args.group_by_length": True,  # far less padding: most of the speed on a CPU
     }
-    config = load_config(Path(str(resources.files("lightning_hrp.recipes") / "configs" / RECIPE_CONFIG)))
+    config = bundled_config(RECIPE_CONFIG)
     # Plain ints and floats: the option types (PositiveInt, ...) are subclasses a YAML dump refuses.
     return with_overrides(without_outputs(config), json.loads(json.dumps(overrides)))
 
