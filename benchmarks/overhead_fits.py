@@ -14,6 +14,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from benchmarks.harness import by_name
 from benchmarks.overhead_memory import MemoryMeter, make_meter
 from lightning_hrp import HRPPreheatCallback
 from lightning_hrp.recipes.runs import build_run, bundled_config, with_overrides, without_outputs
@@ -46,34 +47,31 @@ class Recipe:
     plans: dict[str, StepPlan]
 
 
-RECIPES: dict[str, Recipe] = {
-    recipe.name: recipe
-    for recipe in (
-        Recipe(
-            name="matrix_regression",
-            description="matrix regression 64x64 (recipes/matrix_regression.py), LoRA r=4 on one layer, batch 32",
-            config="matrix_regression_lora.yaml",
-            lora_rank=4,
-            plans={"cpu": StepPlan(400, 20), "cuda": StepPlan(400, 20), "quick": StepPlan(100, 5)},
-        ),
-        Recipe(
-            name="classification",
-            description="all-MiniLM-L6-v2 on Rotten Tomatoes (recipes/classification.py), LoRA r=8 on q,k,v,o of "
-            "6 blocks (24 layers 384x384), batch 32, max 64 tokens",
-            config="classification_rotten_tomatoes_lora.yaml",
-            lora_rank=8,
-            plans={"cpu": StepPlan(100, 5), "cuda": StepPlan(300, 15), "quick": StepPlan(20, 1)},
-        ),
-        Recipe(
-            name="math_sft",
-            description="SmolLM2-135M-Instruct SFT on GSM8K (recipes/math_sft.py), LoRA r=8 on the 7 projections "
-            "of 30 blocks (210 layers), batch 4, max 256 tokens",
-            config="math_sft_smollm2_lora.yaml",
-            lora_rank=8,
-            plans={"cpu": StepPlan(20, 1), "cuda": StepPlan(100, 5), "quick": StepPlan(10, 1)},
-        ),
-    )
-}
+RECIPES: dict[str, Recipe] = by_name(
+    Recipe(
+        name="matrix_regression",
+        description="matrix regression 64x64 (recipes/matrix_regression.py), LoRA r=4 on one layer, batch 32",
+        config="matrix_regression_lora.yaml",
+        lora_rank=4,
+        plans={"cpu": StepPlan(400, 20), "cuda": StepPlan(400, 20), "quick": StepPlan(100, 5)},
+    ),
+    Recipe(
+        name="classification",
+        description="all-MiniLM-L6-v2 on Rotten Tomatoes (recipes/classification.py), LoRA r=8 on q,k,v,o of "
+        "6 blocks (24 layers 384x384), batch 32, max 64 tokens",
+        config="classification_rotten_tomatoes_lora.yaml",
+        lora_rank=8,
+        plans={"cpu": StepPlan(100, 5), "cuda": StepPlan(300, 15), "quick": StepPlan(20, 1)},
+    ),
+    Recipe(
+        name="math_sft",
+        description="SmolLM2-135M-Instruct SFT on GSM8K (recipes/math_sft.py), LoRA r=8 on the 7 projections "
+        "of 30 blocks (210 layers), batch 4, max 256 tokens",
+        config="math_sft_smollm2_lora.yaml",
+        lora_rank=8,
+        plans={"cpu": StepPlan(20, 1), "cuda": StepPlan(100, 5), "quick": StepPlan(10, 1)},
+    ),
+)
 DEFAULT_RECIPES = ("matrix_regression", "classification")
 
 

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from benchmarks.harness import verdict
+from benchmarks.harness import markdown_table, verdict
 from benchmarks.overhead_fits import FitResult, StepPlan
 
 MIB = 2**20
@@ -117,53 +117,59 @@ def _f(value: float, digits: int = 3) -> str:
 
 
 def time_table(rows: list[OverheadRow]) -> str:
-    lines = [
-        "| recipe | r | R | preheat / main steps | main s (LoRA fit) | main s (HRP fit) | preheat s | decompose s "
-        "| (preheat + decompose) / main | whole HRP phase / main | fit Δ / main (LoRA fit) | budget | goal |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        lines.append(
-            f"| {row.recipe} | {row.lora_rank} | {row.preheat_rank} | {row.preheat_steps} / {row.main_steps} "
-            f"| {_f(row.main_s_lora)} | {_f(row.main_s)} | {_f(row.preheat_s)} | {row.decompose_s:.2e} "
-            f"| {row.hrp_share:.2%} | {row.hrp_phase_share:.2%} | {row.fit_delta_share:.2%} | {row.budget_share:.2%} "
-            f"| {verdict(row.time_goal_met)} |"
-        )
-    return "\n".join(lines)
+    columns = [
+        "recipe", "r", "R", "preheat / main steps", "main s (LoRA fit)", "main s (HRP fit)", "preheat s", "decompose s",
+        "(preheat + decompose) / main", "whole HRP phase / main", "fit Δ / main (LoRA fit)", "budget", "goal",
+    ]  # fmt: skip
+    return markdown_table(
+        columns,
+        (
+            [
+                row.recipe, row.lora_rank, row.preheat_rank, f"{row.preheat_steps} / {row.main_steps}", _f(row.main_s_lora),
+                _f(row.main_s), _f(row.preheat_s), f"{row.decompose_s:.2e}", f"{row.hrp_share:.2%}",
+                f"{row.hrp_phase_share:.2%}", f"{row.fit_delta_share:.2%}", f"{row.budget_share:.2%}", verdict(row.time_goal_met),
+            ]  # fmt: skip
+            for row in rows
+        ),
+    )
 
 
 def step_table(rows: list[OverheadRow]) -> str:
-    lines = [
-        "| recipe | R | main step s, median (LoRA fit) | main step s, median (HRP fit) | preheat step s (mean) "
-        "| preheat step / main step (HRP fit) | first main step s (LoRA fit) | first main step s (HRP fit) "
-        "| first k main steps s, mean (LoRA fit; k = preheat steps) | preheat step / those |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        lines.append(
-            f"| {row.recipe} | {row.preheat_rank} | {_f(row.main_step_s_lora)} | {_f(row.main_step_s)} "
-            f"| {_f(row.preheat_step_s)} | {_f(row.step_cost)} | {_f(row.first_step_s_lora)} | {_f(row.first_step_s)} "
-            f"| {_f(row.early_steps_s_lora)} | {_f(row.early_step_cost)} |"
-        )
-    return "\n".join(lines)
+    columns = [
+        "recipe", "R", "main step s, median (LoRA fit)", "main step s, median (HRP fit)", "preheat step s (mean)",
+        "preheat step / main step (HRP fit)", "first main step s (LoRA fit)", "first main step s (HRP fit)",
+        "first k main steps s, mean (LoRA fit; k = preheat steps)", "preheat step / those",
+    ]  # fmt: skip
+    return markdown_table(
+        columns,
+        (
+            [
+                row.recipe, row.preheat_rank, _f(row.main_step_s_lora), _f(row.main_step_s), _f(row.preheat_step_s),
+                _f(row.step_cost), _f(row.first_step_s_lora), _f(row.first_step_s), _f(row.early_steps_s_lora),
+                _f(row.early_step_cost),
+            ]  # fmt: skip
+            for row in rows
+        ),
+    )
 
 
 def memory_table(rows: list[OverheadRow]) -> str:
-    lines = [
-        "| recipe | r | R | preheat peak MiB | main peak MiB (same fit) | preheat / main | main peak MiB (LoRA fit) "
-        "| preheat / LoRA main | preheat above its start MiB | main above its start MiB | goal (R = 8r) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        at_8r = row.preheat_rank == 8 * row.lora_rank
-        goal = verdict(row.memory_goal_met) if at_8r else "-"
-        lines.append(
-            f"| {row.recipe} | {row.lora_rank} | {row.preheat_rank} | {row.preheat_peak_mib:.1f} "
-            f"| {row.main_peak_mib:.1f} | {row.mem_ratio:.3f} | {row.main_peak_mib_lora:.1f} "
-            f"| {row.mem_ratio_vs_lora:.3f} | {row.preheat_above_start_mib:.1f} | {row.main_above_start_mib:.1f} "
-            f"| {goal} |"
-        )
-    return "\n".join(lines)
+    columns = [
+        "recipe", "r", "R", "preheat peak MiB", "main peak MiB (same fit)", "preheat / main", "main peak MiB (LoRA fit)",
+        "preheat / LoRA main", "preheat above its start MiB", "main above its start MiB", "goal (R = 8r)",
+    ]  # fmt: skip
+    return markdown_table(
+        columns,
+        (
+            [
+                row.recipe, row.lora_rank, row.preheat_rank, f"{row.preheat_peak_mib:.1f}", f"{row.main_peak_mib:.1f}",
+                f"{row.mem_ratio:.3f}", f"{row.main_peak_mib_lora:.1f}", f"{row.mem_ratio_vs_lora:.3f}",
+                f"{row.preheat_above_start_mib:.1f}", f"{row.main_above_start_mib:.1f}",
+                verdict(row.memory_goal_met) if row.preheat_rank == 8 * row.lora_rank else "-",
+            ]  # fmt: skip
+            for row in rows
+        ),
+    )
 
 
 def goal_lines(rows: list[OverheadRow]) -> list[str]:

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from benchmarks.harness import by_name
+
 @dataclass(frozen=True)
 class LayerShape:
     """``per_block`` linear layers of weight shape ``(out_features, in_features)`` in each transformer block."""
@@ -45,31 +47,28 @@ class LayerSet:
         return [shape for _ in range(self.blocks) for shape in self.shapes for _ in range(shape.per_block)]
 
 
-LAYER_SETS: dict[str, LayerSet] = {
-    layer_set.name: layer_set
-    for layer_set in (
-        LayerSet(
-            name="llama-7b",
-            description="LLaMA-7B: per block q,k,v,o 4096x4096, gate,up 11008x4096, down 4096x11008; 32 blocks",
-            shapes=(LayerShape(4096, 4096, 4), LayerShape(11008, 4096, 2), LayerShape(4096, 11008, 1)),
-            blocks=32,
-            # The dense SVDs of the three LLaMA shapes take minutes per R on a small CPU.
-            dense_ranks=(64,),
-        ),
-        LayerSet(
-            name="bert-base",
-            description="BERT-base: per block q,k,v,attn-out 768x768, intermediate 3072x768, output 768x3072; 12 blocks",
-            shapes=(LayerShape(768, 768, 4), LayerShape(3072, 768, 1), LayerShape(768, 3072, 1)),
-            blocks=12,
-        ),
-        LayerSet(
-            name="tiny",
-            description="LLaMA-like toy: per block 4x 256x256, 2x 688x256, 1x 256x688; 2 blocks",
-            shapes=(LayerShape(256, 256, 4), LayerShape(688, 256, 2), LayerShape(256, 688, 1)),
-            blocks=2,
-        ),
-    )
-}
+LAYER_SETS: dict[str, LayerSet] = by_name(
+    LayerSet(
+        name="llama-7b",
+        description="LLaMA-7B: per block q,k,v,o 4096x4096, gate,up 11008x4096, down 4096x11008; 32 blocks",
+        shapes=(LayerShape(4096, 4096, 4), LayerShape(11008, 4096, 2), LayerShape(4096, 11008, 1)),
+        blocks=32,
+        # The dense SVDs of the three LLaMA shapes take minutes per R on a small CPU.
+        dense_ranks=(64,),
+    ),
+    LayerSet(
+        name="bert-base",
+        description="BERT-base: per block q,k,v,attn-out 768x768, intermediate 3072x768, output 768x3072; 12 blocks",
+        shapes=(LayerShape(768, 768, 4), LayerShape(3072, 768, 1), LayerShape(768, 3072, 1)),
+        blocks=12,
+    ),
+    LayerSet(
+        name="tiny",
+        description="LLaMA-like toy: per block 4x 256x256, 2x 688x256, 1x 256x688; 2 blocks",
+        shapes=(LayerShape(256, 256, 4), LayerShape(688, 256, 2), LayerShape(256, 688, 1)),
+        blocks=2,
+    ),
+)
 
 FACTORS = ("gaussian", "preheat", "steep")
 

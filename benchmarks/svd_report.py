@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from benchmarks.harness import verdict
+from benchmarks.harness import markdown_table, verdict
 
 METHOD_ORDER = ("grams", "ours", "loop", "qr", "dense", "lowrank")
 GOAL_RATIO = 2.0  # issue 15, goal 1: at most twice the Gram floor
@@ -84,10 +84,7 @@ def format_error(error: float | None) -> str:
 
 def set_table(rows: list[SetRow], sampled: dict[str, tuple[int, int]]) -> str:
     """Whole-set times as multiples of the Gram floor, and the largest subspace error of each method."""
-    lines = [
-        "| set | factors | layers | R | r | method | time (s) | / Gram floor | max sin θ vs f64 | timed on |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    lines = []
     for row in rows:
         floor = row.methods["grams"].seconds
         for name in METHOD_ORDER:
@@ -104,40 +101,37 @@ def set_table(rows: list[SetRow], sampled: dict[str, tuple[int, int]]) -> str:
                 ratio += f" (paired {row.paired_ratio:.3g})"
             error = "-" if name == "grams" else format_error(result.max_sin_theta)
             lines.append(
-                f"| {row.set_name} | {row.factors} | {row.layers} | {row.preheat_rank} | {row.top} | {name} "
-                f"| {format_seconds(result.seconds)} | {ratio} | {error} | {timed_on} |"
+                [row.set_name, row.factors, row.layers, row.preheat_rank, row.top, name, format_seconds(result.seconds), ratio, error, timed_on]
             )
-    return "\n".join(lines)
+    columns = ["set", "factors", "layers", "R", "r", "method", "time (s)", "/ Gram floor", "max sin θ vs f64", "timed on"]
+    return markdown_table(columns, lines)
 
 
 def layer_table(rows: list[SetRow]) -> str:
     """Per layer shape: the baselines' times on its first layer, and each method's largest subspace error
     against float64 over its sampled layers."""
-    lines = [
-        "| set | factors | shape (out x in) | R | r | dense (s) | lowrank (s) | sin θ ours | sin θ qr | sin θ dense "
-        "| sin θ lowrank | rel. σ error ours | smallest gap | largest s_1 / (s_r + s_r+1) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    lines = []
     for set_row in rows:
         by_shape: dict[str, list[LayerRow]] = {}
         for layer in set_row.layer_rows:
             by_shape.setdefault(layer.shape, []).append(layer)
         for shape, layers in by_shape.items():
             first = layers[0]
-            errors = " | ".join(
-                format_error(max_or_none(layer.sin_theta.get(name) for layer in layers))
-                for name in ("ours", "qr", "dense", "lowrank")
-            )
+            errors = [format_error(max_or_none(layer.sin_theta.get(name) for layer in layers)) for name in ("ours", "qr", "dense", "lowrank")]
             gap = min((layer.relative_gap for layer in layers if layer.relative_gap is not None), default=None)
             steepness = max(layer.steepness for layer in layers if layer.steepness is not None)
             lines.append(
-                f"| {set_row.set_name} | {set_row.factors} | {shape} | {set_row.preheat_rank} | {set_row.top} "
-                f"| {format_seconds(first.dense_s, first.dense_runs or None)} "
-                f"| {format_seconds(first.lowrank_s, first.lowrank_runs or None)} | {errors} "
-                f"| {format_error(max_or_none(layer.ours_rel_sv_error for layer in layers))} | {format_error(gap)} "
-                f"| {steepness:.3g} |"
+                [
+                    set_row.set_name, set_row.factors, shape, set_row.preheat_rank, set_row.top,
+                    format_seconds(first.dense_s, first.dense_runs or None), format_seconds(first.lowrank_s, first.lowrank_runs or None),
+                    *errors, format_error(max_or_none(layer.ours_rel_sv_error for layer in layers)), format_error(gap), f"{steepness:.3g}",
+                ]  # fmt: skip
             )
-    return "\n".join(lines)
+    columns = [
+        "set", "factors", "shape (out x in)", "R", "r", "dense (s)", "lowrank (s)", "sin θ ours", "sin θ qr", "sin θ dense",
+        "sin θ lowrank", "rel. σ error ours", "smallest gap", "largest s_1 / (s_r + s_r+1)",
+    ]  # fmt: skip
+    return markdown_table(columns, lines)
 
 
 def goal_lines(rows: list[SetRow], device: torch.device, clock: str) -> list[str]:
