@@ -256,12 +256,8 @@ def test_callback_by_its_short_class_name():
 
 def test_a_missing_extra_is_named_with_its_install_command():
     """The console script comes with every install; without the recipes extra it says what to install."""
-    code = (
-        "import sys\n"
-        "sys.modules['jsonargparse'] = None  # as in an install without the recipes extra\n"
-        "from lightning_hrp.recipes.cli import main\n"
-        "sys.exit(main(['fit', '--help']))\n"
-    )
+    # jsonargparse hidden as in an install without the recipes extra.
+    code = "import sys; sys.modules['jsonargparse'] = None; from lightning_hrp.recipes.cli import main; sys.exit(main(['fit', '--help']))"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr[-3000:]
     assert "pip install 'lightning-hrp[recipes]'" in result.stderr
