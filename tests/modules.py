@@ -1,4 +1,4 @@
-"""Tiny LightningModules around real transformers + peft models built from configs (no download)."""
+"""Tiny LightningModules around real transformers + peft models built from configs (no download), and a test Trainer."""
 
 from __future__ import annotations
 
@@ -92,3 +92,15 @@ def assert_bitwise_equal(left: dict[str, Tensor], right: dict[str, Tensor]) -> N
     different = [name for name in left if not torch.equal(left[name], right[name])]
     assert not different, f"changed: {different[:5]}"
 
+
+def cpu_trainer(**overrides) -> pl.Trainer:
+    """A one-process CPU Trainer that writes nothing and prints no progress; ``overrides`` set the rest."""
+    settings = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    return pl.Trainer(**{**settings, **overrides})

@@ -26,23 +26,11 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_hrp import HRPConfigurationError, HRPPreheatCallback, PreheatFailedError
 from lightning_hrp.demos import FactorisationToy
 from lightning_hrp.engine import distributed
-from modules import TinyCausalLM, tiny_llama, all_weights, assert_bitwise_equal, lora_weights, token_dataset
+from modules import TinyCausalLM, tiny_llama, all_weights, assert_bitwise_equal, cpu_trainer, lora_weights, token_dataset
 
 
 def make_trainer(**overrides) -> pl.Trainer:
-    kwargs = dict(
-        accelerator="cpu",
-        devices=1,
-        max_steps=3,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
-    kwargs.update(overrides)
-    return pl.Trainer(**kwargs)
+    return cpu_trainer(**{"max_steps": 3, "num_sanity_val_steps": 0, "limit_val_batches": 0, **overrides})
 
 
 class WeightsAtTrainStart(Callback):

@@ -15,42 +15,19 @@ from lightning.pytorch.callbacks import Callback
 from peft.tuners.lora import LoraLayer
 
 from lightning_hrp import HRPPreheatCallback
-from recipes.classification import (
+from lightning_hrp.recipes.classification import SequenceClassifier, lora_target_modules
+from lightning_hrp.recipes.classification_data import (
     GlueDataModule,
     LengthGroupedSampler,
     RottenTomatoesDataModule,
-    SequenceClassifier,
-    default_model_path,
     default_rotten_tomatoes_path,
     load_rotten_tomatoes,
-    lora_target_modules,
-    resolve_pretrained,
     split_rotten_tomatoes,
 )
+from lightning_hrp.recipes.pretrained import resolve_pretrained
+from modules import cpu_trainer
 
 NUM_LAYERS = 2
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A random 2-layer BERT encoder (hidden 32, no head, like the MiniLM folder) with the offline
-    MiniLM tokenizer: a real model folder."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    folder = tmp_path_factory.mktemp("tiny_bert")
-    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=NUM_LAYERS,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    BertModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
 
 
 def tiny_data(model_dir: str, **overrides) -> RottenTomatoesDataModule:
@@ -59,20 +36,8 @@ def tiny_data(model_dir: str, **overrides) -> RottenTomatoesDataModule:
 
 
 def trainer(max_steps: int, callbacks: list[Callback] | None = None, **overrides) -> pl.Trainer:
-    settings = dict(
-        accelerator="cpu",
-        devices=1,
-        max_steps=max_steps,
-        val_check_interval=max_steps,
-        check_val_every_n_epoch=None,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks or [],
-    )
-    return pl.Trainer(**{**settings, **overrides})
+    settings = dict(max_steps=max_steps, val_check_interval=max_steps, check_val_every_n_epoch=None, num_sanity_val_steps=0)
+    return cpu_trainer(**{**settings, "callbacks": callbacks or [], **overrides})
 
 
 def lora_layers(module: torch.nn.Module) -> dict[str, LoraLayer]:
@@ -132,8 +97,8 @@ def test_bad_data_file_names_the_path_and_what_was_expected(tmp_path, content, m
     assert "category" in str(error.value)
 
 
-def test_data_module_batches_are_padded_and_labelled(tiny_model_dir):
-    data = tiny_data(tiny_model_dir, group_by_length=True)
+def test_data_module_batches_are_padded_and_labelled(tiny_bert_dir):
+    data = tiny_data(tiny_bert_dir, group_by_length=True)
     data.setup("fit")
     assert [len(data.datasets[split]) for split in ("train", "validation", "test")] == [48, 24, 24]
     assert isinstance(data.train_dataloader().sampler, LengthGroupedSampler)
@@ -164,8 +129,8 @@ def test_length_grouped_sampler_is_a_seeded_permutation_with_little_padding():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("datasets") is not None, reason="datasets is installed here")
-def test_glue_without_datasets_says_how_to_install_it(tiny_model_dir):
-    data = GlueDataModule(task="mnli", tokenizer=tiny_model_dir)
+def test_glue_without_datasets_says_how_to_install_it(tiny_bert_dir):
+    data = GlueDataModule(task="mnli", tokenizer=tiny_bert_dir)
     assert data.num_labels == 3
     with pytest.raises(ImportError, match="pip install datasets"):
         data.prepare_data()
@@ -179,19 +144,19 @@ def test_glue_rejects_unknown_task():
 # ---------------------------------------------------------------------------- model
 
 
-def test_lora_targets_attention_and_optionally_mlp(tiny_model_dir):
-    attention = lora_layers(SequenceClassifier(tiny_model_dir, lora_r=4))
+def test_lora_targets_attention_and_optionally_mlp(tiny_bert_dir):
+    attention = lora_layers(SequenceClassifier(tiny_bert_dir, lora_r=4))
     suffixes = {name.split(f"layer.{i}.", 1)[1] for name in attention for i in range(NUM_LAYERS) if f"layer.{i}." in name}
     assert suffixes == {"attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"}
     assert len(attention) == 4 * NUM_LAYERS
 
-    with_mlp = lora_layers(SequenceClassifier(tiny_model_dir, lora_r=4, lora_on_mlp=True))
+    with_mlp = lora_layers(SequenceClassifier(tiny_bert_dir, lora_r=4, lora_on_mlp=True))
     assert len(with_mlp) == 6 * NUM_LAYERS
     assert not any("pooler" in name for name in with_mlp)
 
 
-def test_only_adapters_and_head_train_and_explicit_targets_work(tiny_model_dir):
-    module = SequenceClassifier(tiny_model_dir, lora_r=4, target_modules=["query", "value"], use_rslora=True)
+def test_only_adapters_and_head_train_and_explicit_targets_work(tiny_bert_dir):
+    module = SequenceClassifier(tiny_bert_dir, lora_r=4, target_modules=["query", "value"], use_rslora=True)
     layers = lora_layers(module)
     assert len(layers) == 2 * NUM_LAYERS
     assert all(layer.scaling["default"] == pytest.approx(16.0 / 4**0.5) for layer in layers.values())
@@ -201,7 +166,7 @@ def test_only_adapters_and_head_train_and_explicit_targets_work(tiny_model_dir):
 
 
 @pytest.mark.parametrize("layout", ["missing", "file", "no_config", "no_safetensors"])
-def test_bad_model_folder_names_the_path_and_what_was_expected(tmp_path, tiny_model_dir, layout):
+def test_bad_model_folder_names_the_path_and_what_was_expected(tmp_path, tiny_bert_dir, layout):
     target = tmp_path / "model"
     if layout == "file":
         target.write_text("not a folder")
@@ -209,7 +174,7 @@ def test_bad_model_folder_names_the_path_and_what_was_expected(tmp_path, tiny_mo
         target.mkdir()
     elif layout == "no_safetensors":
         target.mkdir()
-        (target / "config.json").write_text((Path(tiny_model_dir) / "config.json").read_text())
+        (target / "config.json").write_text((Path(tiny_bert_dir) / "config.json").read_text())
         (target / "pytorch_model.bin").write_bytes(b"pickles are refused")
     expected = {"missing": "no folder at", "file": "is a file", "no_config": "no config.json", "no_safetensors": "no model.safetensors"}
     with pytest.raises(OSError) as error:
@@ -247,10 +212,10 @@ def test_malformed_config_names_the_path(tmp_path):
     assert str(target) in str(error.value)
 
 
-def test_num_labels_must_match_the_data(tiny_model_dir):
-    module = SequenceClassifier(tiny_model_dir, num_labels=3)
-    with pytest.raises(ValueError, match="num_labels=3 but the data has 2 classes"):
-        trainer(2).fit(module, datamodule=tiny_data(tiny_model_dir))
+def test_num_labels_must_match_the_data(tiny_bert_dir):
+    module = SequenceClassifier(tiny_bert_dir, num_labels=3)
+    with pytest.raises(ValueError, match="num_labels"):
+        trainer(2).fit(module, datamodule=tiny_data(tiny_bert_dir))
 
 
 # ---------------------------------------------------------------------------- training
@@ -264,27 +229,27 @@ class _RecordLearningRates(Callback):
         self.rates.append(trainer.optimizers[0].param_groups[0]["lr"])
 
 
-@pytest.mark.parametrize(("scheduler", "factors"), [("linear", [1 / 3, 2 / 3, 1.0, 0.5]), ("constant", [1 / 3, 2 / 3, 1.0, 1.0])])
-def test_warmup_then_schedule(tiny_model_dir, scheduler, factors):
+@pytest.mark.parametrize(("scheduler", "factors"), [("linear", [0.0, 0.5, 1.0, 0.5]), ("constant", [0.0, 0.5, 1.0, 1.0])])
+def test_warmup_then_schedule(tiny_bert_dir, scheduler, factors):
     recorder = _RecordLearningRates()
-    module = SequenceClassifier(tiny_model_dir, learning_rate=1e-3, warmup_ratio=0.5, scheduler=scheduler)
-    trainer(4, [recorder], limit_val_batches=0).fit(module, datamodule=tiny_data(tiny_model_dir))
+    module = SequenceClassifier(tiny_bert_dir, learning_rate=1e-3, warmup_ratio=0.5, scheduler=scheduler)
+    trainer(4, [recorder], limit_val_batches=0).fit(module, datamodule=tiny_data(tiny_bert_dir))
     assert recorder.rates == pytest.approx([1e-3 * f for f in factors])
 
 
-def test_lora_fit_trains_adapters_only_and_logs_metrics(tiny_model_dir):
+def test_lora_fit_trains_adapters_only_and_logs_metrics(tiny_bert_dir):
     pl.seed_everything(0)
-    module = SequenceClassifier(tiny_model_dir, lora_r=4, learning_rate=1e-2)
+    module = SequenceClassifier(tiny_bert_dir, lora_r=4, learning_rate=1e-2)
     frozen_before = {n: p.detach().clone() for n, p in module.named_parameters() if not p.requires_grad}
     fit = trainer(4)
-    fit.fit(module, datamodule=tiny_data(tiny_model_dir))
+    fit.fit(module, datamodule=tiny_data(tiny_bert_dir))
 
     assert fit.global_step == 4
     assert all(torch.equal(p, frozen_before[n]) for n, p in module.named_parameters() if not p.requires_grad)
     assert all(layer.lora_B["default"].weight.abs().sum() > 0 for layer in lora_layers(module).values())
     for key in ("train/loss", "val/loss", "val/acc", "val/f1", "val/mcc"):
         assert torch.isfinite(fit.callback_metrics[key])
-    tested = fit.test(module, datamodule=tiny_data(tiny_model_dir), verbose=False)[0]
+    tested = fit.test(module, datamodule=tiny_data(tiny_bert_dir), verbose=False)[0]
     assert set(tested) == {"test/loss", "test/acc", "test/f1", "test/mcc"}
     assert 0.0 <= tested["test/acc"] <= 1.0
 
@@ -301,13 +266,13 @@ class _SnapshotAdapters(Callback):
         self.B = {n: l.lora_B["default"].weight.detach().clone() for n, l in layers.items()}
 
 
-def test_hrp_fit_reinitialises_adapters_then_trains(tiny_model_dir):
+def test_hrp_fit_reinitialises_adapters_then_trains(tiny_bert_dir):
     pl.seed_everything(0)
-    module = SequenceClassifier(tiny_model_dir, lora_r=4, learning_rate=1e-2)
+    module = SequenceClassifier(tiny_bert_dir, lora_r=4, learning_rate=1e-2)
     hrp = HRPPreheatCallback(preheat_rank=16, preheat_steps=3, mode="classic", seed=0)
     snapshot = _SnapshotAdapters()
     fit = trainer(4, [hrp, snapshot])
-    fit.fit(module, datamodule=tiny_data(tiny_model_dir))
+    fit.fit(module, datamodule=tiny_data(tiny_bert_dir))
 
     assert fit.global_step == 4  # preheat steps come on top of the main steps
     assert hrp.report is not None and len(hrp.report.preheat_losses) == 3

@@ -15,8 +15,8 @@ import pytest
 import torch
 import yaml
 
-from recipes.cli import main, parse
-from recipes.classification import default_model_path
+from lightning_hrp.recipes.cli import main
+from lightning_hrp.recipes.runs import RECIPE_LINKS, build_run, load_config, parse, with_overrides, without_outputs
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "recipes" / "configs").rglob("*.yaml"))
@@ -49,7 +49,7 @@ def test_config_header_command_parses(config, monkeypatch):
     assert runs_itself, f"{relative} needs a header comment with its run command, e.g. lightning-hrp fit --config {relative}"
     for argv in commands:
         if argv[0] == "compare":  # a sweep over a recipe config, with its own parser
-            from recipes.compare import build_parser
+            from lightning_hrp.recipes.compare import build_parser
 
             build_parser().parse_args(argv[1:])
             continue
@@ -76,12 +76,27 @@ def test_hrp_callback_from_the_command_line():
     assert (hrp[0].init_args.preheat_rank, hrp[0].init_args.preheat_steps, hrp[0].init_args.mode) == (32, 7, "asymmetric")
 
 
+HRP_TWINS = [path for path in CONFIGS if path.name.endswith("_hrp.yaml") and path.with_name(path.name.replace("_hrp", "_lora")).is_file()]
+
+
+@pytest.mark.parametrize("hrp_config", HRP_TWINS, ids=lambda path: path.name)
+def test_an_hrp_config_is_its_lora_twin_with_init_method_hrp(hrp_config):
+    """``init_method`` is the one switch between LoRA and HRP: nothing else differs but the run's own folders."""
+    lora_config = hrp_config.with_name(hrp_config.name.replace("_hrp", "_lora"))
+    hrp, lora = (parse(["fit", "--config", str(path)]).fit.as_dict() for path in (hrp_config, lora_config))
+    hrp.pop("config"), lora.pop("config")  # the files' own paths
+    assert hrp["model"]["init_args"].pop("init_method") == "hrp" and lora["model"]["init_args"].pop("init_method") == "lora"
+    assert hrp["model"]["init_args"].pop("init_options")["preheat_steps"] >= 1 and lora["model"]["init_args"].pop("init_options") is None
+    lora_name, hrp_name = lora_config.stem, hrp_config.stem
+    assert json.loads(json.dumps(lora, default=str).replace(f"runs/{lora_name}", f"runs/{hrp_name}")) == json.loads(json.dumps(hrp, default=str))
+
+
 @pytest.mark.parametrize(
     "extra",
     [
         ["--model.init_args.lora_rank=4"],  # no such argument (it is lora_r)
         ["--model.init_args.scheduler=exponential"],  # not one of the choices
-        ["--data.class_path=recipes.classification.NoSuchDataModule"],
+        ["--data.class_path=lightning_hrp.recipes.classification.NoSuchDataModule"],
         ["--trainer.callbacks+=lightning_hrp.HRPPreheatCallback", "--trainer.callbacks.mode=classic"],  # no rank/steps
     ],
 )
@@ -97,43 +112,27 @@ def test_predict_is_not_offered(capsys):
     assert "invalid choice" in capsys.readouterr().err
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    folder = tmp_path_factory.mktemp("tiny_bert_cli")
-    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
-    )
-    torch.manual_seed(0)
-    BertModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
-
-
-def test_fit_then_test_through_the_cli_with_hrp(tiny_model_dir, tmp_path, monkeypatch):
+def test_fit_then_test_through_the_cli_with_hrp(tiny_bert_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the config's relative runs/ paths land here
     config = str(REPO / "recipes/configs/classification_rotten_tomatoes_hrp.yaml")
     overrides = [
-        f"--model.init_args.model_name_or_path={tiny_model_dir}",
+        f"--model.init_args.model_name_or_path={tiny_bert_dir}",
         "--model.init_args.lora_r=4",
-        f"--data.init_args.tokenizer={tiny_model_dir}",
+        f"--data.init_args.tokenizer={tiny_bert_dir}",
         "--data.init_args.train_size=32",
         "--data.init_args.val_size=16",
         "--data.init_args.test_size=16",
         "--data.init_args.batch_size=8",
         "--trainer.enable_progress_bar=false",
     ]
-    # A callbacks override addresses the last callback in the list: here HRP.
-    hrp = ["--trainer.callbacks.preheat_rank=16", "--trainer.callbacks.preheat_steps=2"]
+    hrp = ["--model.init_args.init_options.preheat_rank=16", "--model.init_args.init_options.preheat_steps=2"]
     assert main(["fit", "--config", config, *overrides, *hrp, "--trainer.max_steps=3", "--trainer.val_check_interval=3"]) == 0
 
     logs = tmp_path / "runs" / "classification_rotten_tomatoes_hrp" / "lightning_logs" / "version_0"
     metrics = (logs / "metrics.csv").read_text()
     assert "hrp/preheat_loss" in metrics and "val/acc" in metrics
     saved = yaml.safe_load((logs / "config.yaml").read_text())
-    assert saved["trainer"]["callbacks"][-1]["init_args"]["preheat_steps"] == 2
+    assert saved["model"]["init_args"]["init_options"]["preheat_steps"] == 2
 
     # The test command of the config's header, on the checkpoint the fit wrote.
     checkpoint = "runs/classification_rotten_tomatoes_hrp/checkpoints/last.ckpt"
@@ -150,8 +149,8 @@ def _demo_argv(model: str, output: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def test_demo_dispatch_with_a_tiny_model(tiny_model_dir, tmp_path, capsys):
-    assert main(_demo_argv(tiny_model_dir, tmp_path)) == 0
+def test_demo_dispatch_with_a_tiny_model(tiny_bert_dir, tmp_path, capsys):
+    assert main(_demo_argv(tiny_bert_dir, tmp_path)) == 0
     out = capsys.readouterr().out
     assert re.search(r"^LoRA\s+\|\s+2\s+\|", out, re.MULTILINE)
     assert re.search(r"^HRP\s+\|\s+2 \+ 1 preheat\s+\|", out, re.MULTILINE)
@@ -210,8 +209,8 @@ class _TrainingStarted(Exception):
         (["--accelerator", "abacus"], "accelerator"),
     ],
 )
-def test_demo_checks_every_option_before_the_lora_run(extra, option, tiny_model_dir, tmp_path, monkeypatch, capsys):
-    from recipes import demo
+def test_demo_checks_every_option_before_the_lora_run(extra, option, tiny_bert_dir, tmp_path, monkeypatch, capsys):
+    from lightning_hrp.recipes import demo
 
     started = []
 
@@ -222,10 +221,10 @@ def test_demo_checks_every_option_before_the_lora_run(extra, option, tiny_model_
     monkeypatch.setattr(demo, "run_method", first_run)
     # Without the bad option the same command gets as far as the first run.
     with pytest.raises(_TrainingStarted):
-        main(_demo_argv(tiny_model_dir, tmp_path / "valid"))
+        main(_demo_argv(tiny_bert_dir, tmp_path / "valid"))
     started.clear()
     with pytest.raises(SystemExit) as exit_info:
-        main(_demo_argv(tiny_model_dir, tmp_path / "refused", *extra))
+        main(_demo_argv(tiny_bert_dir, tmp_path / "refused", *extra))
     assert exit_info.value.code == 2
     assert option in capsys.readouterr().err
     assert started == [] and not (tmp_path / "refused").exists()
@@ -241,7 +240,7 @@ def test_callback_by_its_short_class_name():
     """`--trainer.callbacks+=HRPPreheatCallback` with a user's own module (here Lightning's BoringModel, which
     imports nothing of lightning_hrp), in a fresh process where nothing imported the callback before."""
     code = (
-        "from recipes.cli import parse\n"
+        "from lightning_hrp.recipes.runs import parse\n"
         "config = parse(['fit', '--model=lightning.pytorch.demos.boring_classes.BoringModel',\n"
         "                '--data=lightning.pytorch.demos.boring_classes.BoringDataModule',\n"
         "                '--trainer.callbacks+=HRPPreheatCallback',\n"
@@ -255,12 +254,54 @@ def test_callback_by_its_short_class_name():
     assert class_path.endswith(".HRPPreheatCallback") and (rank, steps) == ("32", "7")
 
 
+def test_a_missing_extra_is_named_with_its_install_command():
+    """The console script comes with every install; without the recipes extra it says what to install."""
+    # jsonargparse hidden as in an install without the recipes extra.
+    code = "import sys; sys.modules['jsonargparse'] = None; from lightning_hrp.recipes.cli import main; sys.exit(main(['fit', '--help']))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "pip install 'lightning-hrp[recipes]'" in result.stderr
+
+
 def test_a_config_given_as_a_dict_parses():
     """``LightningCLI`` takes ``args`` as a dict too; so must its subclass."""
     config = yaml.safe_load((REPO / "recipes/configs/matrix_regression_hrp.yaml").read_text())
     parsed = parse({"fit": config})
     assert parsed.subcommand == "fit"
-    assert parsed.fit.trainer.callbacks[-1].init_args.preheat_rank == 32
+    assert parsed.fit.model.init_args.init_options["preheat_rank"] == 32
+
+
+def test_the_module_follows_its_data_where_they_must_agree():
+    """What a module must share with its data is set once, on one side (RECIPE_LINKS)."""
+    matrix = parse(["fit", "--config", str(REPO / "recipes/configs/matrix_regression_lora.yaml"), "--data.init_args.task_seed=3", "--data.init_args.in_features=16"])
+    assert (matrix.fit.model.init_args.task_seed, matrix.fit.model.init_args.in_features) == (3, 16)
+    classification = parse(["fit", "--config", str(REPO / LORA_CONFIG), "--model.init_args.model_name_or_path=/models/bert"])
+    assert classification.fit.data.init_args.tokenizer == "/models/bert"
+    math_sft = parse(
+        ["fit", "--config", str(REPO / "recipes/configs/math_sft_smollm2_lora.yaml"), "--model.init_args.model_name_or_path=/models/llama",
+         "--model.init_args.gguf_file=llama.gguf", "--model.init_args.cache_dir=/cache"]
+    )  # fmt: skip
+    data = math_sft.fit.data.init_args
+    assert (data.model_name_or_path, data.gguf_file, data.cache_dir) == ("/models/llama", "llama.gguf", "/cache")
+
+
+def test_the_classifier_head_gets_the_data_classes(tiny_bert_dir):
+    config = load_config(REPO / "recipes/configs/classification_glue_sst2_lora.yaml")
+    overrides = {"model.init_args.model_name_or_path": tiny_bert_dir, "data.init_args.task": "mnli", "trainer.accelerator": "cpu"}
+    run = build_run(with_overrides(without_outputs(config), overrides))
+    assert run.datamodule.num_labels == 3 and run.model.hparams.num_labels == 3
+    assert run.model.model.config.num_labels == 3
+
+
+def test_no_bundled_config_sets_what_follows_the_data():
+    """A value given for a linked argument would be replaced by the data's without a word: configs leave them out."""
+    for path in CONFIGS:
+        config = yaml.safe_load(path.read_text())
+        for _, target, _ in RECIPE_LINKS:
+            node = config
+            for key in target.split("."):
+                node = node.get(key) if isinstance(node, dict) else None
+            assert node is None, f"{path.name} sets {target}, which follows the data"
 
 
 @pytest.mark.slow
@@ -269,7 +310,7 @@ def test_full_demo(tmp_path, capsys):
     assert main(["demo", "--output_dir", str(tmp_path)]) == 0
     results = json.loads((tmp_path / "results.json").read_text())
     test_size = results["settings"]["test_size"]
-    from recipes.classification import default_rotten_tomatoes_path, load_rotten_tomatoes, split_rotten_tomatoes
+    from lightning_hrp.recipes.classification_data import default_rotten_tomatoes_path, load_rotten_tomatoes, split_rotten_tomatoes
 
     test_labels = [label for _, label in split_rotten_tomatoes(load_rotten_tomatoes(default_rotten_tomatoes_path()))["test"][:test_size]]
     majority = max(sum(test_labels), len(test_labels) - sum(test_labels)) / len(test_labels)

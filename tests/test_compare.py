@@ -5,14 +5,18 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import statistics
+import sys
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
+import yaml
 
 from lightning_hrp.inits import InitMethod
-from recipes import compare as compare_module
-from recipes.compare import CompareSettings, MethodSpec, WandbSettings, compare, main
+from lightning_hrp.recipes import compare as compare_module
+from lightning_hrp.recipes.compare import CompareSettings, MethodSpec, WandbSettings, compare, main
+from lightning_hrp.recipes.compare_analysis import summarise
 
 RECIPE = str(Path(__file__).resolve().parents[1] / "recipes" / "configs" / "matrix_regression_lora.yaml")
 TINY = {
@@ -129,9 +133,12 @@ def test_bad_input_is_refused_before_any_run(tmp_path: Path) -> None:
     settings.methods = [MethodSpec("hrp", InitMethod.hrp, {"preheat_rank": 8})]
     with pytest.raises(Exception, match="do not fit HRPPreheatCallback"):
         compare(settings)
-    hrp_config = str(Path(RECIPE).with_name("matrix_regression_hrp.yaml"))
+    hrp_config = tmp_path / "with_hrp.yaml"  # a recipe config that brings its own HRP callback
+    config = yaml.safe_load(Path(RECIPE).read_text())
+    config["trainer"]["callbacks"].append({"class_path": "lightning_hrp.HRPPreheatCallback", "init_args": {"preheat_rank": 8, "preheat_steps": 2}})
+    hrp_config.write_text(yaml.safe_dump(config))
     settings = _settings(tmp_path, wandb_mode="disabled")
-    settings.recipe_config = hrp_config
+    settings.recipe_config = str(hrp_config)
     with pytest.raises(ValueError, match="adds an HRPPreheatCallback"):
         compare(settings)
     assert not (tmp_path / "runs").exists()
@@ -250,3 +257,32 @@ def test_a_damaged_run_is_reported_with_its_path_and_run_again(
     assert executed == ["hrp"]
     # The run again is whole: the next invocation uses it as it is.
     assert compare(settings) == results and executed == ["hrp"]
+
+
+def _result(lr: float, seed: int, val: float, test: float) -> dict:
+    return {
+        "label": "lora", "method": "lora", "options": {}, "learning_rate": lr, "seed": seed, "fit_seconds": 1.0,
+        "val": {"val/loss": val}, "test": {"test/loss": test},
+    }  # fmt: skip
+
+
+def test_a_diverged_seed_disqualifies_its_learning_rate() -> None:
+    """A rate where one seed diverged (NaN) never wins, even if its other seeds are the best of all;
+    if every rate diverged the smallest is reported; one seed has no spread (std 0)."""
+    settings = _settings(Path("unused"), wandb_mode="disabled")
+    settings.methods = [MethodSpec("lora", InitMethod.lora)]
+    nan = float("nan")
+    results = [_result(0.01, 0, 0.5, 0.6), _result(0.01, 1, 0.7, 0.8), _result(0.1, 0, nan, nan), _result(0.1, 1, 0.1, 0.1)]
+    lora = summarise(results, settings).loc["lora"]
+    assert lora["chosen_lr"] == 0.01 and lora["seeds"] == 2
+    assert lora["val_mean"] == pytest.approx(0.6) and lora["test_std"] == pytest.approx(statistics.stdev([0.6, 0.8]))
+    diverged = summarise([_result(0.01, 0, nan, nan), _result(0.1, 0, nan, nan)], settings).loc["lora"]
+    assert diverged["chosen_lr"] == 0.01 and diverged["val_std"] == 0.0
+
+
+def test_logging_to_wandb_without_wandb_installed_is_refused_before_any_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as in an install without the wandb extra
+    with pytest.raises(ValueError, match="wandb"):
+        compare(_settings(tmp_path / "comparison", wandb_mode="offline"))
+    assert not (tmp_path / "comparison").exists()
+    compare_module.check_settings(_settings(tmp_path / "comparison", wandb_mode="disabled"))  # CSV only needs no wandb

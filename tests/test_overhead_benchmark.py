@@ -1,4 +1,4 @@
-"""Smoke test of the overhead benchmark (benchmarks/overhead.py) on the matrix-regression recipe.
+"""Smoke test of the overhead benchmark (``python -m benchmarks.overhead``) on the matrix-regression recipe.
 
 It checks that the script runs real fits end to end, reports one row per preheat rank with both
 phases measured, that the figures fit together as documented, and that bad options are refused.
@@ -7,26 +7,18 @@ No speed or memory threshold is asserted: those figures live in BENCHMARKS.md on
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-BENCHMARK_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "overhead.py"
-
 
 @pytest.fixture(scope="module")
 def overhead_benchmark():
-    # Loaded by path: benchmarks/ is a folder of scripts, not an installed package.
-    spec = importlib.util.spec_from_file_location("benchmark_overhead", BENCHMARK_PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    # A module of the checkout's benchmarks package (pytest puts the repository root on sys.path).
+    from benchmarks import overhead
+
+    return overhead
 
 
 def test_tiny_matrix_regression_run_reports_both_ranks_and_phases(overhead_benchmark, tmp_path, capsys):

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from recipes.cli import main, parse
+from lightning_hrp.recipes.cli import main
+from lightning_hrp.recipes.runs import parse
 from test_cli import CONFIGS, header_commands
 
 REPO = Path(__file__).resolve().parents[1]
@@ -115,7 +116,7 @@ def test_every_readme_command_parses(monkeypatch, capsys):
                 main(argv)
             assert exit_info.value.code == 0, argv
         elif argv[0] == "compare":
-            from recipes.compare import build_parser
+            from lightning_hrp.recipes.compare import build_parser
 
             build_parser().parse_args(argv[1:])
         else:

@@ -1,0 +1,144 @@
+"""The comparison's figures as PNGs (matplotlib, the ``plots`` extra): learning curves, final metric,
+learning-rate sweep and HRP's preheat diagnostics."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from lightning_hrp.recipes.compare_analysis import runs_frame, validation_means
+from lightning_hrp.recipes.compare_running import read_json, read_learning_curve
+from lightning_hrp.recipes.compare_settings import CompareSettings, run_dir
+
+
+def write_plots(results: Sequence[dict[str, Any]], summary: pd.DataFrame, settings: CompareSettings) -> list[Path]:
+    """All figures of a comparison into ``settings.output_dir``; returns their paths."""
+    plt = _pyplot()
+    # One colour per method; past ten the colours repeat and the line style tells those apart.
+    styles = {label: {"color": plt.cm.tab10(i % 10), "linestyle": "-" if i < 10 else "--"} for i, label in enumerate(summary.index)}
+    runs = runs_frame(results)
+    output = Path(settings.output_dir)
+    paths = [
+        _save(plot_learning_curves(summary, runs, settings, styles), output / "learning_curves.png"),
+        _save(plot_final_metric(summary, runs, settings, styles), output / "final_metric.png"),
+        _save(plot_lr_sweep(runs, settings, styles), output / "lr_sweep.png"),
+    ]
+    spectra = plot_hrp_spectra(summary, runs, settings, styles)
+    if spectra is not None:
+        paths.append(_save(spectra, output / "hrp_spectra.png"))
+    return paths
+
+
+def _pyplot() -> Any:
+    """matplotlib's pyplot, drawing to files only (imported on first use: the ``plots`` extra)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(figure: Any, path: Path) -> Path:
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    _pyplot().close(figure)
+    return path
+
+
+def _at_chosen_rate(runs: pd.DataFrame, label: str, chosen_lr: float) -> pd.DataFrame:
+    return runs[(runs["label"] == label) & (runs["learning_rate"] == chosen_lr)]
+
+
+def plot_learning_curves(summary: pd.DataFrame, runs: pd.DataFrame, settings: CompareSettings, styles: dict) -> Any:
+    """The validation metric during training at each method's chosen rate: mean over seeds, min-max band."""
+    metric = settings.selection_metric
+    figure, axis = _pyplot().subplots(figsize=(9, 5))
+    for label, s in summary.iterrows():
+        seeds = sorted(_at_chosen_rate(runs, label, s.chosen_lr)["seed"])
+        curves = [read_learning_curve(run_dir(settings, label, s.chosen_lr, seed), metric) for seed in seeds]
+        curves = [curve for curve in curves if not curve.empty]
+        if not curves:
+            continue
+        stacked = pd.concat(curves, axis=1, join="inner").sort_index()  # the steps every seed logged
+        axis.plot(stacked.index, stacked.mean(axis=1), label=f"{label} (lr {s.chosen_lr:g})", **styles[label])
+        axis.fill_between(stacked.index, stacked.min(axis=1), stacked.max(axis=1), color=styles[label]["color"], alpha=0.15)
+    axis.set_xlabel("training step")
+    axis.set_ylabel(metric)
+    if settings.selection_mode == "min":
+        axis.set_yscale("log")
+    axis.set_title("Validation curves at each method's chosen lr\n(mean over seeds; band: min to max)")
+    axis.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    return figure
+
+
+def plot_final_metric(summary: pd.DataFrame, runs: pd.DataFrame, settings: CompareSettings, styles: dict) -> Any:
+    """The test metric at each method's chosen rate: mean and standard deviation over seeds, and every seed."""
+    test_metric = settings.reported_test_metric
+    figure, axis = _pyplot().subplots(figsize=(8, 4.5))
+    labels = list(summary.index)
+    axis.bar(labels, summary["test_mean"], yerr=summary["test_std"], capsize=4, color=[styles[label]["color"] for label in labels])
+    for label, s in summary.iterrows():
+        seeds = _at_chosen_rate(runs, label, s.chosen_lr)[test_metric]
+        axis.scatter([label] * len(seeds), seeds, color="black", s=8, zorder=3)
+    axis.set_ylabel(f"{test_metric} at the chosen lr")
+    if settings.selection_mode == "min":
+        axis.set_yscale("log")
+    else:
+        axis.set_ylim(bottom=max(0.0, runs.loc[runs["label"].isin(labels), test_metric].min() - 0.05))
+    axis.set_title("Test metric at each method's validation-chosen lr\n(bar: mean, whisker: std, dots: seeds)")
+    axis.tick_params(axis="x", rotation=45)
+    return figure
+
+
+def plot_lr_sweep(runs: pd.DataFrame, settings: CompareSettings, styles: dict) -> Any:
+    """The final validation metric against the learning rate, per method (mean over seeds)."""
+    metric = settings.selection_metric
+    means = validation_means(runs, metric)
+    figure, axis = _pyplot().subplots(figsize=(8, 4.5))
+    for label in styles:
+        by_rate = means.loc[label]
+        axis.plot(by_rate.index, by_rate, marker="o", label=label, **styles[label])
+    axis.set_xscale("log")
+    if settings.selection_mode == "min":
+        axis.set_yscale("log")
+    axis.set_xlabel("learning rate")
+    axis.set_ylabel(f"final {metric} (mean over seeds)")
+    axis.set_title("Learning-rate sweep (validation)")
+    axis.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    return figure
+
+
+def plot_hrp_spectra(summary: pd.DataFrame, runs: pd.DataFrame, settings: CompareSettings, styles: dict) -> Any | None:
+    """HRP's preheat loss and normalised spectra, from the first seed at each HRP method's chosen rate (None: no HRP run)."""
+    hrp_runs = []
+    for label, s in summary.iterrows():
+        seed = _at_chosen_rate(runs, label, s.chosen_lr)["seed"].min()
+        path = run_dir(settings, label, s.chosen_lr, int(seed)) / "diagnostics.json"
+        if path.is_file() and "hrp" in (diagnostics := read_json(path)):
+            hrp_runs.append((label, diagnostics["hrp"]))
+    if not hrp_runs:
+        return None
+    figure, (loss_axis, spectrum_axis) = _pyplot().subplots(1, 2, figsize=(11, 4.5))
+    for label, hrp in hrp_runs:
+        color = styles[label]["color"]
+        loss_axis.plot(hrp["preheat_losses"], label=label, color=color)
+        for i, layer in enumerate(hrp["layers"]):
+            values = layer["singular_values"]
+            spectrum_axis.plot(
+                range(1, len(values) + 1), [v / values[0] for v in values], color=color, alpha=0.6, label=label if i == 0 else None
+            )
+            spectrum_axis.axvline(layer["rank"], color="gray", linestyle=":", linewidth=0.8)
+    loss_axis.set_xlabel("preheat step")
+    loss_axis.set_ylabel("training loss")
+    loss_axis.set_title("HRP preheat loss")
+    loss_axis.legend(fontsize=8)
+    spectrum_axis.set_yscale("log")
+    spectrum_axis.set_xlabel("singular value index (dotted: LoRA rank r)")
+    spectrum_axis.set_ylabel("sigma_i / sigma_1")
+    spectrum_axis.set_title("Spectra of the preheated updates (one line per layer)")
+    spectrum_axis.legend(fontsize=8)
+    return figure

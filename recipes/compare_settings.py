@@ -1,0 +1,149 @@
+"""What a comparison runs and where it puts each run: the settings of ``lightning-hrp compare``, checked up front."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from lightning_hrp._validation import is_positive_number
+from lightning_hrp.inits import InitMethod, LoraInit
+
+WandbMode = Literal["offline", "online", "disabled"]
+Direction = Literal["min", "max"]
+
+
+@dataclass
+class MethodSpec:
+    """One contender: an init method with its options, under a label (e.g. ``hrp_asymmetric``)."""
+
+    label: str
+    method: InitMethod
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class WandbSettings:
+    """Weights & Biases logging.
+
+    Attributes:
+        mode: ``offline`` (default: local run folders, upload later with ``wandb sync``), ``online``,
+            or ``disabled``.
+        project: W&B project.
+        entity: W&B entity (team or user); None is the account's default.
+        group: W&B group of this comparison; None is the output folder's name.
+    """
+
+    mode: WandbMode = "offline"
+    project: str = "lightning-hrp"
+    entity: str | None = None
+    group: str | None = None
+
+
+@dataclass
+class CompareSettings:
+    """A comparison: what to run and how to judge it.
+
+    Attributes:
+        recipe_config: The ``lightning-hrp fit`` YAML every run starts from; it must not add an
+            init callback (HRPPreheatCallback) of its own: the methods set the init.
+        output_dir: Where runs, report and W&B files go.
+        methods: The contenders.
+        learning_rates: Grid of ``model.init_args.learning_rate`` values, the same for every method.
+        seeds: ``seed_everything`` values; each (method, learning rate) runs once per seed.
+        selection_metric: Validation metric that chooses each method's learning rate (its final value).
+        selection_mode: ``min`` or ``max`` for the selection metric (and the test metric).
+        test_metric: Reported test metric; None: ``selection_metric`` with ``val/`` replaced by ``test/``.
+        overrides: Dotted keys set in the recipe config for every run, e.g. ``{"trainer.max_steps": 60}``.
+        references: Labels every method is judged against in the report (a ``vs <label>`` column each).
+        seed_keys: Dotted keys that take the run's seed too, besides ``seed_everything``; e.g. the
+            matrix-regression task seed, so that each seed is a new task, not only a new adapter start.
+        wandb: W&B settings.
+        report_only: Do not run anything; rebuild the report from finished runs.
+    """
+
+    recipe_config: str
+    output_dir: str
+    methods: list[MethodSpec]
+    learning_rates: list[float]
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    selection_metric: str = "val/loss"
+    selection_mode: Direction = "min"
+    test_metric: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+    seed_keys: list[str] = field(default_factory=list)
+    references: list[str] = field(default_factory=lambda: ["lora"])
+    wandb: WandbSettings = field(default_factory=WandbSettings)
+    report_only: bool = False
+
+    @property
+    def reported_test_metric(self) -> str:
+        if self.test_metric is not None:
+            return self.test_metric
+        if not self.selection_metric.startswith("val/"):
+            raise ValueError(f"selection_metric {self.selection_metric!r} has no val/ prefix; set test_metric explicitly.")
+        return "test/" + self.selection_metric.removeprefix("val/")
+
+    @property
+    def group(self) -> str:
+        return self.wandb.group or Path(self.output_dir).resolve().name
+
+
+def run_dir(settings: CompareSettings, label: str, lr: float, seed: int) -> Path:
+    """``<output_dir>/runs/<label>/lr=<lr>/seed=<seed>``: the folder of one run."""
+    return Path(settings.output_dir) / "runs" / check_label(label) / _lr_folder(lr) / f"seed={seed}"
+
+
+def _lr_folder(lr: float) -> str:
+    return f"lr={lr:g}"
+
+
+# A label names a folder under <output_dir>/runs/: no separators, no '..', nothing hidden.
+_SAFE_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+# seed_everything's range: outside it Lightning warns and seeds 0 instead, so two such seeds would be one run.
+_MAX_SEED = 2**32 - 1
+
+
+def check_label(label: Any) -> str:
+    """``label`` if it is a safe folder name; raises ``ValueError`` otherwise."""
+    if not (isinstance(label, str) and _SAFE_LABEL.fullmatch(label)):
+        raise ValueError(
+            f"methods: label {label!r} is not a safe folder name (each method's runs go to <output_dir>/runs/<label>/). "
+            "Use up to 100 letters, digits, '_', '-' and '.', starting with a letter or digit, e.g. 'hrp_r32'."
+        )
+    return label
+
+
+def check_settings(settings: CompareSettings) -> None:
+    """Refuse a comparison that cannot run as asked, before anything is written or run."""
+    if not settings.methods:
+        raise ValueError("methods: give at least one method.")
+    for spec in settings.methods:
+        check_label(spec.label)
+        LoraInit(spec.method, spec.options)  # refuse bad options before the first run, not hours in
+    labels = [spec.label for spec in settings.methods]
+    # Case-insensitive: 'LoRA' and 'lora' would share one folder on macOS and Windows.
+    if len({label.casefold() for label in labels}) != len(labels):
+        raise ValueError(f"methods: labels must be unique, ignoring case (they name folders), got {labels}.")
+    if not settings.learning_rates or not settings.seeds:
+        raise ValueError("learning_rates and seeds must each hold at least one value.")
+    for lr in settings.learning_rates:
+        if not is_positive_number(lr):
+            raise ValueError(f"learning_rates: each must be a positive, finite number, got {lr!r}.")
+    folders = [_lr_folder(lr) for lr in settings.learning_rates]
+    if len(set(folders)) != len(folders):
+        raise ValueError(
+            f"learning_rates: must differ within 6 significant digits (each names a folder lr=<value>), got {settings.learning_rates}."
+        )
+    for seed in settings.seeds:
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= _MAX_SEED:
+            raise ValueError(f"seeds: each must be an integer in [0, {_MAX_SEED}] (seed_everything's range), got {seed!r}.")
+    if len(set(settings.seeds)) != len(settings.seeds):
+        raise ValueError(f"seeds: must be distinct (a repeated seed is the same run counted twice), got {settings.seeds}.")
+    if settings.wandb.mode != "disabled" and importlib.util.find_spec("wandb") is None:
+        raise ValueError(
+            f"wandb: mode={settings.wandb.mode!r} needs the wandb package: pip install 'lightning-hrp[wandb]', "
+            "or log to CSV only with --wandb.mode=disabled."
+        )
