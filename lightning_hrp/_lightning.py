@@ -29,7 +29,7 @@ from lightning_hrp.engine.batches import (  # generators_restored: for lightning
     restore_generator_states,
     with_own_workers,
 )
-from lightning_hrp.engine.preheat_loop import interrupts_deferred, isolated_rng
+from lightning_hrp.engine.isolation import interrupts_deferred, isolated_rng
 from lightning_hrp.errors import HRPConfigurationError
 from lightning_hrp.report import PREHEAT_STEP
 

@@ -20,7 +20,8 @@ from lightning_hrp._validation import check_int
 from lightning_hrp.engine.batches import CycledBatches, generators_restored, with_own_workers
 from lightning_hrp.engine.init_rules import DirectionScale, InitRule
 from lightning_hrp.engine.preheat import PreheatMode
-from lightning_hrp.engine.preheat_loop import BatchSteps, isolated_rng
+from lightning_hrp.engine.isolation import isolated_rng
+from lightning_hrp.engine.preheat_loop import BatchSteps
 from lightning_hrp.errors import HRPConfigurationError
 from lightning_hrp.options import HRPOptions, OnFailure, OptimizerFactory, SvdDtype
 from lightning_hrp.orchestration import EntryPoint, forward_communicates, preheat_and_initialise

@@ -16,8 +16,6 @@ MAX_LINES = 450
 LONG_FILE_REASON = "Over 450 lines:"
 # What the recipes and their tools need (the extras); the callback and the inits must not import it.
 EXTRAS_ONLY = {"transformers", "torchmetrics", "jsonargparse", "yaml", "pandas", "scipy", "gguf", "wandb", "matplotlib", "bitsandbytes"}
-# Files over the limit that a parallel branch owns and must give a reason or split (issue 12, branch `reach`).
-PENDING_ELSEWHERE = {"lightning_hrp/callback.py", "lightning_hrp/engine/preheat_loop.py"}
 
 
 def source_files() -> dict[str, Path]:
@@ -91,20 +89,16 @@ def test_only_the_recipes_import_the_recipes():
 
 
 def test_the_core_needs_no_extra():
-    """``pip install lightning-hrp`` without extras must be enough for the callback and the inits."""
-    core = {name: sorted(t for t in IMPORTS[name] if t.split(".")[0] in EXTRAS_ONLY) for name in MODULES if not name.startswith("lightning_hrp.recipes")}
+    """``pip install lightning-hrp`` without extras must be enough for the callback and the inits.
+
+    The recipes need their extra, and an integration needs the framework it integrates with.
+    """
+    optional = ("lightning_hrp.recipes", "lightning_hrp.integrations")
+    core = {name: sorted(t for t in IMPORTS[name] if t.split(".")[0] in EXTRAS_ONLY) for name in MODULES if not name.startswith(optional)}
     assert not {name: targets for name, targets in core.items() if targets}
 
 
-@pytest.mark.parametrize(
-    "relative",
-    [
-        pytest.param(str(path.relative_to(REPO)), marks=[pytest.mark.xfail(strict=True, reason="issue 12 (branch reach) owns it")])
-        if str(path.relative_to(REPO)) in PENDING_ELSEWHERE
-        else str(path.relative_to(REPO))
-        for path in MODULES.values()
-    ],
-)
+@pytest.mark.parametrize("relative", [str(path.relative_to(REPO)) for path in MODULES.values()])
 def test_a_file_reads_top_to_bottom(relative):
     path = REPO / relative
     lines = len(path.read_text().splitlines())

@@ -24,15 +24,10 @@ What "every rank agrees" covers, per kind of model (``collective_model``):
 from __future__ import annotations
 
 import math
-import random
-import signal
-import threading
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
@@ -41,14 +36,13 @@ from lightning_hrp.engine.decompose import ProductSVD, subspace_drift, svd_of_pr
 from lightning_hrp.engine.distributed import (
     all_reduce_mean_,
     broadcast_int,
-    forget_abandoned_fsdp1_forwards,
-    gradient_sync_disabled,
     mean_over_ranks,
     rank_and_world_size,
     shared_svd_of_products,
     write_lora_weights,
 )
 from lightning_hrp.engine.init_rules import DirectionScale, InitRule, new_adapter_weights
+from lightning_hrp.engine.isolation import main_run_untouched
 from lightning_hrp.engine.lora import LoraTarget
 from lightning_hrp.engine.preheat import PreheatAdapters
 from lightning_hrp.errors import HRPConfigurationError, PreheatFailedError
@@ -56,13 +50,6 @@ from lightning_hrp.errors import HRPConfigurationError, PreheatFailedError
 # A layer whose preheated update has a singular value r below this share of its largest has fewer
 # than r directions of its own.
 WEAK_DIRECTION = 1e-6
-
-
-class RestoreFailedError(RuntimeError):
-    """Writing the original adapters back after a failure failed: the model may hold preheated values.
-
-    Never a reason to train on: no ``on_failure`` setting swallows it.
-    """
 
 
 class PreheatStopped(BaseException):
@@ -355,93 +342,6 @@ def _accumulate_and_reduce(
     for p, grad in zip(params, grads):
         p.grad = grad
     return summary[_LOSS_SUM] / summary[_LOSSES]
-
-
-@contextmanager
-def main_run_untouched(model: nn.Module) -> Iterator[None]:
-    """No gradient for ``model``'s parameters, no gradient synchronisation, buffers restored afterwards.
-
-    Every parameter's ``requires_grad`` is switched off and restored exactly on exit (under
-    FSDP1 the registered parameters are the ones FSDP reads its flags from; FSDP2 copies the
-    sharded parameter's flag to the unsharded one at every all-gather), then every gradient is
-    dropped. The restore completes even under a second Ctrl-C.
-    """
-    params = list(dict.fromkeys(model.parameters()))
-    flags = [p.requires_grad for p in params]
-    buffers = [(b, b.detach().clone()) for b in dict.fromkeys(model.buffers())]
-    try:
-        for p in params:
-            p.requires_grad_(False)
-        with gradient_sync_disabled(model):
-            yield
-    finally:
-        with interrupts_deferred(), torch.no_grad():
-            forget_abandoned_fsdp1_forwards(model)
-            for p, flag in zip(params, flags):
-                p.requires_grad_(flag)
-            for buffer, saved in buffers:
-                if buffer.shape == saved.shape:
-                    buffer.copy_(saved)
-            model.zero_grad(set_to_none=True)
-
-
-@contextmanager
-def interrupts_deferred() -> Iterator[None]:
-    """Hold back SIGINT (Ctrl-C) until the block finishes, then deliver it to the handler it had.
-
-    Restores must complete: a second Ctrl-C during one would otherwise leave it half done. Signal
-    handlers can only be set from the main thread (and only replaced where Python installed the
-    current one); elsewhere the block runs unprotected.
-    """
-    previous = signal.getsignal(signal.SIGINT)
-    if threading.current_thread() is not threading.main_thread() or previous is None:
-        yield
-        return
-    received: list[int] = []
-    signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if received:
-            signal.raise_signal(signal.SIGINT)
-
-
-@contextmanager
-def isolated_rng(cuda_devices: Sequence[torch.device] = ()) -> Iterator[None]:
-    """Leave every RNG the main run draws from as it was: torch (CPU and ``cuda_devices``), NumPy, Python."""
-    torch_state = torch.get_rng_state()
-    cuda_states = [(device, torch.cuda.get_rng_state(device)) for device in cuda_devices]
-    numpy_state = np.random.get_state()
-    python_state = random.getstate()
-    try:
-        yield
-    finally:
-        with interrupts_deferred():
-            torch.set_rng_state(torch_state)
-            for device, state in cuda_states:
-                torch.cuda.set_rng_state(state, device)
-            np.random.set_state(numpy_state)
-            random.setstate(python_state)
-
-
-@contextmanager
-def restored_on_failure(root: nn.Module, targets: Sequence[LoraTarget], originals: Sequence[tuple[Tensor, Tensor]]) -> Iterator[None]:
-    """On any exception (interrupts included), write ``originals`` back into the targets before it propagates.
-
-    A collective under FSDP1, like the write it undoes. The restore completes even under a second Ctrl-C.
-    """
-    try:
-        yield
-    except BaseException as error:
-        with interrupts_deferred():
-            try:
-                write_lora_weights(root, targets, originals)
-            except Exception as restore_error:
-                raise RestoreFailedError(
-                    f"restoring the LoRA adapters after {type(error).__name__} ({error}) failed: {restore_error}"
-                ) from error
-        raise
 
 
 @dataclass

@@ -26,8 +26,9 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 from lightning_hrp._validation import check_bool
 from lightning_hrp.engine.batches import CycledBatches, generators_restored
 from lightning_hrp.engine.init_rules import DirectionScale, InitRule
+from lightning_hrp.engine.isolation import interrupts_deferred, isolated_rng
 from lightning_hrp.engine.preheat import PreheatMode
-from lightning_hrp.engine.preheat_loop import BatchSteps, interrupts_deferred, isolated_rng
+from lightning_hrp.engine.preheat_loop import BatchSteps
 from lightning_hrp.errors import HRPConfigurationError
 from lightning_hrp.options import HRPOptions, OnFailure, OptimizerFactory, SvdDtype, initial_learning_rate
 from lightning_hrp.orchestration import (
