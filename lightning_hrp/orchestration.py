@@ -145,7 +145,10 @@ def preheat_and_initialise(options: HRPOptions, entry: EntryPoint) -> HRPReport 
     # have no valid local view outside summon_full_params.
     originals = read_lora_weights(entry.root, targets)
     seed = options.seed if options.seed is not None else broadcast_int(torch.initial_seed() % 2**62)
-    adapters = PreheatAdapters(targets, options.preheat_rank, options.mode, seed, device=entry.device)
+    adapters = PreheatAdapters(
+        targets, options.preheat_rank, options.mode, seed, device=entry.device,
+        zero_updates=[not bool(B.any()) for _, B in originals],
+    )  # fmt: skip
     report = HRPReport(seed=seed, frozen_layers=frozen)
     try:
         with restored_on_failure(entry.root, targets, originals):

@@ -3,6 +3,11 @@
 The strategy (DDP, FSDP) has already wrapped the model and bound its parameters when preheating
 starts, so the preheat adapters must not be registered on it: they are plain tensors owned here
 and added to each LoRA layer's output through a forward hook that is removed afterwards.
+
+While they are attached, a rank-r adapter whose ``B`` is exactly zero (peft's default start) is left
+out of its layer's forward: it adds exactly nothing to the output, and computing it would cost each
+preheat step a dropout mask, two products, their backward and the activations they keep (measured
+on MiniLM classification at R = 64: a preheat step at 1.28x a main step with it, 1.08x without).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from lightning_hrp.engine.isolation import interrupts_deferred
 from lightning_hrp.engine.lora import LoraTarget
 
 PreheatMode = Literal["classic", "asymmetric"]
@@ -33,6 +39,9 @@ class PreheatAdapters:
             same start.
         device: Where the layers compute (default: where each LoRA weight lives). Differs from
             the weights' device when a strategy offloads parameters to the CPU.
+        zero_updates: Per target, whether its rank-r adapter's update is exactly zero (``B = 0``), as
+            read whole from the weights (identical on every rank). Such an adapter is left out of its
+            layer's forward while the preheat adapters are attached (see the module docstring).
     """
 
     def __init__(
@@ -42,9 +51,16 @@ class PreheatAdapters:
         mode: PreheatMode,
         seed: int,
         device: torch.device | None = None,
+        zero_updates: Sequence[bool] = (),
     ) -> None:
         self.targets = list(targets)
         self.mode = mode
+        zero = list(zero_updates) or [False] * len(self.targets)
+        if len(zero) != len(self.targets):
+            raise ValueError(f"zero_updates has {len(zero)} entries for {len(self.targets)} targets.")
+        # Left out only where peft's forward adds exactly lora_B(lora_A(dropout(x))) * scaling (no DoRA or
+        # other variant, no LoRA bias), which B = 0 makes exactly zero.
+        self.left_out = [t for t, is_zero in zip(self.targets, zero) if is_zero and _plain_lora(t)]
         generator = torch.Generator().manual_seed(seed)
         self.ranks = [min(preheat_rank, t.in_features, t.out_features) for t in self.targets]
         self.scalings = [t.scaling_for_rank(rank) for t, rank in zip(self.targets, self.ranks)]
@@ -73,13 +89,17 @@ class PreheatAdapters:
 
     @contextmanager
     def attached(self) -> Iterator[None]:
-        """Add each preheat adapter's output to its layer's output while the context is open."""
+        """Add each preheat adapter's output to its layer's output while the context is open.
+
+        The rank-r adapters with a zero update are left out of their layers' forward meanwhile.
+        """
         handles = [
             target.layer.register_forward_hook(self._hook(A, B, scaling, target.dropout), with_kwargs=True)
             for target, A, B, scaling in zip(self.targets, self.A, self.B, self.scalings)
         ]
         try:
-            yield
+            with _left_out_of_forward(self.left_out):
+                yield
         finally:
             for handle in handles:
                 handle.remove()
@@ -92,3 +112,28 @@ class PreheatAdapters:
             return output + update.to(output.dtype)
 
         return add_preheat_update
+
+
+def _plain_lora(target: LoraTarget) -> bool:
+    """Whether peft computes this adapter as ``lora_B(lora_A(dropout(x))) * scaling`` and nothing else."""
+    layer = target.layer
+    return target.adapter_name not in layer.lora_variant and not layer.lora_bias.get(target.adapter_name, False)
+
+
+@contextmanager
+def _left_out_of_forward(targets: Sequence[LoraTarget]) -> Iterator[None]:
+    """Each target's adapter out of its layer's active adapters (which peft's forward runs), restored exactly.
+
+    Writes peft's private ``_active_adapter``: its public ``set_adapter`` would also change which
+    adapters require gradients.
+    """
+    saved = [(target.layer, target.layer._active_adapter) for target in targets]  # noqa: SLF001
+    try:
+        for target in targets:
+            active = target.layer.active_adapters
+            target.layer._active_adapter = [name for name in active if name != target.adapter_name]  # noqa: SLF001
+        yield
+    finally:
+        with interrupts_deferred():
+            for layer, active in saved:
+                layer._active_adapter = active  # noqa: SLF001
