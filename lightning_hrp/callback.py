@@ -39,7 +39,7 @@ from lightning_hrp.engine.init_rules import DirectionScale, InitRule
 from lightning_hrp.engine.preheat import PreheatMode
 from lightning_hrp.engine.preheat_loop import BatchSteps, PreheatStopped
 from lightning_hrp.errors import HRPConfigurationError
-from lightning_hrp.options import HRPOptions, OnFailure, OptimizerFactory, SvdDtype, initial_learning_rate
+from lightning_hrp.options import HRPOptions, OnFailure, OptimizerFactory, PreheatDtype, SvdDtype, initial_learning_rate
 from lightning_hrp.orchestration import EntryPoint, preheat_and_initialise
 from lightning_hrp.report import PER_STEP_METRICS, HRPReport, LayerDiagnostics, step_metrics, summary_metrics
 
@@ -108,6 +108,7 @@ class HRPPreheatCallback(Callback):
         log_layer_metrics: bool = True,
         track_subspace_drift: bool = False,
         drift_tolerance: float | None = None,
+        preheat_dtype: PreheatDtype | None = None,
     ) -> None:
         self.options = HRPOptions.from_arguments(locals())
         check_bool("log_layer_metrics", log_layer_metrics)

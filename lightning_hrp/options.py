@@ -22,6 +22,7 @@ from lightning_hrp.errors import HRPConfigurationError
 
 OnFailure = Literal["raise", "continue"]
 SvdDtype = Literal["float32", "float64"]
+PreheatDtype = Literal["float32", "bfloat16"]
 OptimizerFactory = Callable[[Iterable[Tensor]], Optimizer]
 
 
@@ -45,6 +46,7 @@ class HRPOptions:
     on_failure: OnFailure = "raise"
     track_subspace_drift: bool = False
     drift_tolerance: float | None = None
+    preheat_dtype: PreheatDtype | None = None
 
     def __post_init__(self) -> None:
         check_int("preheat_rank", self.preheat_rank, minimum=2)
@@ -55,6 +57,8 @@ class HRPOptions:
         check_choice("svd_dtype", self.svd_dtype, SvdDtype)
         check_choice("on_failure", self.on_failure, OnFailure)
         check_bool("track_subspace_drift", self.track_subspace_drift)
+        if self.preheat_dtype is not None:
+            check_choice("preheat_dtype", self.preheat_dtype, PreheatDtype)
         if self.preheat_lr is not None and not is_positive_number(self.preheat_lr):
             raise HRPConfigurationError(
                 f"preheat_lr must be a positive number or None (the main optimizer's), got {self.preheat_lr!r}."
@@ -99,6 +103,11 @@ class HRPOptions:
     @property
     def svd_torch_dtype(self) -> torch.dtype:
         return getattr(torch, self.svd_dtype)
+
+    @property
+    def preheat_torch_dtype(self) -> torch.dtype | None:
+        """The preheat adapters' dtype; ``None``: the LoRA weights', at least float32."""
+        return None if self.preheat_dtype is None else getattr(torch, self.preheat_dtype)
 
     def make_optimizer(self, params: list[Tensor], main_lr: float | None) -> Optimizer:
         """The preheat optimizer: ``preheat_optimizer``'s, or AdamW (no weight decay) at ``preheat_lr``, else at ``main_lr``."""

@@ -26,6 +26,7 @@ from lightning_hrp.engine.decompose import energy_kept
 from lightning_hrp.engine.distributed import broadcast_int, rank_and_world_size, read_lora_weights
 from lightning_hrp.engine.lora import LoraTarget, find_lora_targets
 from lightning_hrp.engine.preheat import PreheatAdapters
+from lightning_hrp.engine.preheat_memory import FREE_MEMORY_SHARE, PreheatMemory, estimate_preheat_memory, free_memory
 from lightning_hrp.engine.quantized import cpu_inference_packed_layers
 from lightning_hrp.engine.isolation import RestoreFailedError, restored_on_failure
 from lightning_hrp.engine.preheat_loop import BatchSteps, decompose_and_initialise, run_preheat
@@ -147,7 +148,7 @@ def preheat_and_initialise(options: HRPOptions, entry: EntryPoint) -> HRPReport 
     seed = options.seed if options.seed is not None else broadcast_int(torch.initial_seed() % 2**62)
     adapters = PreheatAdapters(
         targets, options.preheat_rank, options.mode, seed, device=entry.device,
-        zero_updates=[not bool(B.any()) for _, B in originals],
+        zero_updates=[not bool(B.any()) for _, B in originals], dtype=options.preheat_torch_dtype,
     )  # fmt: skip
     report = HRPReport(seed=seed, frozen_layers=frozen)
     try:
@@ -215,6 +216,7 @@ def _preheat(
     options: HRPOptions, entry: EntryPoint, adapters: PreheatAdapters, main_lr: float | None, report: HRPReport
 ) -> None:
     optimizer = options.make_optimizer(adapters.trainable(), main_lr)
+    report.preheat_memory_bytes = _check_memory(entry, adapters, optimizer).total
     start = time.perf_counter()
     with entry.preheating(optimizer, options.preheat_steps) as batch_steps:
         history = run_preheat(
@@ -240,6 +242,23 @@ def _preheat(
             f"HRP: the top-r subspaces moved {history.subspace_drift[-1]:.2e} < drift_tolerance="
             f"{options.drift_tolerance} at preheat step {len(history.losses)}; preheating stopped early."
         )
+
+
+def _check_memory(entry: EntryPoint, adapters: PreheatAdapters, optimizer: Optimizer) -> PreheatMemory:
+    """Log what preheating will hold; warn when that exceeds ``FREE_MEMORY_SHARE`` of the free memory."""
+    memory = estimate_preheat_memory(
+        adapters.A, adapters.B, adapters.trainable(), optimizer, [t.rank for t in adapters.targets], rank_and_world_size()[1]
+    )
+    device = adapters.B[0].device
+    entry.info(f"HRP: preheating will hold {memory.describe()} per process on {device}.")
+    free = free_memory(device)
+    if free is not None and memory.total > FREE_MEMORY_SHARE * free:
+        entry.warn(
+            f"HRP: preheating will hold {memory.total / 2**30:.3g} GiB on {device}, more than {FREE_MEMORY_SHARE:.0%} of the "
+            f"{free / 2**30:.3g} GiB free there ({memory.describe()}). It may run out of memory; preheat_dtype='bfloat16', "
+            "the default preheat optimizer (FactoredRMS), a lower preheat_rank or mode='asymmetric' need less."
+        )
+    return memory
 
 
 def _initialise(

@@ -36,6 +36,8 @@ class HRPReport:
         skipped_batches: Batches that gave no loss (``None``), over all ranks.
         frozen_layers: LoRA layers with no trainable weight, left as they were.
         learned_nothing: Layers whose preheated update was exactly zero, left at their current init.
+        preheat_memory_bytes: What preheating held per process on top of the model, as estimated from
+            the layer shapes before it started (adapters, gradients, optimizer state, all-reduce buffer).
     """
 
     seed: int
@@ -47,6 +49,7 @@ class HRPReport:
     skipped_batches: int = 0
     frozen_layers: list[str] = field(default_factory=list)
     learned_nothing: list[str] = field(default_factory=list)
+    preheat_memory_bytes: int = 0
 
 
 def step_metrics(step: int, loss: float, drift: float | None) -> dict[str, float]:

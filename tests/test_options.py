@@ -38,6 +38,8 @@ def _construct(entry_point: str, **options) -> None:
         (dict(seed=-1), "seed"),
         (dict(drift_tolerance=2.0), "drift_tolerance"),
         (dict(preheat_lr=1e-3, preheat_optimizer=torch.optim.SGD), "preheat_optimizer"),
+        (dict(preheat_dtype="float16"), "preheat_dtype"),
+        (dict(preheat_dtype=torch.bfloat16), "preheat_dtype"),
     ],
 )
 def test_every_entry_point_refuses_bad_options_before_anything(entry_point, options, argument):

@@ -1,13 +1,16 @@
 """What a preheat step computes and holds: zero rank-r adapters left out of the forward, the preheat dtype, the memory estimate."""
 
+import warnings
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch.utils.data import DataLoader
 
-from lightning_hrp import hrp_init
+from lightning_hrp import hrp_init, orchestration
 from lightning_hrp.engine import preheat
+from lightning_hrp.engine.lean_optimizer import FactoredRMS
 from modules import assert_bitwise_equal, lora_weights, tiny_llama, token_dataset
 
 TARGETS = ["q_proj", "v_proj", "gate_proj", "down_proj"]
@@ -82,3 +85,72 @@ def test_a_failed_preheat_puts_the_left_out_adapters_back():
     with pytest.raises(RuntimeError, match="boom"):
         hrp_init(model, DataLoader(token_dataset(8), batch_size=8), fails, preheat_rank=16, preheat_steps=2, preheat_lr=1e-2)
     assert active_adapters(model) == before
+
+
+def test_the_preheat_adapters_take_the_preheat_dtype():
+    dtypes = []
+
+    def recording_adamw(params):
+        params = list(params)
+        dtypes.extend(p.dtype for p in params)
+        return torch.optim.AdamW(params, lr=1e-2)
+
+    model = lora_llama()
+    report = hrp_init(
+        model, DataLoader(token_dataset(32), batch_size=8), causal_lm_loss, preheat_rank=16, preheat_steps=3,
+        preheat_optimizer=recording_adamw, preheat_dtype="bfloat16",
+    )  # fmt: skip
+    assert set(dtypes) == {torch.bfloat16} and len(dtypes) == 16  # A_p and B_p of 8 layers
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # the model's own weights keep theirs
+    assert all(layer.energy_kept > 0 for layer in report.layers)
+
+
+# (in, out) of the LoRA targets of tiny_llama: q_proj, v_proj (2 key-value heads of 8), gate_proj, down_proj; 2 layers.
+SHAPES = [(32, 32), (32, 16), (32, 48), (48, 32)] * 2
+R = 16  # no layer is narrower, so no clamping
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        # AdamW in float32: adapters, gradients (classic: both factors), two state buffers.
+        (dict(preheat_lr=1e-2), 4 * 4 * R * sum(i + o for i, o in SHAPES)),
+        (dict(preheat_lr=1e-2, preheat_dtype="bfloat16"), 4 * 2 * R * sum(i + o for i, o in SHAPES)),
+        # Asymmetric: only B_p gets a gradient and state.
+        (dict(preheat_lr=1e-2, mode="asymmetric"), 4 * R * sum(i + o for i, o in SHAPES) + 3 * 4 * R * sum(o for _, o in SHAPES)),
+        # FactoredRMS: per matrix one float32 per row and per column: A_p (R x in), B_p (out x R).
+        (
+            dict(preheat_optimizer=lambda params: FactoredRMS(params, lr=1e-2)),
+            2 * 4 * R * sum(i + o for i, o in SHAPES) + 4 * sum(i + o + 2 * R for i, o in SHAPES),
+        ),
+    ],
+)
+def test_the_memory_estimate_is_the_sum_over_the_layer_shapes(options, expected):
+    report = run_hrp_with(lora_llama(), **options)
+    assert report.preheat_memory_bytes == expected
+
+
+def run_hrp_with(model, **options):
+    batches = DataLoader(token_dataset(32), batch_size=8)
+    return hrp_init(model, batches, causal_lm_loss, preheat_rank=R, preheat_steps=2, seed=0, **options)
+
+
+@pytest.mark.parametrize(("free_bytes", "warns"), [(200_000, True), (300_000, False)])  # the estimate: 139,264 bytes
+def test_a_warning_when_preheating_would_take_more_than_half_the_free_memory(monkeypatch, free_bytes, warns):
+    monkeypatch.setattr(orchestration, "free_memory", lambda device: free_bytes)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = run_hrp_with(lora_llama(), preheat_lr=1e-2)
+    assert report.preheat_memory_bytes == 139_264
+    assert len([w for w in caught if "free there" in str(w.message)]) == int(warns)
+
+
+def test_factored_rms_steps_by_the_sign_of_a_rank_one_gradient_and_not_at_all_without_one():
+    gradient = torch.outer(torch.tensor([1.0, -2.0, 0.5]), torch.tensor([3.0, -1.0]))  # its square is rank 1: exact
+    weight = torch.zeros(3, 2, requires_grad=True)
+    still = torch.ones(2, 2, dtype=torch.bfloat16, requires_grad=True)
+    optimizer = FactoredRMS([weight, still], lr=0.1)
+    weight.grad, still.grad = gradient.clone(), torch.zeros_like(still)
+    optimizer.step()
+    torch.testing.assert_close(weight.detach(), -0.1 * gradient.sign())
+    assert torch.equal(still.detach(), torch.ones(2, 2, dtype=torch.bfloat16))  # zero gradient: no step, no NaN

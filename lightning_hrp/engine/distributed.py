@@ -62,7 +62,7 @@ def all_reduce_mean_(tensors: Sequence[Tensor]) -> None:
     device = flat.device
     flat = flat.to(_communication_device(device))
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat = flat.to(device) / dist.get_world_size()
+    flat = flat.to(device).div_(dist.get_world_size())  # in place: no third copy of the gradients
     offset = 0
     for t in tensors:
         t.copy_(flat[offset : offset + t.numel()].view_as(t))

@@ -42,6 +42,8 @@ class PreheatAdapters:
         zero_updates: Per target, whether its rank-r adapter's update is exactly zero (``B = 0``), as
             read whole from the weights (identical on every rank). Such an adapter is left out of its
             layer's forward while the preheat adapters are attached (see the module docstring).
+        dtype: Of the preheat adapters (hence of their gradients and, for most optimizers, their
+            optimizer state). Default: the LoRA weights' dtype, at least float32.
     """
 
     def __init__(
@@ -52,6 +54,7 @@ class PreheatAdapters:
         seed: int,
         device: torch.device | None = None,
         zero_updates: Sequence[bool] = (),
+        dtype: torch.dtype | None = None,
     ) -> None:
         self.targets = list(targets)
         self.mode = mode
@@ -68,13 +71,13 @@ class PreheatAdapters:
         self.B: list[Tensor] = []
         for target, rank in zip(self.targets, self.ranks):
             reference = target.lora_A
-            dtype = torch.promote_types(reference.dtype, torch.float32)
+            layer_dtype = dtype if dtype is not None else torch.promote_types(reference.dtype, torch.float32)
             on = device if device is not None else reference.device
             # peft's default A init: kaiming_uniform_(a=sqrt(5)), i.e. U(-1/sqrt(in), 1/sqrt(in)).
             bound = 1.0 / math.sqrt(target.in_features)
             A = (torch.rand(rank, target.in_features, generator=generator, dtype=torch.float64) * 2 - 1) * bound
-            self.A.append(A.to(device=on, dtype=dtype).requires_grad_(mode == "classic"))
-            self.B.append(torch.zeros(target.out_features, rank, device=on, dtype=dtype, requires_grad=True))
+            self.A.append(A.to(device=on, dtype=layer_dtype).requires_grad_(mode == "classic"))
+            self.B.append(torch.zeros(target.out_features, rank, device=on, dtype=layer_dtype, requires_grad=True))
 
     def trainable(self) -> list[Tensor]:
         """The tensors the preheat optimizer steps, in a fixed order shared by every rank."""

@@ -322,10 +322,11 @@ def _accumulate_and_reduce(
     flags = [0.0] * 6
     flags[_LOSSES], flags[_SKIPPED] = float(losses), float(skipped)
     flags[_FAILED], flags[_CONFIG_ERROR], flags[_STOP] = _failed(error), _config(error), float(stop)
-    summary = grads[0].new_tensor(flags)
+    # float32 whatever the adapters' dtype, so that the loss keeps its digits.
+    summary = torch.tensor(flags, dtype=torch.float32, device=grads[0].device)
     if loss_sum is not None:
         summary[_LOSS_SUM] = loss_sum
-    all_reduce_mean_([*grads, summary])
+    _all_reduce_mean_per_dtype([*grads, summary])
     world_size = rank_and_world_size()[1]
     means = summary.tolist()
     _raise_agreed(error, means[_FAILED], means[_CONFIG_ERROR], means[_STOP])
@@ -342,6 +343,15 @@ def _accumulate_and_reduce(
     for p, grad in zip(params, grads):
         p.grad = grad
     return summary[_LOSS_SUM] / summary[_LOSSES]
+
+
+def _all_reduce_mean_per_dtype(tensors: list[Tensor]) -> None:
+    """One flattened all-reduce per dtype: one in all when the preheat adapters are float32, like the flags."""
+    groups: dict[torch.dtype, list[Tensor]] = {}
+    for tensor in tensors:
+        groups.setdefault(tensor.dtype, []).append(tensor)
+    for group in groups.values():
+        all_reduce_mean_(group)
 
 
 @dataclass
