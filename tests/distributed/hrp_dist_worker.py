@@ -1,4 +1,4 @@
-"""Multi-process HRP runs, launched by the distributed tests (and tests/gpu/run_all.sh) as a script.
+"""Multi-process HRP runs, launched by the distributed tests (and the GPU tests, tests/gpu) as a script.
 
 Lightning's ``ddp``-style strategies start the other ranks by re-running this script, so it must not
 be pytest itself. One invocation sets up the process group once and runs several strategies in turn

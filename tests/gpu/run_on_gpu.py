@@ -23,8 +23,9 @@ Each step's results are in ``$OUT`` as soon as it ends: ``results.md`` (a sectio
 ``log.txt`` (every step's whole output), ``gpu_tests.xml``, ``compare_report.md``,
 ``compare_runs.csv`` and ``compare.tar.gz`` (the comparison's folder: every run's config, log and
 result, from which ``--report_only=true`` rebuilds the report). The run ends with a pass/fail table;
-its exit status is 1 if any step failed or timed out. Without CUDA every GPU step is skipped, the
-table is still written, and the exit status is 0.
+its exit status is 1 if any step failed or timed out (a comparison process still running at the
+deadline is ``STOPPED``, as planned: its finished runs are in the report). Without CUDA every GPU step
+is skipped, the table is still written, and the exit status is 0.
 
 ``--rehearse`` runs every step on the CPU at toy size instead (minutes), to check the plumbing here
 before the one GPU run.
@@ -40,8 +41,8 @@ import tarfile
 import tempfile
 import time
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +100,8 @@ class Context:
         """Why a step of ``part`` does not run: not asked for, or no CUDA (unless rehearsing on the CPU)."""
         if part not in self.args.only:
             return f"not asked for (--only {' '.join(self.args.only)})"
+        if not self.environment:
+            return "the versions step failed, so whether CUDA is there is unknown"
         if not self.cuda and not self.rehearse:
             return "CUDA absent: this step needs a GPU"
         return None
@@ -153,9 +156,8 @@ def setup_steps(ctx: Context) -> list[list[Step]]:
 def payload_steps(ctx: Context) -> list[list[Step]]:
     needs_model = {"overhead", "compare"} & set(ctx.args.only)
     skip = None if needs_model else "nothing asked for uses the model"
+    # A missing payload fails this step (gpu_payload.py says how to fill it) and skips the MiniLM steps.
     skip = skip or ctx.gpu_skip(sorted(needs_model)[0])
-    if skip is None and not (ctx.args.payload / "manifest.json").is_file():
-        skip = f"no payload at {ctx.args.payload}: the MiniLM steps are skipped (fill it with python tools/gpu_payload.py pack)"
     target = ctx.work / "minilm-l6-float32"
 
     def unpacked(step_result: StepResult, results: Results) -> str:

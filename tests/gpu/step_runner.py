@@ -27,6 +27,8 @@ from typing import Any
 # Every file the run may leave in $OUT (the device tool brings back at most 8).
 OUT_FILES = ("results.md", "results.json", "log.txt", "gpu_tests.xml", "compare_report.md", "compare_runs.csv", "compare.tar.gz")
 PASS, FAIL, TIMEOUT, SKIP = "PASS", "FAIL", "TIMEOUT", "SKIP"
+# An uncapped step (cap_s None) that was still running at the deadline: planned, not a failure.
+STOPPED = "STOPPED"
 # After SIGTERM, how long a step's processes get to exit before SIGKILL.
 KILL_GRACE_S = 5.0
 POLL_S = 0.25
@@ -34,7 +36,7 @@ POLL_S = 0.25
 
 @dataclass
 class StepResult:
-    """What one step did. ``status`` is PASS, FAIL, TIMEOUT or SKIP; ``note`` says why, briefly."""
+    """What one step did. ``status`` is PASS, FAIL, TIMEOUT, STOPPED or SKIP; ``note`` says why, briefly."""
 
     name: str
     status: str
@@ -76,7 +78,8 @@ class Step:
         name: Short, unique; the table's row.
         what: One line for the report.
         command: The command (run from the repository root), or None with ``skip`` set.
-        cap_s: Seconds it may run; None: until the run's deadline, less the reserve of the later steps.
+        cap_s: Seconds it may run; None: until the run's deadline, less the reserve of the later steps
+            (ending there is STOPPED, not a failure: such a step keeps what it finished, e.g. a resumable sweep).
         collect: Turns its outputs into its report section (and files in ``$OUT``).
         skip: Why it does not run (then it is recorded as SKIP and not started).
         env: Variables added to the run's environment for this step.
@@ -225,7 +228,10 @@ def run_group(
                     continue
                 if process.returncode is None:
                     _end(process)
-                    step_result.status, step_result.note = TIMEOUT, f"ended at its cap of {cap:.0f} s"
+                    if step.cap_s is None:
+                        step_result.status, step_result.note = STOPPED, f"ran until the run's deadline ({cap:.0f} s); what it finished is kept"
+                    else:
+                        step_result.status, step_result.note = TIMEOUT, f"ended at its cap of {cap:.0f} s"
                 else:
                     # Its children (e.g. a worker's ranks) go with it.
                     _end(process)
