@@ -52,11 +52,9 @@ REPO = Path(__file__).resolve().parents[2]
 PAYLOAD = REPO / ".gpu_payload"
 COMPARE_CONFIG = REPO / "recipes/configs/compare_classification_rotten_tomatoes_gpu.yaml"
 MACHINE_CHECKS = str(Path(__file__).with_name("machine_checks.py"))
-# Seconds each step may run on the GPU. Estimated: versions 10, wheels 5, imports 15, payload 5, svd 25,
-# svd_steep 10, svd_dense 25, overhead_matrix 30, overhead_minilm 55, compare_config 5, gpu_tests 70, the
-# comparison 150-300, compare_report 10 (BENCHMARKS.md, "GPU run"). The comparison has no cap of its own: it
-# runs to the deadline less compare_report's cap, which leaves it at least ``budget - capped_s()`` even when
-# every step before it uses its whole cap.
+# Seconds each step may run on the GPU, about twice its expected time (BENCHMARKS.md, "GPU run", gives the
+# estimates and the CPU figures behind them). The comparison has no cap of its own: it runs to the deadline
+# less compare_report's cap, at least ``budget - capped_s()`` even when every step before it uses its whole cap.
 CAPS_S = {
     "versions": 20, "wheels": 15, "imports": 30, "payload": 20,
     "svd": 50, "svd_steep": 30, "svd_dense": 60,

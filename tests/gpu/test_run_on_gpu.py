@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
@@ -225,6 +226,28 @@ def test_the_evidence_config_parses_with_the_payloads_paths_and_one_seed_per_pro
     check_settings(shard)
     assert shard.seeds == [3] and shard.wandb.mode == "disabled" and shard.output_dir == str(tmp_path / "compare")
     assert shard.overrides["model.init_args.model_name_or_path"] == str(tmp_path / "minilm")
-    assert shard.overrides["trainer.max_steps"] == 300  # the committed config's own overrides stay
+    assert shard.overrides["trainer.max_steps"] == 200  # the committed config's own overrides stay
     full = parser.instantiate(parser.parse_args(["--config", str(run_on_gpu.COMPARE_CONFIG)]))
     assert len(full.seeds) >= 5 and {m.label for m in shard.methods} == {m.label for m in full.methods}
+
+
+def test_a_method_the_machines_peft_lacks_is_left_out_and_named_but_a_bad_option_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import lightning_hrp.inits
+    from lightning_hrp.errors import HRPConfigurationError
+
+    real = lightning_hrp.inits.LoraInit
+
+    def without_eva(method: str, options: dict | None = None):
+        if method == "eva":
+            raise HRPConfigurationError("eva needs peft's EvaConfig") from ImportError("no EvaConfig")
+        return real(method, options)
+
+    monkeypatch.setattr(lightning_hrp.inits, "LoraInit", without_eva)
+    config = tmp_path / "compare.yaml"
+    machine_checks.write_compare_config(run_on_gpu.COMPARE_CONFIG, config, {}, {})
+    methods = [m["label"] for m in yaml.safe_load(config.read_text())["methods"]]
+    assert "eva" not in methods and "lora" in methods and "hrp" in methods
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**yaml.safe_load(run_on_gpu.COMPARE_CONFIG.read_text()), "methods": [{"label": "hrp", "method": "hrp", "options": {"preheat_steps": 3}}]}))
+    with pytest.raises(HRPConfigurationError, match="preheat_rank"):
+        machine_checks.write_compare_config(bad, tmp_path / "out.yaml", {}, {})
