@@ -3,7 +3,7 @@
 The frozen base model is rebuilt from where it was loaded whenever a recipe's module is built, so a
 checkpoint need not carry it (for SmolLM2 that was nearly the whole file; for a 7B model ~13 GB; a
 4-bit base could not even be loaded back). :class:`~lightning_hrp.recipes.lora_module.LoraRecipeModule`
-saves only :func:`checkpoint_keys` (trainable weights, buffers, base weights an init rewrote) and a
+saves only :func:`keys_to_keep` (trainable weights, buffers, base weights an init rewrote) and a
 :class:`BaseIdentity`, and refuses a checkpoint whose base was another model.
 """
 
@@ -73,7 +73,7 @@ def base_identity(base: nn.Module, source: str) -> BaseIdentity:
     return BaseIdentity(source=source, fingerprint=digest.hexdigest(), tensors=count)
 
 
-def checkpoint_keys(module: nn.Module, rewritten_base_weights: Iterable[torch.Tensor] = ()) -> set[str]:
+def keys_to_keep(module: nn.Module, rewritten_base_weights: Iterable[torch.Tensor] = ()) -> set[str]:
     """The state-dict keys a recipe's checkpoint keeps: what training (and the init) changed.
 
     That is every trainable parameter (adapters, heads; all of them in full fine-tuning), every

@@ -19,7 +19,7 @@ from lightning_hrp.recipes.checkpoints import (
     BASE_IDENTITY_KEY,
     BaseIdentity,
     base_identity,
-    checkpoint_keys,
+    keys_to_keep,
     loads_through_the_module,
 )
 
@@ -49,7 +49,7 @@ class LoraRecipeModule(pl.LightningModule):
     argument of the chain lands in ``hparams``. Data-driven inits (``lora_ga``, ``eva``, ``lora_one``,
     ``hrp``, ``oracle``) run as callbacks of the fit (:meth:`configure_callbacks`).
 
-    Checkpoints hold what training changed (:func:`~lightning_hrp.recipes.checkpoints.checkpoint_keys`:
+    Checkpoints hold what training changed (:func:`~lightning_hrp.recipes.checkpoints.keys_to_keep`:
     adapters, heads, buffers, base weights an init rewrote), the optimizer and loop state, and the
     identity of the base; the frozen base is rebuilt from its source when the module is built, and a
     checkpoint of another base is refused. Under sharded strategies (FSDP, ``ModelParallelStrategy``,
@@ -109,12 +109,15 @@ class LoraRecipeModule(pl.LightningModule):
         rewritten = []
         if self.lora_init.info.changes_base_weights:
             rewritten = [target.layer.get_base_layer().weight for target in find_lora_targets(self)]
-        return checkpoint_keys(self, rewritten)
+        return keys_to_keep(self, rewritten)
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+    def _built_base(self) -> BaseIdentity:
         if self.base_identity is None:
             raise RuntimeError(f"{type(self).__name__} never called with_lora, so it cannot tell which base it holds.")
-        checkpoint[BASE_IDENTITY_KEY] = asdict(self.base_identity)
+        return self.base_identity
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[BASE_IDENTITY_KEY] = asdict(self._built_base())
         if loads_through_the_module(self.trainer.strategy):
             kept = self.checkpoint_keys()
             checkpoint["state_dict"] = {key: value for key, value in checkpoint["state_dict"].items() if key in kept}
@@ -123,7 +126,7 @@ class LoraRecipeModule(pl.LightningModule):
         saved = checkpoint.get(BASE_IDENTITY_KEY)
         if saved is None:
             return  # written before checkpoints held only what training changed: it holds the whole model
-        problem = BaseIdentity(**saved).mismatch(self.base_identity)
+        problem = BaseIdentity(**saved).mismatch(self._built_base())
         if problem is not None:
             raise ValueError(f"ckpt_path: {problem} Build the model from the config the checkpoint was trained with.")
 
