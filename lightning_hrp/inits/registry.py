@@ -50,8 +50,10 @@ from enum import Enum
 from typing import Any
 
 from lightning.pytorch.callbacks import Callback
+from torch import nn
 
 from lightning_hrp.callback import HRPPreheatCallback
+from lightning_hrp.engine.quantized import quantized_weights
 from lightning_hrp.errors import HRPConfigurationError
 from lightning_hrp.inits.eva import EvaInit
 from lightning_hrp.inits.gradient_inits import LoraGAInit, LoraOneInit
@@ -88,9 +90,12 @@ class InitMethodInfo:
         uses_lora: False only for full fine-tuning.
         keeps_output: The model's output right after the init equals the pretrained model's
             (up to float rounding where base weights are rewritten).
-        changes_base_weights: The frozen weights are rewritten (PiSSA, OLoRA, LoRA-GA keep the residual).
+        changes_base_weights: The frozen weights are rewritten (PiSSA, OLoRA, LoRA-GA keep the residual); the
+            recipes' checkpoints keep those weights.
         data_driven: Needs training batches (or, for the oracle, the task's ground truth); a comparison
             that matches compute counts these batches.
+        quantized_base: Why the method cannot start from a bitsandbytes 4-bit or 8-bit base; None when it
+            can (it never reads the base weights).
     """
 
     paper: str
@@ -101,9 +106,15 @@ class InitMethodInfo:
     keeps_output: bool = True
     changes_base_weights: bool = False
     data_driven: bool = False
+    quantized_base: str | None = None
 
 
 _LORA_PAPER = "Hu et al., LoRA: Low-Rank Adaptation of Large Language Models, arXiv 2106.09685"
+# What peft 0.21.2 does with a quantized base weight, for the inits that read it.
+_NO_GRADIENT_OF_QUANTIZED = (
+    "it needs the gradient of the loss with respect to each base weight, and a quantized weight has none "
+    "(peft 0.21.2's preprocess_loraga refuses quantized models for the same reason)"
+)
 
 INIT_METHODS: dict[InitMethod, InitMethodInfo] = {
     InitMethod.lora: InitMethodInfo(_LORA_PAPER, "A Kaiming-uniform (peft's default), B = 0"),
@@ -113,12 +124,22 @@ INIT_METHODS: dict[InitMethod, InitMethodInfo] = {
         "B A = top-r SVD part of W0; W0 keeps the residual (peft's 'pissa')",
         peft_init="pissa",
         changes_base_weights=True,
+        quantized_base=(
+            "peft 0.21.2's pissa_init refuses a 4-bit or 8-bit weight, and with a float bnb_4bit_quant_storage it "
+            "decomposes the packed storage as if it were the weight; peft's route is PiSSA on the unquantized "
+            "model, then quantizing the residual it leaves"
+        ),
     ),
     InitMethod.olora: InitMethodInfo(
         "Büyükakyüz, OLoRA: Orthonormal Low-Rank Adaptation of Large Language Models, arXiv 2406.01775",
         "B A from the QR decomposition of W0; W0 keeps the residual (peft's 'olora')",
         peft_init="olora",
         changes_base_weights=True,
+        quantized_base=(
+            "peft 0.21.2's olora_init dequantises the weight, decomposes it and quantizes the residual again, so "
+            "the model no longer starts from the quantized base (its output moves by the residual's quantization "
+            "error), and a checkpoint of the trained weights could not restore that requantized residual"
+        ),
     ),
     InitMethod.lora_ga: InitMethodInfo(
         "Wang, Yu, Li, LoRA-GA: Low-Rank Adaptation with Gradient Approximation, arXiv 2407.05000",
@@ -126,6 +147,7 @@ INIT_METHODS: dict[InitMethod, InitMethodInfo] = {
         callback=LoraGAInit,
         changes_base_weights=True,
         data_driven=True,
+        quantized_base=_NO_GRADIENT_OF_QUANTIZED,
     ),
     InitMethod.eva: InitMethodInfo(
         "Paischer et al., One Initialization to Rule them All: Explained Variance Adaptation, arXiv 2410.07170",
@@ -140,6 +162,7 @@ INIT_METHODS: dict[InitMethod, InitMethodInfo] = {
         callback=LoraOneInit,
         keeps_output=False,
         data_driven=True,
+        quantized_base=_NO_GRADIENT_OF_QUANTIZED,
     ),
     InitMethod.hrp: InitMethodInfo(
         "Chen et al., HRP: High-Rank Preheating for Superior LoRA Initialization, arXiv 2502.07739",
@@ -152,6 +175,7 @@ INIT_METHODS: dict[InitMethod, InitMethodInfo] = {
         "every weight trained, no LoRA",
         peft_init=None,
         uses_lora=False,
+        quantized_base="it trains every weight, and quantized weights cannot be trained",
     ),
     InitMethod.oracle: InitMethodInfo(
         "the known target update's top-r right singular vectors (HRP spec section 1), an upper reference",
@@ -205,6 +229,24 @@ class LoraInit:
     @property
     def uses_lora(self) -> bool:
         return self.info.uses_lora
+
+    def check_base(self, base: nn.Module) -> None:
+        """Refuse a base this init cannot start from: a bitsandbytes-quantized one, for the inits that read its weights.
+
+        Call it before ``get_peft_model``, which runs peft's own inits (PiSSA, OLoRA) on the base.
+
+        Raises:
+            HRPConfigurationError: ``base`` holds 4-bit or 8-bit weights and the method needs the weights
+                themselves (:attr:`InitMethodInfo.quantized_base` says why).
+        """
+        quantized = quantized_weights(base)
+        reason = self.info.quantized_base
+        if quantized and reason is not None:
+            raise HRPConfigurationError(
+                f"init_method={self.method.value!r} cannot start from a quantized base ({len(quantized)} bitsandbytes "
+                f"weights, e.g. {quantized[0]}): {reason}. Use init_method 'lora', 'gaussian', 'eva' or 'hrp', which "
+                "never read the base weights, or load the base unquantized."
+            )
 
     def lora_config_kwargs(self) -> dict[str, Any]:
         """The ``LoraConfig`` arguments this init needs (``init_lora_weights`` and, for EVA, ``eva_config``)."""
