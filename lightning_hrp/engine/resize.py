@@ -14,7 +14,8 @@ adapter keeps its meaning.
 New parameter objects cannot be in an optimizer built before, nor in a DDP or FSDP wrapper: resize
 only a bare model, before any optimizer exists. :func:`guard_against_stale_optimizers` turns an
 optimizer that still holds a replaced parameter into an error at its first step instead of a run
-that silently never trains the new adapters.
+that silently never trains the new adapters. :func:`resize_on_load` lets a freshly built model load
+a state dict (a checkpoint) whose adapters were given other ranks.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.utils.hooks import RemovableHandle
 
 from lightning_hrp.engine.lora import LoraTarget
 from lightning_hrp.errors import HRPConfigurationError
@@ -221,3 +223,34 @@ def guard_against_stale_optimizers(replaced: Sequence[Tensor]) -> None:
             )
 
     handle.append(register_optimizer_step_pre_hook(check))
+
+
+def resize_on_load(root: nn.Module, targets: Sequence[LoraTarget]) -> list[RemovableHandle]:
+    """Make ``root.load_state_dict`` first give each target the rank the incoming state dict holds.
+
+    A checkpoint of a run that allocated a rank budget holds other adapter shapes than a model built
+    afresh from the same config; with these hooks it loads (the peft config records the ranks, as
+    after the allocation). On a model already wrapped or sharded the load is refused
+    (``HRPConfigurationError``) instead of failing on a size mismatch.
+
+    Returns:
+        The hooks' handles (``handle.remove()`` unregisters them).
+    """
+
+    def hook_for(target: LoraTarget):
+        def take_incoming_rank(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+            incoming = state_dict.get(f"{prefix}lora_A.{target.adapter_name}.weight")
+            if incoming is None or incoming.shape[0] == target.rank:
+                return
+            try:
+                check_resizable(root, [target])
+            except HRPConfigurationError as error:
+                raise HRPConfigurationError(
+                    f"The state dict being loaded gives {target.name} rank {incoming.shape[0]} (the model has "
+                    f"{target.rank}), as after a rank_budget allocation, and the adapter cannot be resized: {error}"
+                ) from None
+            guard_against_stale_optimizers(resize_adapters(root, [target], [incoming.shape[0]]).replaced_parameters())
+
+        return take_incoming_rank
+
+    return [target.layer.register_load_state_dict_pre_hook(hook_for(target)) for target in targets]

@@ -33,9 +33,10 @@ from lightning_hrp._validation import check_bool
 from lightning_hrp.engine.allocation import AllocationRule
 from lightning_hrp.engine.batches import CycledBatches, with_own_workers
 from lightning_hrp.engine.init_rules import DirectionScale, InitRule
-from lightning_hrp.engine.lora import LoraTarget
+from lightning_hrp.engine.lora import LoraTarget, find_lora_targets
 from lightning_hrp.engine.preheat import PreheatMode
 from lightning_hrp.engine.preheat_loop import BatchSteps
+from lightning_hrp.engine.resize import resize_on_load
 from lightning_hrp.errors import HRPConfigurationError
 from lightning_hrp.inits.setup_time import InitReport, SetupTimeInit
 from lightning_hrp.options import HRPOptions, OnFailure, OptimizerFactory, SvdDtype
@@ -72,6 +73,12 @@ class HRPInit(SetupTimeInit):
             (``rank_pattern``/``alpha_pattern``). ``None``: every layer keeps its rank.
         allocation_rule: ``"energy_share"`` or ``"energy"``; see :mod:`lightning_hrp.engine.allocation`.
 
+    With ``rank_budget``, a checkpoint of the run loads into the module built afresh from the same
+    config (``fit(ckpt_path=...)``, ``test(ckpt_path=...)``: from every ``setup``, the LoRA layers take
+    the ranks the checkpoint's state dict holds, :func:`~lightning_hrp.engine.resize.resize_on_load`),
+    where the strategy restores before it wraps the model (one device, DDP). A resumed fit preheats
+    and allocates again at setup, then loads the checkpoint's weights over it.
+
     Attributes:
         hrp_report: The HRP report (spectra, ranks, energy kept), or ``None`` before the init ran or after a
             failure with ``on_failure="continue"``.
@@ -104,6 +111,13 @@ class HRPInit(SetupTimeInit):
         check_bool("log_layer_metrics", log_layer_metrics)
         self.log_layer_metrics = log_layer_metrics
         self.hrp_report: HRPReport | None = None
+        self._loads_resized: pl.LightningModule | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.options.rank_budget is not None and self._loads_resized is not pl_module:
+            resize_on_load(pl_module, find_lora_targets(pl_module, self.options.adapter_name))
+            self._loads_resized = pl_module
+        super().setup(trainer, pl_module, stage)
 
     def initialise(self, trainer: pl.Trainer, pl_module: pl.LightningModule, targets: list[LoraTarget], report: InitReport) -> None:
         if isinstance(trainer.strategy, DeepSpeedStrategy):

@@ -235,13 +235,13 @@ class LoraInit:
 
         Raises:
             HRPConfigurationError: The Trainer already holds an init callback that would overwrite
-                or be overwritten by this one (an ``HRPPreheatCallback`` combines with ``lora`` only,
+                or be overwritten by this one (an ``HRPPreheatCallback`` or ``HRPInit`` combines with ``lora`` only,
                 as HRP on top of peft's default init).
         """
         initialisers = [c for c in trainer_callbacks if isinstance(c, _INITIALISERS) and c is not self.callback]
         if initialisers:
             names = sorted(type(c).__name__ for c in initialisers)
-            hrp_on_default = self.method is InitMethod.lora and all(isinstance(c, HRPPreheatCallback) for c in initialisers)
+            hrp_on_default = self.method is InitMethod.lora and all(isinstance(c, (HRPPreheatCallback, HRPInit)) for c in initialisers)
             if not hrp_on_default or len(initialisers) > 1:
                 raise HRPConfigurationError(
                     f"init_method={self.method.value!r} and the Trainer's {names} would both initialise the "
