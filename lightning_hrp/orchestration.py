@@ -24,11 +24,11 @@ from torch.optim import Optimizer
 
 from lightning_hrp.engine.decompose import energy_kept
 from lightning_hrp.engine.distributed import broadcast_int, rank_and_world_size, read_lora_weights
+from lightning_hrp.engine.isolation import RestoreFailedError, restored_on_failure
 from lightning_hrp.engine.lora import LoraTarget, find_lora_targets
 from lightning_hrp.engine.preheat import PreheatAdapters
-from lightning_hrp.engine.quantized import cpu_inference_packed_layers
-from lightning_hrp.engine.isolation import RestoreFailedError, restored_on_failure
 from lightning_hrp.engine.preheat_loop import BatchSteps, decompose_and_initialise, run_preheat
+from lightning_hrp.engine.quantized import cpu_inference_packed_layers
 from lightning_hrp.engine.resize import check_resizable
 from lightning_hrp.errors import HRPConfigurationError
 from lightning_hrp.options import HRPOptions
