@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from lightning_hrp import HRPConfigurationError, HRPPreheatCallback, hrp_init
 from lightning_hrp.engine.lora import find_lora_targets
-from lightning_hrp.engine.resize import resize_adapters
+from lightning_hrp.engine.resize import resize_adapters, resize_on_load
 from lightning_hrp.inits import HRPInit, LoraInit
 from lightning_hrp.report import allocation_summary, summary_metrics
 from lightning_hrp.recipes.multi_layer_regression import MultiLayerRegressionDataModule, MultiLayerRegressionModule
@@ -159,6 +159,20 @@ def test_resizing_undone_leaves_the_model_and_its_config_as_they_were():
     assert flags == [(name, p.requires_grad) for name, p in model.named_parameters()]
 
 
+def test_a_fresh_model_loads_an_allocated_state_dict_once_it_resizes_on_load():
+    allocated, report, _, _ = _allocated()
+    fresh = lora_llama()
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        fresh.load_state_dict(allocated.state_dict())
+    handles = resize_on_load(fresh, find_lora_targets(fresh))
+    fresh.load_state_dict(allocated.state_dict())
+    assert [t.rank for t in find_lora_targets(fresh)] == [d.rank for d in report.layers]
+    assert fresh.peft_config["default"].rank_pattern == allocated.peft_config["default"].rank_pattern
+    assert_bitwise_equal(all_weights(allocated), all_weights(fresh))
+    for handle in handles:
+        handle.remove()
+
+
 def test_frozen_factors_stay_frozen_after_the_resize():
     model = lora_llama()
     for target in find_lora_targets(model):
@@ -227,6 +241,17 @@ def test_a_recipe_with_a_rank_budget_trains_the_allocated_adapters():
     assert all(torch.count_nonzero(t.lora_B) > 0 for t in find_lora_targets(module))
     report = module.lora_init.callback.hrp_report
     assert [d.rank for d in report.layers] == ranks and module.lora_init.callback.report.batches == 8
+
+
+def test_a_checkpoint_of_an_allocated_run_tests_in_a_fresh_module(tmp_path):
+    module, trainer = _regression("hrp", {**HRP_OPTIONS, "rank_budget": 4})
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    expected = cpu_trainer().test(module, _RegressionData(), verbose=False)[0]["test/loss"]
+    pl.seed_everything(1, verbose=False)  # another default init: only the checkpoint can make them agree
+    fresh = MultiLayerRegressionModule(**TASK, heads=2, lora_rank=2, init_method="hrp", init_options={**HRP_OPTIONS, "rank_budget": 4})
+    tested = cpu_trainer().test(fresh, _RegressionData(), ckpt_path=tmp_path / "last.ckpt", verbose=False)[0]["test/loss"]
+    assert [t.rank for t in find_lora_targets(fresh)] == [1, 3]
+    assert tested == pytest.approx(expected, rel=1e-6)
 
 
 def test_hrpinit_without_a_budget_starts_where_the_callback_does():

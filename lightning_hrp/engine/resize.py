@@ -201,28 +201,34 @@ def _rebuilt(pattern: dict, default: Any, key: str) -> Any:
     return pattern.get(get_pattern_key(pattern.keys(), key), default)
 
 
+# The parameters resizing replaced, while anything keeps them alive: id -> weak reference (the entry goes
+# when the parameter does). One optimizer pre-step hook, registered at the first resize, checks them.
+_REPLACED: dict[int, weakref.ref] = {}
+_STALE_OPTIMIZER_HOOK: list[RemovableHandle] = []
+
+
 def guard_against_stale_optimizers(replaced: Sequence[Tensor]) -> None:
     """Make the next step of any optimizer that still holds one of ``replaced`` raise ``HRPConfigurationError``.
 
-    One global optimizer pre-step hook; it removes itself once none of ``replaced`` is alive any more
-    (the usual case: nothing else held the old adapters), so it costs nothing afterwards.
+    One global optimizer pre-step hook for every resize, registered once and never removed (a hook
+    removing itself while torch iterates the hooks would break every step); with no replaced
+    parameter alive (the usual case: nothing else held the old adapters) it returns at once.
     """
-    references = [weakref.ref(p) for p in replaced]
-    handle: list[Any] = []
+    for param in replaced:
+        _REPLACED[id(param)] = weakref.ref(param, lambda _, key=id(param): _REPLACED.pop(key, None))
+    if not _STALE_OPTIMIZER_HOOK:
+        _STALE_OPTIMIZER_HOOK.append(register_optimizer_step_pre_hook(_refuse_replaced_parameters))
 
-    def check(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
-        alive = {id(p) for p in (r() for r in references) if p is not None}
-        if not alive:
-            handle[0].remove()
-            return
-        if any(id(p) in alive for group in optimizer.param_groups for p in group["params"]):
-            raise HRPConfigurationError(
-                "This optimizer holds LoRA parameters that rank_budget replaced with resized ones: it was built before "
-                "HRP allocated the ranks, so it would never train the new adapters. Build the optimizer after "
-                "hrp_init(..., rank_budget=...)."
-            )
 
-    handle.append(register_optimizer_step_pre_hook(check))
+def _refuse_replaced_parameters(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+    if not _REPLACED:
+        return
+    if any(id(p) in _REPLACED for group in optimizer.param_groups for p in group["params"]):
+        raise HRPConfigurationError(
+            "This optimizer holds LoRA parameters that rank_budget replaced with resized ones: it was built before "
+            "HRP allocated the ranks, so it would never train the new adapters. Build the optimizer after "
+            "hrp_init(..., rank_budget=...)."
+        )
 
 
 def resize_on_load(root: nn.Module, targets: Sequence[LoraTarget]) -> list[RemovableHandle]:
