@@ -116,7 +116,7 @@ class HRPPreheatCallback(Callback):
         track_subspace_drift: bool = False,
         drift_tolerance: float | None = None,
         rank_budget: int | None = None,
-        allocation_rule: AllocationRule = "energy_share",
+        allocation_rule: AllocationRule = "energy",
     ) -> None:
         self.options = HRPOptions.from_arguments(locals())
         if rank_budget is not None:

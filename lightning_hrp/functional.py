@@ -51,7 +51,7 @@ def hrp_init(
     track_subspace_drift: bool = False,
     drift_tolerance: float | None = None,
     rank_budget: int | None = None,
-    allocation_rule: AllocationRule = "energy_share",
+    allocation_rule: AllocationRule = "energy",
 ) -> HRPReport | None:
     """Start the rank-r LoRA adapters of ``model`` from High-Rank Preheating (arXiv 2502.07739), in place.
 
@@ -94,9 +94,9 @@ def hrp_init(
             records it). Only on a bare peft model: call ``hrp_init`` before wrapping the model (DDP,
             ``fully_shard``) and before building the optimizer (an optimizer built before raises at its
             first step). ``None`` (the default) keeps every rank.
-        allocation_rule: How ``rank_budget`` is handed out: ``"energy_share"`` ranks every direction by its
-            share of its own layer's preheated energy (EVA's explained-variance ratio), ``"energy"`` by the
-            energy itself; see :mod:`lightning_hrp.engine.allocation`.
+        allocation_rule: How ``rank_budget`` is handed out: ``"energy"`` (the default) ranks every direction
+            of every layer by its preheated energy ``s^2``, ``"energy_share"`` by its share of its own layer's
+            energy (EVA's explained-variance ratio); see :mod:`lightning_hrp.engine.allocation`.
 
     Returns:
         The report (losses, spectra, timings); ``None`` if preheating failed and ``on_failure="continue"``

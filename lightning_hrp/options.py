@@ -47,7 +47,7 @@ class HRPOptions:
     track_subspace_drift: bool = False
     drift_tolerance: float | None = None
     rank_budget: int | None = None
-    allocation_rule: AllocationRule = "energy_share"
+    allocation_rule: AllocationRule = "energy"
 
     def __post_init__(self) -> None:
         check_int("preheat_rank", self.preheat_rank, minimum=2)

@@ -10,13 +10,13 @@ from lightning_hrp.engine.allocation import allocate_ranks, direction_values
 def test_energy_share_follows_how_each_layer_spreads_its_energy():
     # Shares: layer 0 (9, 4, 1)/14 = .643, .286, .071; layer 1 1/3 each. After rank 1 each, the two
     # remaining ranks go to the largest of .286, .071 | .333, .333: both to layer 1.
-    assert allocate_ranks([[3, 2, 1], [1, 1, 1]], 4, max_ranks=[3, 3]) == [1, 3]
+    assert allocate_ranks([[3, 2, 1], [1, 1, 1]], 4, max_ranks=[3, 3], rule="energy_share") == [1, 3]
 
 
 def test_energy_follows_the_size_of_the_update():
     # Energies: layer 0 (9, 4, 1), layer 1 (1, 1, 1): after rank 1 each, 4 goes to layer 0, then a tie
     # of 1 between layer 0's third and layer 1's second direction goes to the earlier layer.
-    assert allocate_ranks([[3, 2, 1], [1, 1, 1]], 4, max_ranks=[3, 3], rule="energy") == [3, 1]
+    assert allocate_ranks([[3, 2, 1], [1, 1, 1]], 4, max_ranks=[3, 3]) == [3, 1]  # the default rule
 
 
 def test_direction_values_by_hand():
@@ -26,15 +26,17 @@ def test_direction_values_by_hand():
 
 
 def test_ties_go_to_the_earlier_layer_then_the_earlier_direction():
-    assert allocate_ranks([[1, 1], [1, 1], [1, 1]], 4, max_ranks=[2, 2, 2]) == [2, 1, 1]
-    assert allocate_ranks([[1, 1], [1, 1], [1, 1]], 5, max_ranks=[2, 2, 2]) == [2, 2, 1]
+    for rule in ("energy", "energy_share"):
+        assert allocate_ranks([[1, 1], [1, 1], [1, 1]], 4, max_ranks=[2, 2, 2], rule=rule) == [2, 1, 1]
+        assert allocate_ranks([[1, 1], [1, 1], [1, 1]], 5, max_ranks=[2, 2, 2], rule=rule) == [2, 2, 1]
 
 
 def test_minimum_and_maximum_per_layer():
     # Layer 0 holds nearly all the value but can take at most 2; the rest spills to layer 1.
     assert allocate_ranks([[10, 9, 8, 7], [1, 0.1, 0.01, 0.001]], 5, max_ranks=[2, 4], rule="energy") == [2, 3]
-    # A zero spectrum (nothing learned) only gets the minimum, here 2.
-    assert allocate_ranks([[0, 0, 0], [5, 4, 3]], 5, max_ranks=[3, 3], min_rank=2) == [2, 3]
+    # A zero spectrum (nothing learned) only gets the minimum, here 2, under either rule.
+    for rule in ("energy", "energy_share"):
+        assert allocate_ranks([[0, 0, 0], [5, 4, 3]], 5, max_ranks=[3, 3], min_rank=2, rule=rule) == [2, 3]
     # The budget's extremes: everyone at the minimum, everyone at the maximum.
     assert allocate_ranks([[3, 2, 1], [1, 1, 1]], 2, max_ranks=[3, 2]) == [1, 1]
     assert allocate_ranks([[3, 2, 1], [1, 1, 1]], 5, max_ranks=[3, 2]) == [3, 2]

@@ -59,17 +59,18 @@ def test_ranks_follow_the_allocation_and_each_adapter_starts_from_its_top_direct
         torch.testing.assert_close(model(input_ids=PROBE_INPUT).logits, before)
 
 
-def test_the_allocation_spends_ranks_where_the_preheated_energy_spreads():
-    # energy_share: a layer whose rank grew keeps at least the energy share the uniform rank kept,
-    # and the smallest share given beyond the first direction is at least the largest one left out.
-    _, report, _, _ = _allocated()
-    given, left = [], []
-    for d in report.layers:
-        s = torch.tensor(d.singular_values, dtype=torch.float64) ** 2
-        share = (s / s.sum()).tolist()
-        given += share[1 : d.rank]
-        left += share[d.rank : d.preheat_rank]
-    assert min(given) >= max(left)
+def test_the_budget_goes_to_the_largest_preheated_energies_of_all_layers():
+    # The default rule: beyond each layer's first direction, the smallest energy given is at least the
+    # largest left out; with energy_share, the same holds for the shares of each layer's energy.
+    for rule in ("energy", "energy_share"):
+        _, report, _, _ = _allocated(allocation_rule=rule)
+        given, left = [], []
+        for d in report.layers:
+            s = torch.tensor(d.singular_values, dtype=torch.float64) ** 2
+            values = (s if rule == "energy" else s / s.sum()).tolist()
+            given += values[1 : d.rank]
+            left += values[d.rank : d.preheat_rank]
+        assert min(given) >= max(left), rule
 
 
 def test_save_pretrained_round_trips_through_peft_alone(tmp_path):

@@ -71,7 +71,7 @@ class HRPInit(SetupTimeInit):
             spectra by ``allocation_rule`` (each layer between 1 and its preheat rank); the adapters are
             resized with their LoRA scale kept, and the peft config records the ranks
             (``rank_pattern``/``alpha_pattern``). ``None``: every layer keeps its rank.
-        allocation_rule: ``"energy_share"`` or ``"energy"``; see :mod:`lightning_hrp.engine.allocation`.
+        allocation_rule: ``"energy"`` (the default) or ``"energy_share"``; see :mod:`lightning_hrp.engine.allocation`.
 
     With ``rank_budget``, a checkpoint of the run loads into the module built afresh from the same
     config (``fit(ckpt_path=...)``, ``test(ckpt_path=...)``: from every ``setup``, the LoRA layers take
@@ -104,7 +104,7 @@ class HRPInit(SetupTimeInit):
         track_subspace_drift: bool = False,
         drift_tolerance: float | None = None,
         rank_budget: int | None = None,
-        allocation_rule: AllocationRule = "energy_share",
+        allocation_rule: AllocationRule = "energy",
     ) -> None:
         super().__init__(adapter_name)
         self.options = HRPOptions.from_arguments(locals())
