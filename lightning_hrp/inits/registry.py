@@ -29,7 +29,9 @@ build the peft ``LoraConfig`` and which callbacks to attach. The methods:
                 "One-step full gradient suffices for low-rank fine-tuning, provably and
                 efficiently", arXiv 2502.01235.
 ``hrp``         High-Rank Preheating (:class:`lightning_hrp.HRPPreheatCallback`, its options as
-                ``init_options``). Chen et al., arXiv 2502.07739.
+                ``init_options``). Chen et al., arXiv 2502.07739. With ``rank_budget`` in ``init_options``,
+                :class:`lightning_hrp.inits.HRPInit` instead: the same HRP at ``setup("fit")``, before the
+                strategy wraps the model, so that the allocated ranks can change the adapters' shapes.
 ``full``        Full fine-tuning, no LoRA: the upper reference of what the adapters approximate.
 ``oracle``      The known target update's own top-r right singular vectors (``B = 0``): the best start
                 HRP's direction rule can hope for. Only for tasks whose DataModule knows the true
@@ -57,6 +59,7 @@ from lightning_hrp.engine.quantized import quantized_weights
 from lightning_hrp.errors import HRPConfigurationError
 from lightning_hrp.inits.eva import EvaInit
 from lightning_hrp.inits.gradient_inits import LoraGAInit, LoraOneInit
+from lightning_hrp.inits.hrp import HRPInit
 from lightning_hrp.inits.oracle import OracleInit
 from lightning_hrp.inits.setup_time import SetupTimeInit
 
@@ -87,6 +90,8 @@ class InitMethodInfo:
             A callback-based method builds from peft's default (``True``) and overwrites it (HRP's
             ``"match_init_norm"`` and the oracle reuse its norm); EVA needs peft's ``"eva"``.
         callback: The callback that initialises the adapters during ``fit`` (options: ``init_options``).
+        rank_budget_callback: The callback used instead when ``init_options`` gives a ``rank_budget``
+            (adapters that change shape need a setup-time init, before the strategy wraps the model).
         uses_lora: False only for full fine-tuning.
         keeps_output: The model's output right after the init equals the pretrained model's
             (up to float rounding where base weights are rewritten).
@@ -102,6 +107,7 @@ class InitMethodInfo:
     rule: str
     peft_init: bool | str | None = True
     callback: type[Callback] | None = None
+    rank_budget_callback: type[Callback] | None = None
     uses_lora: bool = True
     keeps_output: bool = True
     changes_base_weights: bool = False
@@ -166,8 +172,9 @@ INIT_METHODS: dict[InitMethod, InitMethodInfo] = {
     ),
     InitMethod.hrp: InitMethodInfo(
         "Chen et al., HRP: High-Rank Preheating for Superior LoRA Initialization, arXiv 2502.07739",
-        "A = c V_r^T of a preheated rank-R update, B = 0 (HRPPreheatCallback)",
+        "A = c V_r^T of a preheated rank-R update, B = 0 (HRPPreheatCallback; HRPInit with rank_budget)",
         callback=HRPPreheatCallback,
+        rank_budget_callback=HRPInit,
         data_driven=True,
     ),
     InitMethod.full: InitMethodInfo(
@@ -186,7 +193,9 @@ INIT_METHODS: dict[InitMethod, InitMethodInfo] = {
 }
 
 # Every class that initialises adapters during fit: two of them in one run would overwrite each other.
-_INITIALISERS = tuple({info.callback for info in INIT_METHODS.values() if info.callback is not None})
+_INITIALISERS = tuple(
+    {c for info in INIT_METHODS.values() for c in (info.callback, info.rank_budget_callback) if c is not None}
+)
 
 
 class LoraInit:
@@ -195,7 +204,8 @@ class LoraInit:
     Args:
         method: An :class:`InitMethod` (or its value, e.g. ``"pissa"``).
         options: Keyword options of the method's callback: :class:`lightning_hrp.HRPPreheatCallback`'s
-            for ``hrp`` (``preheat_rank`` and ``preheat_steps`` required), :class:`LoraOneInit`'s,
+            for ``hrp`` (``preheat_rank`` and ``preheat_steps`` required; with ``rank_budget``,
+            :class:`HRPInit`'s, the same options at setup time), :class:`LoraOneInit`'s,
             :class:`LoraGAInit`'s, :class:`EvaInit`'s or :class:`OracleInit`'s; none for the others.
 
     Raises:
@@ -212,6 +222,8 @@ class LoraInit:
         self.options = dict(options or {})
         self.info = INIT_METHODS[self.method]
         callback_class = self.info.callback
+        if self.options.get("rank_budget") is not None and self.info.rank_budget_callback is not None:
+            callback_class = self.info.rank_budget_callback
         self.callback: Callback | None = None
         if callback_class is None:
             if self.options:
@@ -265,13 +277,13 @@ class LoraInit:
 
         Raises:
             HRPConfigurationError: The Trainer already holds an init callback that would overwrite
-                or be overwritten by this one (an ``HRPPreheatCallback`` combines with ``lora`` only,
+                or be overwritten by this one (an ``HRPPreheatCallback`` or ``HRPInit`` combines with ``lora`` only,
                 as HRP on top of peft's default init).
         """
         initialisers = [c for c in trainer_callbacks if isinstance(c, _INITIALISERS) and c is not self.callback]
         if initialisers:
             names = sorted(type(c).__name__ for c in initialisers)
-            hrp_on_default = self.method is InitMethod.lora and all(isinstance(c, HRPPreheatCallback) for c in initialisers)
+            hrp_on_default = self.method is InitMethod.lora and all(isinstance(c, (HRPPreheatCallback, HRPInit)) for c in initialisers)
             if not hrp_on_default or len(initialisers) > 1:
                 raise HRPConfigurationError(
                     f"init_method={self.method.value!r} and the Trainer's {names} would both initialise the "
