@@ -35,6 +35,7 @@ from lightning_hrp._lightning import (
     training_step,
 )
 from lightning_hrp._validation import check_bool
+from lightning_hrp.engine.allocation import AllocationRule
 from lightning_hrp.engine.init_rules import DirectionScale, InitRule
 from lightning_hrp.engine.preheat import PreheatMode
 from lightning_hrp.engine.preheat_loop import BatchSteps, PreheatStopped
@@ -89,6 +90,16 @@ class HRPPreheatCallback(Callback):
             0 means settled). Costs one batched decomposition per step.
         drift_tolerance: Stop preheating early, before ``preheat_steps``, once the drift falls below this
             (implies tracking). A stopping rule the paper does not have.
+        preheat_dtype: Dtype of the preheat adapters, hence of their gradients and (for AdamW) their
+            optimizer state: ``"float32"`` or ``"bfloat16"``. ``None``: the LoRA weights' dtype, at least
+            float32. Whatever it is, the flags and loss are all-reduced in float32 and the decomposition
+            runs in ``svd_dtype``.
+        rank_budget: Not here: allocating ranks changes adapter shapes, which is impossible at
+            ``on_train_start``, after the strategy wrapped the model and the optimizers were built.
+            Refused (``HRPConfigurationError``); use :class:`lightning_hrp.inits.HRPInit`, which preheats at
+            ``setup``, before the wrap (a recipe's ``init_method: hrp`` with ``init_options.rank_budget``).
+        allocation_rule: Taken for the same signature as every entry point; without ``rank_budget``
+            it has no effect.
     """
 
     def __init__(
@@ -109,8 +120,17 @@ class HRPPreheatCallback(Callback):
         track_subspace_drift: bool = False,
         drift_tolerance: float | None = None,
         preheat_dtype: PreheatDtype | None = None,
+        rank_budget: int | None = None,
+        allocation_rule: AllocationRule = "energy",
     ) -> None:
         self.options = HRPOptions.from_arguments(locals())
+        if rank_budget is not None:
+            raise HRPConfigurationError(
+                "HRPPreheatCallback cannot take rank_budget: it preheats at on_train_start, after the strategy has "
+                "wrapped the model and the optimizers hold its parameters, so adapter shapes can no longer change. "
+                "Use lightning_hrp.inits.HRPInit(..., rank_budget=...) instead, which preheats at setup, before the "
+                "wrap (in a recipe: init_method: hrp with init_options.rank_budget)."
+            )
         check_bool("log_layer_metrics", log_layer_metrics)
         self.log_layer_metrics = log_layer_metrics
         self.report: HRPReport | None = None

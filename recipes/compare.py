@@ -5,6 +5,11 @@ with only ``model.init_args.init_method`` / ``init_options``, ``learning_rate`` 
 ``seed_everything`` changed. Per method the learning rate is chosen on the *validation* split
 (mean over seeds of the final ``selection_metric``) and the *test* split is reported at that rate
 only, so every method gets the same tuning budget ("Learning Rate Matters", arXiv 2602.04998).
+With ``compute_matched`` (on by default) every method that computes on training batches before
+its main run gets a plain-LoRA arm with as many more optimizer steps
+(:mod:`~lightning_hrp.recipes.compare_matching`), and each method is judged against it and the
+``references`` seed by seed: paired differences with a 95% t-interval
+(:mod:`~lightning_hrp.recipes.compare_analysis`).
 
 Resumable: each run writes ``result.json`` last, into its own folder
 ``<output_dir>/runs/<label>/lr=<lr>/seed=<seed>/`` (with ``config.yaml``, the CSV log and any HRP
@@ -37,7 +42,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lightning_hrp.recipes.compare_report import log_summary_to_wandb, write_report
+from lightning_hrp.recipes.compare_report import comparison_arms, log_summary_to_wandb, write_report
 from lightning_hrp.recipes.compare_running import DamagedRunError, execute_run, finished_result, load_recipe_config, run_config
 from lightning_hrp.recipes.compare_settings import CompareSettings, MethodSpec, WandbSettings, check_settings, run_dir
 from lightning_hrp.recipes.runs import quiet_libraries, settings_from_command_line, settings_parser
@@ -49,6 +54,7 @@ def compare(settings: CompareSettings, command: str = "") -> list[dict[str, Any]
     """Run (or reuse) every run of the comparison, write the report; return all results."""
     check_settings(settings)
     base = load_recipe_config(settings.recipe_config)
+    arms, _ = comparison_arms(settings, base)  # refuses a budget compute matching cannot read, before anything runs
     output = Path(settings.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     if settings.wandb.mode != "disabled":
@@ -56,7 +62,7 @@ def compare(settings: CompareSettings, command: str = "") -> list[dict[str, Any]
         os.environ["WANDB_DIR"] = str(output)
         os.environ.setdefault("WANDB_SILENT", "true")
     results = []
-    plan = [(spec, lr, seed) for spec in settings.methods for lr in settings.learning_rates for seed in settings.seeds]
+    plan = [(spec, lr, seed) for spec in arms for lr in settings.learning_rates for seed in settings.seeds]
     for index, (spec, lr, seed) in enumerate(plan, start=1):
         config = run_config(base, settings, spec, lr, seed)
         tag = f"[{index}/{len(plan)}] {spec.label} lr={lr:g} seed={seed}"
@@ -84,10 +90,10 @@ def compare(settings: CompareSettings, command: str = "") -> list[dict[str, Any]
         results.append(result)
     if not results:
         raise ValueError(f"No finished run under {output}; nothing to report.")
-    report = write_report(results, settings, command)
+    report = write_report(results, settings, command, base)
     if settings.wandb.mode != "disabled" and not settings.report_only:
         plots = sorted(output.glob("*.png"))
-        log_summary_to_wandb(results, settings, plots)
+        log_summary_to_wandb(results, settings, plots, base)
     print(f"Report: {report}", flush=True)
     return results
 
@@ -108,7 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = settings_from_command_line(parser, CompareSettings, args)
     try:
         check_settings(settings)
-    except ValueError as error:  # a bad grid or method is a usage error, as a malformed option is
+        comparison_arms(settings, load_recipe_config(settings.recipe_config))
+    except ValueError as error:  # a bad grid, method or step budget is a usage error, as a malformed option is
         parser.error(str(error))
     # The report shows the command that runs the comparison, also when only the report was rebuilt.
     command = " ".join(["lightning-hrp compare", *(a for a in args if not a.startswith("--report_only"))])

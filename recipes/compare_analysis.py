@@ -3,18 +3,27 @@
 Per method the learning rate is chosen on the validation split (mean over seeds of the final
 ``selection_metric``; a rate where any seed diverged to NaN never wins), and the test split is
 summarised at that rate only. Means and sample standard deviations are over seeds.
+
+Methods are judged *paired*: a seed fixes the task, the data order and the random starts for every
+method, so each method is compared with a reference seed by seed (:func:`paired_comparison`: the
+mean of the per-seed differences with a t-interval, wins/ties/losses, a verdict only when the
+interval excludes zero). :func:`reach_step` reads off a learning curve where a method reaches a
+given validation value, for gains stated as equivalent plain-LoRA steps.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
 
+import numpy as np
 import pandas as pd
+from scipy import stats
 
-from lightning_hrp.recipes.compare_settings import CompareSettings, Direction
+from lightning_hrp.recipes.compare_settings import CompareSettings, Direction, MethodSpec
 
 RUN_COLUMNS = ["label", "method", "options", "learning_rate", "seed", "fit_seconds"]
 
@@ -46,11 +55,19 @@ def validation_means(runs: pd.DataFrame, metric: str) -> pd.Series:
     return runs.groupby(["label", "learning_rate"], sort=True)[metric].agg(_mean)
 
 
-def summarise(results: Sequence[dict[str, Any]], settings: CompareSettings) -> pd.DataFrame:
-    """Per method (index: label, in the order of ``settings.methods``): the chosen rate and the statistics there.
+def summarise(
+    results: Sequence[dict[str, Any]], settings: CompareSettings, methods: Sequence[MethodSpec] | None = None
+) -> pd.DataFrame:
+    """Per method (index: label, in the order of ``methods``): the chosen rate and the statistics there.
 
     Columns: ``method``, ``chosen_lr``, ``val_mean``, ``val_std``, ``test_mean``, ``test_std``, ``seeds``.
     Methods without a finished run are left out.
+
+    Args:
+        results: The finished runs.
+        settings: The comparison (metrics, direction).
+        methods: The arms, in report order; ``settings.methods`` by default (a compute-matched
+            comparison passes its plan's arms).
     """
     metric, test_metric = settings.selection_metric, settings.reported_test_metric
     for r in results:
@@ -59,7 +76,7 @@ def summarise(results: Sequence[dict[str, Any]], settings: CompareSettings) -> p
     runs = runs_frame(results)
     means = validation_means(runs, metric)
     rows = {}
-    for spec in settings.methods:
+    for spec in settings.methods if methods is None else methods:
         if spec.label not in means.index.get_level_values("label"):
             continue
         by_rate = means.loc[spec.label]  # sorted by learning rate
@@ -83,17 +100,107 @@ def summarise(results: Sequence[dict[str, Any]], settings: CompareSettings) -> p
     return summary
 
 
-def verdict(candidate: pd.Series, baseline: pd.Series, mode: Direction) -> str:
-    """``win``, ``tie`` or ``loss`` of ``candidate`` against ``baseline`` (rows of :func:`summarise`) on the test metric.
+def values_at_chosen_rate(runs: pd.DataFrame, summary: pd.DataFrame, label: str, metric: str) -> dict[int, float]:
+    """``{seed: metric}`` of one method's runs at its chosen learning rate (rows of :func:`runs_frame`)."""
+    chosen = runs[(runs["label"] == label) & (runs["learning_rate"] == summary.loc[label, "chosen_lr"])]
+    return {int(seed): float(value) for seed, value in zip(chosen["seed"], chosen[metric])}
 
-    A difference counts only beyond two standard errors of the difference of the two seed means;
-    with fewer than two seeds on either side there is no verdict (``n/a``).
+
+Verdict = Literal["win", "tie", "loss", "n/a"]
+
+
+@dataclass(frozen=True)
+class PairedComparison:
+    """A method against a reference, seed by seed (differences are method minus reference).
+
+    Attributes:
+        seeds: Seeds both have (the pairs).
+        mean_difference: Mean of the per-seed differences.
+        ci_low: Lower end of the two-sided t-interval of the mean difference.
+        ci_high: Upper end.
+        wins: Seeds where the method is better (lower for ``min``, higher for ``max``).
+        ties: Seeds with exactly equal values.
+        losses: Seeds where the method is worse.
+        verdict: ``win`` or ``loss`` when the interval excludes zero on that side, ``tie`` when it holds
+            zero, ``n/a`` with fewer than two pairs or a non-finite value in a pair.
     """
-    if candidate["seeds"] < 2 or baseline["seeds"] < 2:
-        return "n/a"
-    difference = candidate["test_mean"] - baseline["test_mean"]
-    stderr = math.sqrt(candidate["test_std"] ** 2 / candidate["seeds"] + baseline["test_std"] ** 2 / baseline["seeds"])
-    if abs(difference) <= 2 * stderr:
-        return "tie"
-    improved = difference < 0 if mode == "min" else difference > 0
-    return "win" if improved else "loss"
+
+    seeds: int
+    mean_difference: float
+    ci_low: float
+    ci_high: float
+    wins: int
+    ties: int
+    losses: int
+    verdict: Verdict
+
+
+def paired_comparison(
+    method: Mapping[int, float], reference: Mapping[int, float], mode: Direction, confidence: float = 0.95
+) -> PairedComparison:
+    """Compare ``method`` with ``reference`` seed by seed (both ``{seed: metric}``).
+
+    The interval is ``mean ± t_{(1+confidence)/2, n-1} * sd / sqrt(n)`` over the ``n`` per-seed
+    differences (``sd`` the sample standard deviation); seeds only one side has are left out.
+    """
+    seeds = sorted(set(method) & set(reference))
+    differences = np.array([method[seed] - reference[seed] for seed in seeds], dtype=float)
+    n = len(differences)
+    better = -differences if mode == "min" else differences
+    wins, ties, losses = int((better > 0).sum()), int((better == 0).sum()), int((better < 0).sum())
+    if n < 2 or not np.isfinite(differences).all():
+        mean = float(differences.mean()) if n else math.nan
+        return PairedComparison(n, mean, math.nan, math.nan, wins, ties, losses, "n/a")
+    mean = float(differences.mean())
+    half_width = float(stats.t.ppf((1 + confidence) / 2, n - 1) * differences.std(ddof=1) / math.sqrt(n))
+    low, high = mean - half_width, mean + half_width
+    if low <= 0 <= high:
+        verdict: Verdict = "tie"
+    else:
+        improved = high < 0 if mode == "min" else low > 0
+        verdict = "win" if improved else "loss"
+    return PairedComparison(n, mean, low, high, wins, ties, losses, verdict)
+
+
+PAIRED_COLUMNS = ["label", "reference", "metric", "seeds", "mean_difference", "ci_low", "ci_high", "wins", "ties", "losses", "verdict"]
+
+
+def paired_table(
+    runs: pd.DataFrame, summary: pd.DataFrame, pairs: Sequence[tuple[str, str]], metrics: Mapping[str, Direction]
+) -> pd.DataFrame:
+    """One row per (method, reference) pair and metric: :class:`PairedComparison` at each one's chosen rate.
+
+    Pairs whose method or reference has no finished run are left out. Columns: :data:`PAIRED_COLUMNS`.
+    """
+    rows = []
+    for label, reference in pairs:
+        if label not in summary.index or reference not in summary.index:
+            continue
+        for metric, mode in metrics.items():
+            result = paired_comparison(
+                values_at_chosen_rate(runs, summary, label, metric), values_at_chosen_rate(runs, summary, reference, metric), mode
+            )
+            rows.append({"label": label, "reference": reference, "metric": metric, **result.__dict__})
+    return pd.DataFrame(rows, columns=PAIRED_COLUMNS)
+
+
+def reach_step(curve: pd.Series, target: float, mode: Direction) -> tuple[float, str]:
+    """The first step at which ``curve`` (a metric by step) reaches ``target``, linearly interpolated.
+
+    Returns:
+        ``(step, "=")`` where the curve crosses ``target`` between two logged steps (or at one);
+        ``(first_step, "<=")`` if it is there already at its first logged step; ``(last_step, ">")``
+        if it never gets there; ``(nan, "n/a")`` for an empty curve or a non-finite target.
+    """
+    curve = curve.dropna().sort_index()
+    if curve.empty or not math.isfinite(target):
+        return math.nan, "n/a"
+    steps, values = curve.index.to_numpy(dtype=float), curve.to_numpy(dtype=float)
+    reached = values <= target if mode == "min" else values >= target
+    if not reached.any():
+        return float(steps[-1]), ">"
+    first = int(np.argmax(reached))
+    if first == 0:
+        return float(steps[0]), "<="
+    (s0, s1), (v0, v1) = steps[first - 1 : first + 1], values[first - 1 : first + 1]
+    return float(s0 + (s1 - s0) * (target - v0) / (v1 - v0)), "="

@@ -9,13 +9,22 @@ from typing import Any
 
 import pandas as pd
 
-from lightning_hrp.recipes.compare_analysis import runs_frame, validation_means
+from lightning_hrp.recipes.compare_analysis import runs_frame, validation_means, values_at_chosen_rate
 from lightning_hrp.recipes.compare_running import read_json, read_learning_curve
 from lightning_hrp.recipes.compare_settings import CompareSettings, run_dir
 
 
-def write_plots(results: Sequence[dict[str, Any]], summary: pd.DataFrame, settings: CompareSettings) -> list[Path]:
-    """All figures of a comparison into ``settings.output_dir``; returns their paths."""
+def write_plots(
+    results: Sequence[dict[str, Any]], summary: pd.DataFrame, settings: CompareSettings, paired: pd.DataFrame | None = None
+) -> list[Path]:
+    """All figures of a comparison into ``settings.output_dir``; returns their paths.
+
+    Args:
+        results: The finished runs.
+        summary: :func:`~lightning_hrp.recipes.compare_analysis.summarise` of them.
+        settings: The comparison.
+        paired: :func:`~lightning_hrp.recipes.compare_analysis.paired_table` of them, for the paired-differences figure.
+    """
     plt = _pyplot()
     # One colour per method; past ten the colours repeat and the line style tells those apart.
     styles = {label: {"color": plt.cm.tab10(i % 10), "linestyle": "-" if i < 10 else "--"} for i, label in enumerate(summary.index)}
@@ -26,6 +35,8 @@ def write_plots(results: Sequence[dict[str, Any]], summary: pd.DataFrame, settin
         _save(plot_final_metric(summary, runs, settings, styles), output / "final_metric.png"),
         _save(plot_lr_sweep(runs, settings, styles), output / "lr_sweep.png"),
     ]
+    if paired is not None and not paired.empty:
+        paths.append(_save(plot_paired_differences(paired, runs, summary, settings), output / "paired_differences.png"))
     spectra = plot_hrp_spectra(summary, runs, settings, styles)
     if spectra is not None:
         paths.append(_save(spectra, output / "hrp_spectra.png"))
@@ -109,6 +120,30 @@ def plot_lr_sweep(runs: pd.DataFrame, settings: CompareSettings, styles: dict) -
     axis.set_ylabel(f"final {metric} (mean over seeds)")
     axis.set_title("Learning-rate sweep (validation)")
     axis.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    return figure
+
+
+def plot_paired_differences(paired: pd.DataFrame, runs: pd.DataFrame, summary: pd.DataFrame, settings: CompareSettings) -> Any:
+    """Per (method, reference) pair on the test metric: every seed's difference, their mean and its 95% t-interval."""
+    metric = settings.reported_test_metric
+    rows = paired[paired["metric"] == metric].reset_index(drop=True)
+    figure, axis = _pyplot().subplots(figsize=(8, 0.45 * len(rows) + 1.6))
+    for position, row in rows.iterrows():
+        method = values_at_chosen_rate(runs, summary, row["label"], metric)
+        reference = values_at_chosen_rate(runs, summary, row["reference"], metric)
+        differences = [method[seed] - reference[seed] for seed in sorted(set(method) & set(reference))]
+        axis.scatter(differences, [position] * len(differences), color="gray", s=10, zorder=2)
+        colour = {"win": "tab:green", "loss": "tab:red"}.get(row["verdict"], "black")
+        axis.errorbar(
+            row["mean_difference"], position, xerr=[[row["mean_difference"] - row["ci_low"]], [row["ci_high"] - row["mean_difference"]]],
+            fmt="o", color=colour, capsize=3, zorder=3,
+        )  # fmt: skip
+    axis.axvline(0.0, color="black", linewidth=0.8)
+    axis.set_yticks(range(len(rows)), [f"{r.label} - {r.reference}" for r in rows.itertuples()], fontsize=8)
+    axis.invert_yaxis()
+    better = "left" if settings.selection_mode == "min" else "right"
+    axis.set_xlabel(f"{metric}: method - reference, per seed (better: {better})")
+    axis.set_title("Paired differences (dots: seeds; bar: mean and 95% t-interval;\ngreen/red: interval excludes 0)")
     return figure
 
 

@@ -1,18 +1,23 @@
-"""What a comparison leaves behind: ``runs.csv``, ``summary.csv``, ``report.md`` with the plots, and a W&B summary run."""
+"""What a comparison leaves behind: ``runs.csv``, ``summary.csv``, ``paired.csv``, ``equivalent_steps.csv``,
+``report.md`` with the plots, and a W&B summary run."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from lightning_hrp.recipes.compare_analysis import runs_frame, summarise, validation_means, verdict
+from lightning_hrp.inits import InitMethod
+from lightning_hrp.recipes.compare_analysis import paired_table, reach_step, runs_frame, summarise, validation_means
+from lightning_hrp.recipes.compare_matching import MatchingPlan, plan_matching
 from lightning_hrp.recipes.compare_plots import write_plots
-from lightning_hrp.recipes.compare_settings import CompareSettings
+from lightning_hrp.recipes.compare_running import read_learning_curve
+from lightning_hrp.recipes.compare_settings import CompareSettings, Direction, MethodSpec, run_dir
 
 SUMMARY_COLUMNS = ["method", "chosen_lr", "val_mean", "val_std", "test_mean", "test_std", "seeds"]
 
@@ -24,24 +29,137 @@ def summary_table(summary: pd.DataFrame, settings: CompareSettings) -> pd.DataFr
     return summary[SUMMARY_COLUMNS].rename(columns=names).reset_index()
 
 
-def write_report(results: Sequence[dict[str, Any]], settings: CompareSettings, command: str) -> Path:
-    """Write ``runs.csv``, ``summary.csv``, ``report.md`` and the PNG plots; return the report's path."""
+def comparison_arms(settings: CompareSettings, base: Mapping[str, Any]) -> tuple[list[MethodSpec], MatchingPlan | None]:
+    """The arms a comparison runs, and its matching plan (None with ``compute_matched`` off)."""
+    if not settings.compute_matched:
+        return list(settings.methods), None
+    plan = plan_matching(settings, base)
+    return plan.arms, plan
+
+
+def judged_pairs(settings: CompareSettings, plan: MatchingPlan | None, labels: Sequence[str]) -> list[tuple[str, str]]:
+    """(method, reference) pairs the report judges: each method against its matched arm, then against each reference."""
+    pairs: list[tuple[str, str]] = []
+    for label in labels:
+        if plan is not None and label in plan.matched:
+            pairs.append((label, plan.matched[label]))
+        pairs += [(label, reference) for reference in settings.references if reference != label and (label, reference) not in pairs]
+    return pairs
+
+
+def judged_metrics(settings: CompareSettings) -> dict[str, Direction]:
+    """The test metric (primary) and the secondary ones, each with its direction."""
+    return {settings.reported_test_metric: settings.selection_mode, **settings.secondary_metrics}
+
+
+def write_report(results: Sequence[dict[str, Any]], settings: CompareSettings, command: str, base: Mapping[str, Any]) -> Path:
+    """Write ``runs.csv``, ``summary.csv``, ``paired.csv``, ``report.md`` and the PNG plots; return the report's path.
+
+    Args:
+        results: The finished runs.
+        settings: The comparison.
+        command: The command that runs it, quoted in the report.
+        base: The recipe config (for the step budget of compute matching).
+    """
     output = Path(settings.output_dir)
     output.mkdir(parents=True, exist_ok=True)
+    arms, plan = comparison_arms(settings, base)
     runs = runs_frame(results)
-    summary = summarise(results, settings)
+    summary = summarise(results, settings, arms)
+    paired = paired_table(runs, summary, judged_pairs(settings, plan, list(summary.index)), judged_metrics(settings))
+    steps = equivalent_steps_table(summary, runs, settings, arms, plan)
     runs.assign(fit_seconds=runs["fit_seconds"].map("{:.2f}".format)).to_csv(output / "runs.csv", index=False)
     summary_table(summary, settings).to_csv(output / "summary.csv", index=False)
-    plots = write_plots(results, summary, settings)
+    paired.to_csv(output / "paired.csv", index=False)
+    if not steps.empty:
+        steps.to_csv(output / "equivalent_steps.csv", index=False)
+    plots = write_plots(results, summary, settings, paired)
     report = output / "report.md"
-    report.write_text("\n".join(report_lines(runs, summary, settings, command, plots)) + "\n")
+    report.write_text("\n".join(report_lines(runs, summary, settings, command, plots, plan, paired, steps)) + "\n")
     return report
 
 
-def report_lines(runs: pd.DataFrame, summary: pd.DataFrame, settings: CompareSettings, command: str, plots: Sequence[Path]) -> list[str]:
-    """The markdown report: how the comparison was run, one table row per method, the plots."""
+def equivalent_steps_table(
+    summary: pd.DataFrame, runs: pd.DataFrame, settings: CompareSettings, arms: Sequence[MethodSpec], plan: MatchingPlan | None
+) -> pd.DataFrame:
+    """Per method with extra compute: the plain-LoRA steps that reach its final validation value.
+
+    Read off the seed-mean validation curve of the longest plain-LoRA arm (at its chosen rate), against
+    the method's seed-mean final ``selection_metric``. ``equivalent_extra_steps`` is that step minus
+    the main budget: what the method's start is worth in plain-LoRA steps, to set against its own
+    ``extra_steps``. Empty without compute matching.
+    """
+    columns = ["label", "extra_steps", "final_val", "lora_arm", "reached_at", "bound", "equivalent_extra_steps"]
+    if plan is None:
+        return pd.DataFrame(columns=columns)
+    plain = [spec.label for spec in arms if spec.method is InitMethod.lora and not spec.options and spec.label in summary.index]
+    if not plain:
+        return pd.DataFrame(columns=columns)
+    longest = max(plain, key=lambda label: plan.total_steps[label])
+    seeds = sorted(runs.loc[(runs["label"] == longest) & (runs["learning_rate"] == summary.loc[longest, "chosen_lr"]), "seed"])
+    curve = mean_curve(settings, longest, float(summary.loc[longest, "chosen_lr"]), seeds, settings.selection_metric)
+    rows = []
+    for label, extra in plan.extra.items():
+        if label not in summary.index or extra.backward_batches == 0:
+            continue
+        step, bound = reach_step(curve, float(summary.loc[label, "val_mean"]), settings.selection_mode)
+        rows.append(
+            {
+                "label": label,
+                "extra_steps": extra.extra_steps(plan.accumulate),
+                "final_val": float(summary.loc[label, "val_mean"]),
+                "lora_arm": longest,
+                "reached_at": step,
+                "bound": bound,
+                "equivalent_extra_steps": step - plan.total_steps[label],
+            }
+        )
+    return pd.DataFrame(rows, columns=columns)
+
+
+def mean_curve(settings: CompareSettings, label: str, lr: float, seeds: Sequence[int], metric: str) -> pd.Series:
+    """The mean over ``seeds`` of one arm's validation curve, at the steps every seed logged."""
+    curves = [read_learning_curve(run_dir(settings, label, lr, seed), metric) for seed in seeds]
+    curves = [curve for curve in curves if not curve.empty]
+    if not curves:
+        return pd.Series(dtype=float)
+    return pd.concat(curves, axis=1, join="inner").sort_index().mean(axis=1)
+
+
+def _difference(value: float) -> str:
+    return f"{value:+.3g}" if math.isfinite(value) else "n/a"
+
+
+def paired_lines(paired: pd.DataFrame, plan: MatchingPlan | None) -> list[str]:
+    """The paired comparisons as a markdown table, one row per (method, reference, metric)."""
+    if paired.empty:
+        return []
+    lines = [
+        "| method | reference | metric | seeds | mean difference (method - reference) | 95% t-interval | wins / ties / losses | verdict |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in paired.itertuples():
+        matched = " (matched)" if plan is not None and plan.matched.get(row.label) == row.reference else ""
+        interval = f"[{_difference(row.ci_low)}, {_difference(row.ci_high)}]"
+        lines.append(
+            f"| {row.label} | {row.reference}{matched} | {row.metric} | {row.seeds} | {_difference(row.mean_difference)} | "
+            f"{interval} | {row.wins} / {row.ties} / {row.losses} | {row.verdict} |"
+        )
+    return lines
+
+
+def report_lines(
+    runs: pd.DataFrame,
+    summary: pd.DataFrame,
+    settings: CompareSettings,
+    command: str,
+    plots: Sequence[Path],
+    plan: MatchingPlan | None = None,
+    paired: pd.DataFrame | None = None,
+    steps: pd.DataFrame | None = None,
+) -> list[str]:
+    """The markdown report: how the comparison was run, one table row per method, the paired verdicts, the plots."""
     metric, test_metric = settings.selection_metric, settings.reported_test_metric
-    references = [label for label in settings.references if label in summary.index]
     means = validation_means(runs, metric)
     learning_rates = sorted(runs["learning_rate"].unique())
     seed_keys = f" (each also sets {', '.join(f'`{k}`' for k in settings.seed_keys)})" if settings.seed_keys else ""
@@ -52,46 +170,83 @@ def report_lines(runs: pd.DataFrame, summary: pd.DataFrame, settings: CompareSet
         f"Learning rate chosen per method on the validation split (mean of the final `{metric}` over seeds, "
         f"{settings.selection_mode}imised); the test split (`{test_metric}`) is reported at that rate only. "
         f"Seeds: {settings.seeds}{seed_keys}. Mean ± sample std over seeds.",
-        "",
-        "Command:",
-        "",
-        "```bash",
-        command,
-        "```",
-        "",
-        f"| method | init | chosen lr | {metric} | {test_metric} |" + "".join(f" vs {label} |" for label in references)
-        + "".join(f" val @ {lr:g} |" for lr in learning_rates),
-        "|---|---|---|---|---|" + "---|" * (len(references) + len(learning_rates)),
     ]
-    for label, s in summary.iterrows():
-        versus = "".join(
-            " — |" if label == reference
-            else f" {verdict(s, summary.loc[reference], settings.selection_mode)} ({s.test_mean - summary.loc[reference, 'test_mean']:+.3g}) |"
-            for reference in references
-        )  # fmt: skip
-        per_lr = "".join(f" {means[label, lr]:.4g} |" if (label, lr) in means.index else " |" for lr in learning_rates)
-        lines.append(
-            f"| {label} | {s.method} | {s.chosen_lr:g} | {s.val_mean:.4g} ± {s.val_std:.2g} | "
-            f"{s.test_mean:.4g} ± {s.test_std:.2g} |{versus}{per_lr}"
-        )
-    if references:
+    if plan is not None:
         lines += [
             "",
-            "`vs <method>`: verdict and test difference to that method (each at its own chosen rate); `win`/`loss` "
-            "only where the difference exceeds two standard errors of the difference of the seed means, otherwise `tie`.",
+            f"Compute-matched: the main budget is {plan.main_steps} optimizer steps of {plan.accumulate} batch(es); every "
+            "method that computes on training batches before it is matched by plain LoRA trained for as many more "
+            "steps (`lora_matched_<total steps>`, its learning rate tuned on the same grid).",
         ]
+    lines += ["", "Command:", "", "```bash", command, "```", ""]
+    extra_columns = " steps | extra compute before training |" if plan is not None else ""
+    lines += [
+        f"| method | init |{extra_columns} chosen lr | {metric} | {test_metric} |" + "".join(f" val @ {lr:g} |" for lr in learning_rates),
+        "|---|---|" + ("---|---|" if plan is not None else "") + "---|---|---|" + "---|" * len(learning_rates),
+    ]
+    for label, s in summary.iterrows():
+        compute = ""
+        if plan is not None:
+            extra = plan.extra.get(label)
+            total = plan.total_steps[label]
+            extra_steps = extra.extra_steps(plan.accumulate) if extra is not None else 0
+            compute = f" {total}" + (f" + {extra_steps}" if extra_steps else "") + f" | {extra.how if extra else 'none (matched arm)'} |"
+        per_lr = "".join(f" {means[label, lr]:.4g} |" if (label, lr) in means.index else " |" for lr in learning_rates)
+        lines.append(
+            f"| {label} | {s.method} |{compute} {s.chosen_lr:g} | {s.val_mean:.4g} ± {s.val_std:.2g} | "
+            f"{s.test_mean:.4g} ± {s.test_std:.2g} |{per_lr}"
+        )
+    if paired is not None and not paired.empty:
+        lines += [
+            "",
+            "## Paired comparisons",
+            "",
+            "Each method at its chosen rate against each reference at its own, seed by seed (a seed is the same task, "
+            "data order and random start for both). Verdict from the 95% t-interval of the mean difference: `win` or "
+            "`loss` only when it excludes zero, otherwise `tie`; wins/ties/losses count seeds. For "
+            f"`{metric.removeprefix('val/')}`-like metrics that are minimised a negative difference is better.",
+            "",
+            *paired_lines(paired, plan),
+        ]
+    if steps is not None and not steps.empty:
+        lines += [
+            "",
+            "## Equivalent plain-LoRA steps",
+            "",
+            f"Where the seed-mean validation curve (`{metric}`) of the longest plain-LoRA arm reaches each method's "
+            "final validation value, minus the method's main steps: what its start is worth in plain-LoRA steps, "
+            "against what it spent before training (`>`: not reached within that arm's steps; `<=`: reached by its "
+            "first validation).",
+            "",
+            "| method | extra steps spent | final val | plain-LoRA arm | reached at step | equivalent extra steps |",
+            "|---|---|---|---|---|---|",
+        ]
+        for row in steps.itertuples():
+            bound = "" if row.bound == "=" else f"{row.bound} "
+            lines.append(
+                f"| {row.label} | {row.extra_steps} | {row.final_val:.4g} | {row.lora_arm} | {bound}{row.reached_at:.1f} | "
+                f"{bound}{row.equivalent_extra_steps:+.1f} |"
+            )
     lines += ["", "Plots:", ""] + [f"![{p.stem}]({p.name})" for p in plots]
-    lines += ["", "Every run: `runs.csv`; per method: `summary.csv`; run folders: `runs/<method>/lr=<lr>/seed=<seed>/`."]
+    lines += [
+        "",
+        "Every run: `runs.csv`; per method: `summary.csv`; paired comparisons: `paired.csv`; run folders: "
+        "`runs/<method>/lr=<lr>/seed=<seed>/`.",
+    ]
     return lines
 
 
-def log_summary_to_wandb(results: Sequence[dict[str, Any]], settings: CompareSettings, plots: Sequence[Path]) -> None:
-    """One ``summary`` run in the comparison's W&B group: every run and the per-method table, and the plots."""
+def log_summary_to_wandb(results: Sequence[dict[str, Any]], settings: CompareSettings, plots: Sequence[Path], base: Mapping[str, Any]) -> None:
+    """One ``summary`` run in the comparison's W&B group: every run, the per-method and paired tables, and the plots."""
     import wandb
 
     metric, test_metric = settings.selection_metric, settings.reported_test_metric
-    runs = runs_frame(results).reindex(columns=["label", "method", "learning_rate", "seed", metric, test_metric, "fit_seconds"])
-    summary = summary_table(summarise(results, settings), settings).drop(columns=f"{metric}_std")
+    arms, plan = comparison_arms(settings, base)
+    frame = runs_frame(results)
+    runs = frame.reindex(columns=["label", "method", "learning_rate", "seed", metric, test_metric, "fit_seconds"])
+    summarised = summarise(results, settings, arms)
+    paired = paired_table(frame, summarised, judged_pairs(settings, plan, list(summarised.index)), judged_metrics(settings))
+    summary = summary_table(summarised, settings).drop(columns=f"{metric}_std")
     run = wandb.init(
         project=settings.wandb.project,
         entity=settings.wandb.entity,
@@ -102,6 +257,6 @@ def log_summary_to_wandb(results: Sequence[dict[str, Any]], settings: CompareSet
         mode=settings.wandb.mode,
         config={"settings": json.loads(json.dumps(asdict(settings), default=str))},
     )
-    tables = {"runs": wandb.Table(dataframe=runs), "summary": wandb.Table(dataframe=summary)}
+    tables = {"runs": wandb.Table(dataframe=runs), "summary": wandb.Table(dataframe=summary), "paired": wandb.Table(dataframe=paired)}
     run.log({**tables, **{f"plots/{p.stem}": wandb.Image(str(p)) for p in plots}})
     run.finish()

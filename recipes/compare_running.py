@@ -37,7 +37,10 @@ def load_recipe_config(path: str | Path) -> dict[str, Any]:
 def run_config(base: dict[str, Any], settings: CompareSettings, spec: MethodSpec, lr: float, seed: int) -> dict[str, Any]:
     """The complete config of one run: the recipe's, with the overrides, the method, ``lr`` and ``seed``."""
     # Loggers are attached per run (CSV + W&B); no checkpoints: a run is short and its result is kept.
-    config = with_overrides(without_outputs(base), settings.overrides)
+    config = with_overrides(with_overrides(without_outputs(base), settings.overrides), spec.overrides)
+    if settings.compute_matched:
+        # Every arm's budget is its trainer.max_steps (compare_matching): an epoch limit must not end one earlier.
+        set_dotted(config, "trainer.max_epochs", -1)
     config["seed_everything"] = seed
     for dotted in settings.seed_keys:
         set_dotted(config, dotted, seed)
@@ -107,7 +110,7 @@ def _log_diagnostics_to_wandb(experiment: Any, diagnostics: dict[str, Any]) -> N
 
 def _diagnostics(trainer: Any) -> dict[str, Any]:
     from lightning_hrp import HRPPreheatCallback
-    from lightning_hrp.inits import SetupTimeInit
+    from lightning_hrp.inits import HRPInit, SetupTimeInit
 
     found: dict[str, Any] = {}
     for callback in trainer.callbacks:
@@ -115,6 +118,8 @@ def _diagnostics(trainer: Any) -> dict[str, Any]:
             found["hrp"] = asdict(callback.report)
         elif isinstance(callback, SetupTimeInit) and callback.report is not None:
             found["init"] = asdict(callback.report)
+        if isinstance(callback, HRPInit) and callback.hrp_report is not None:
+            found["hrp"] = asdict(callback.hrp_report)  # with the ranks it allocated
     return found
 
 
@@ -238,7 +243,12 @@ def finished_result(settings: CompareSettings, spec: MethodSpec, lr: float, seed
 
 
 def read_learning_curve(directory: Path, metric: str) -> pd.Series:
-    """``metric`` by training step from a run's CSV log (empty if the run never logged it)."""
+    """``metric`` by optimizer steps taken, from a run's CSV log (empty if the run never logged it).
+
+    Lightning logs a validation inside ``fit`` at the step count *before* the step that triggered it
+    (the row of step ``k`` follows ``k + 1`` optimizer steps); the last row, from the explicit
+    ``validate()`` after ``fit``, is logged at the steps taken. Both are put on the steps-taken axis.
+    """
     path = directory / "logs" / "metrics.csv"
     if not path.is_file():
         return pd.Series(dtype=float)
@@ -249,6 +259,8 @@ def read_learning_curve(directory: Path, metric: str) -> pd.Series:
         rows = log[["step", metric]].dropna(subset=[metric]).astype({"step": int, metric: float})
     except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError, KeyError, TypeError, ValueError) as error:
         raise DamagedRunError(path, f"unreadable ({error!r})") from error
-    # The last rows come from the explicit validate() after fit, at the final step: keep the curve's own.
-    rows = rows.drop_duplicates("step", keep="first")
-    return pd.Series(rows[metric].to_numpy(), index=rows["step"].to_numpy(), name=metric)
+    steps = rows["step"].to_numpy().copy()
+    steps[:-1] += 1  # every row but the last (validate() after fit) comes from inside fit
+    curve = pd.Series(rows[metric].to_numpy(), index=steps, name=metric)
+    # A validation at the last step of fit and validate() after it give the same step: keep the latter.
+    return curve[~curve.index.duplicated(keep="last")]

@@ -13,15 +13,26 @@ from lightning_hrp.inits import InitMethod, LoraInit
 
 WandbMode = Literal["offline", "online", "disabled"]
 Direction = Literal["min", "max"]
+# The labels of the plain-LoRA arms that compute matching adds: lora_matched_<total optimizer steps>.
+MATCHED_PREFIX = "lora_matched_"
 
 
 @dataclass
 class MethodSpec:
-    """One contender: an init method with its options, under a label (e.g. ``hrp_asymmetric``)."""
+    """One contender: an init method with its options, under a label (e.g. ``hrp_asymmetric``).
+
+    Attributes:
+        label: Names the method in the report and its runs' folder.
+        method: The init method.
+        options: Its ``init_options``.
+        overrides: Dotted keys set in this method's run configs only, after the comparison's
+            ``overrides`` (e.g. ``{"trainer.max_steps": 48}`` for a longer plain-LoRA arm).
+    """
 
     label: str
     method: InitMethod
     options: dict[str, Any] = field(default_factory=dict)
+    overrides: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -57,7 +68,15 @@ class CompareSettings:
         selection_mode: ``min`` or ``max`` for the selection metric (and the test metric).
         test_metric: Reported test metric; None: ``selection_metric`` with ``val/`` replaced by ``test/``.
         overrides: Dotted keys set in the recipe config for every run, e.g. ``{"trainer.max_steps": 60}``.
-        references: Labels every method is judged against in the report (a ``vs <label>`` column each).
+        references: Labels every method is judged against in the report, besides its compute-matched
+            arm: paired differences per seed at each method's chosen rate.
+        secondary_metrics: Further test metrics compared pairwise, each with its direction (e.g.
+            ``{"test/acc": "max"}`` beside a cross-entropy endpoint); the test metric is the primary one.
+        compute_matched: Give every method that computes on training batches before the main run
+            (HRP's preheat, LoRA-GA's and LoRA-One's gradients) a plain-LoRA arm of the same total
+            optimizer steps, added automatically (:mod:`~lightning_hrp.recipes.compare_matching`), and
+            judge each method against its own. The step budget is then ``trainer.max_steps`` for every
+            arm (``trainer.max_epochs`` is lifted to -1).
         seed_keys: Dotted keys that take the run's seed too, besides ``seed_everything``; e.g. the
             matrix-regression task seed, so that each seed is a new task, not only a new adapter start.
         wandb: W&B settings.
@@ -75,6 +94,8 @@ class CompareSettings:
     overrides: dict[str, Any] = field(default_factory=dict)
     seed_keys: list[str] = field(default_factory=list)
     references: list[str] = field(default_factory=lambda: ["lora"])
+    secondary_metrics: dict[str, Direction] = field(default_factory=dict)
+    compute_matched: bool = True
     wandb: WandbSettings = field(default_factory=WandbSettings)
     report_only: bool = False
 
@@ -122,7 +143,15 @@ def check_settings(settings: CompareSettings) -> None:
         raise ValueError("methods: give at least one method.")
     for spec in settings.methods:
         check_label(spec.label)
+        if settings.compute_matched and spec.label.casefold().startswith(MATCHED_PREFIX):
+            raise ValueError(
+                f"methods: label {spec.label!r} starts with {MATCHED_PREFIX!r}, which names the compute-matched arms "
+                "that compare adds itself; choose another label."
+            )
         LoraInit(spec.method, spec.options)  # refuse bad options before the first run, not hours in
+    for name, direction in settings.secondary_metrics.items():
+        if direction not in ("min", "max"):
+            raise ValueError(f"secondary_metrics: {name!r} needs the direction 'min' or 'max', got {direction!r}.")
     labels = [spec.label for spec in settings.methods]
     # Case-insensitive: 'LoRA' and 'lora' would share one folder on macOS and Windows.
     if len({label.casefold() for label in labels}) != len(labels):

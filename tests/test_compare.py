@@ -17,8 +17,11 @@ from lightning_hrp.inits import InitMethod
 from lightning_hrp.recipes import compare as compare_module
 from lightning_hrp.recipes.compare import CompareSettings, MethodSpec, WandbSettings, compare, main
 from lightning_hrp.recipes.compare_analysis import summarise
+from lightning_hrp.recipes.compare_report import comparison_arms
+from lightning_hrp.recipes.compare_running import load_recipe_config, read_learning_curve
 
-RECIPE = str(Path(__file__).resolve().parents[1] / "recipes" / "configs" / "matrix_regression_lora.yaml")
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = str(ROOT / "recipes" / "configs" / "matrix_regression_lora.yaml")
 TINY = {
     "model.init_args.in_features": 16,
     "model.init_args.out_features": 12,
@@ -29,7 +32,7 @@ TINY = {
     "data.init_args.val_size": 32,
     "data.init_args.test_size": 32,
     "data.init_args.batch_size": 16,
-    "trainer.max_epochs": 2,
+    "trainer.max_steps": 4,  # 2 epochs of 2 batches
 }
 
 
@@ -59,7 +62,9 @@ def _settings(output: Path, wandb_mode: str = "offline") -> CompareSettings:
 def test_sweep_reports_resumes_and_logs_offline(tmp_path: Path, wandb_env: None, monkeypatch: pytest.MonkeyPatch) -> None:
     settings = _settings(tmp_path)
     results = compare(settings, command="lightning-hrp compare (test)")
-    assert len(results) == 2 * 2 * 2
+    # HRP's 2 preheat steps on a 4-step budget add plain LoRA trained for 6 steps, the compute-matched arm.
+    assert len(results) == 3 * 2 * 2
+    assert {r["label"] for r in results} == {"lora", "hrp", "lora_matched_6"}
 
     # Each run: its config, CSV log and result; the HRP runs their preheat diagnostics.
     for r in results:
@@ -67,16 +72,26 @@ def test_sweep_reports_resumes_and_logs_offline(tmp_path: Path, wandb_env: None,
         assert {"config.yaml", "result.json"} <= {p.name for p in directory.iterdir()}
         assert (directory / "logs" / "metrics.csv").is_file()
         assert (directory / "diagnostics.json").is_file() == (r["label"] == "hrp")
-    # The run config is the one that ran: the seed went into the task as well.
+        # The validation curve is on the axis of optimizer steps taken, ending at the budget with the final value.
+        curve = read_learning_curve(directory, "val/loss")
+        steps = 6 if r["label"] == "lora_matched_6" else 4
+        assert list(curve.index) == [2, 4, 6][: steps // 2]
+        assert curve.iloc[-1] == pytest.approx(r["val"]["val/loss"])
+    # The run config is the one that ran: the seed went into the task as well; the matched arm ran 6 steps.
     config = (compare_module.run_dir(settings, "hrp", 0.03, 1) / "config.yaml").read_text()
     assert "task_seed: 1" in config and "init_method: hrp" in config
+    matched = yaml.safe_load((compare_module.run_dir(settings, "lora_matched_6", 0.03, 1) / "config.yaml").read_text())
+    assert matched["trainer"]["max_steps"] == 6 and matched["trainer"]["max_epochs"] == -1
+    assert matched["model"]["init_args"]["init_method"] == "lora"
 
     # Report files, and the chosen learning rate is the validation-best mean over seeds.
-    for name in ("report.md", "runs.csv", "summary.csv", "learning_curves.png", "final_metric.png", "lr_sweep.png", "hrp_spectra.png"):
+    files = ("report.md", "runs.csv", "summary.csv", "paired.csv", "equivalent_steps.csv")
+    plots = ("learning_curves.png", "final_metric.png", "lr_sweep.png", "paired_differences.png", "hrp_spectra.png")
+    for name in files + plots:
         assert (tmp_path / name).stat().st_size > 0, name
     with (tmp_path / "runs.csv").open() as handle:
         rows = list(csv.DictReader(handle))
-    assert len(rows) == 8
+    assert len(rows) == 12
     val_by = defaultdict(lambda: defaultdict(list))
     for row in rows:
         val_by[row["label"]][float(row["learning_rate"])].append(float(row["val/loss"]))
@@ -88,12 +103,25 @@ def test_sweep_reports_resumes_and_logs_offline(tmp_path: Path, wandb_env: None,
         assert float(summary[label]["chosen_lr"]) == best
         test_at_best = [float(row["test/loss"]) for row in rows if row["label"] == label and float(row["learning_rate"]) == best]
         assert float(summary[label]["test/loss_mean"]) == pytest.approx(sum(test_at_best) / 2)
-        assert f"| {label} | {label} | {best:g} |" in report
+        assert f"| {label} | {summary[label]['method']} | " in report and f" | {best:g} | " in report
     assert "lightning-hrp compare (test)" in report
+    # HRP is judged against its matched arm and against plain LoRA, seed by seed, both seeds paired.
+    with (tmp_path / "paired.csv").open() as handle:
+        paired = {(row["label"], row["reference"]): row for row in csv.DictReader(handle)}
+    assert set(paired) == {("hrp", "lora_matched_6"), ("hrp", "lora"), ("lora_matched_6", "lora")}
+    hrp_rows = {seed: float(row["test/loss"]) for row in rows for seed in [int(row["seed"])]
+                if row["label"] == "hrp" and float(row["learning_rate"]) == float(summary["hrp"]["chosen_lr"])}  # fmt: skip
+    matched_rows = {seed: float(row["test/loss"]) for row in rows for seed in [int(row["seed"])]
+                    if row["label"] == "lora_matched_6" and float(row["learning_rate"]) == float(summary["lora_matched_6"]["chosen_lr"])}  # fmt: skip
+    expected = statistics.mean(hrp_rows[seed] - matched_rows[seed] for seed in (0, 1))
+    assert float(paired["hrp", "lora_matched_6"]["mean_difference"]) == pytest.approx(expected)
+    assert paired["hrp", "lora_matched_6"]["seeds"] == "2"
+    assert "| hrp | lora_matched_6 (matched) | test/loss | 2 |" in report
+    assert "## Equivalent plain-LoRA steps" in report
 
     # W&B offline: one run folder per training run plus the summary run, under the output folder.
     offline_runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
-    assert len(offline_runs) == 8 + 1
+    assert len(offline_runs) == 12 + 1
     assert all(any(run.glob("*.wandb")) for run in offline_runs)
 
     # A second invocation finds every run finished and trains nothing.
@@ -123,7 +151,7 @@ def test_only_unfinished_runs_run_again_and_changed_configs_are_refused(tmp_path
     compare(settings)
     assert executed == [("lora", 0.01, 1)]
 
-    settings.overrides = {**TINY, "trainer.max_epochs": 3}
+    settings.overrides = {**TINY, "data.init_args.noise_std": 0.2}
     with pytest.raises(ValueError, match="different configuration"):
         compare(settings)
 
@@ -151,6 +179,9 @@ def test_command_line_parses_the_bundled_configs(capsys: pytest.CaptureFixture) 
         settings = parser.instantiate(parser.parse_args(["--config", str(path)]))
         assert all(isinstance(m, MethodSpec) for m in settings.methods)
         assert len(settings.seeds) >= 3 and len(settings.learning_rates) >= 3
+        # Its budget is in optimizer steps, so compute matching can add the matched arms.
+        arms, plan = comparison_arms(settings, load_recipe_config(ROOT / settings.recipe_config))
+        assert plan is not None and len(arms) > len(settings.methods)
     with pytest.raises(SystemExit):
         main(["--config", str(Path(RECIPE).with_name("compare_matrix_regression.yaml")), "--methods=[{\"label\": \"x\", \"method\": \"magic\"}]"])
     # Checked like any option: a bad grid or label is a usage error naming the field, before anything runs.
@@ -222,6 +253,7 @@ def _one_hrp_run(output: Path) -> CompareSettings:
     settings = _settings(output, wandb_mode="disabled")
     settings.methods, settings.references = settings.methods[1:], []
     settings.learning_rates, settings.seeds = [0.03], [0]
+    settings.compute_matched = False  # one run only
     return settings
 
 
