@@ -53,7 +53,7 @@ import yaml
 
 from benchmarks.harness import RunClock, header_lines, print_goal_lines, torch_threads
 from benchmarks.harness import machine_line as harness_machine_line
-from benchmarks.overhead_fits import DEFAULT_RECIPES, RECIPES, FitResult, Recipe, StepPlan, run_recipe
+from benchmarks.overhead_fits import DEFAULT_RECIPES, LEAN_LEARNING_RATE, RECIPES, FitResult, Recipe, StepPlan, run_recipe
 from benchmarks.overhead_memory import make_meter
 from benchmarks.overhead_report import OverheadRow, goal_lines, memory_table, step_table, summarise, time_table
 from lightning_hrp.recipes.runs import quiet_libraries
@@ -77,6 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--preheat-steps", type=int, help="preheat steps of every recipe (default: per recipe, 5%% of the main steps)"
     )
     parser.add_argument("--mode", choices=["classic", "asymmetric"], default="classic", help="HRP preheat mode")
+    parser.add_argument(
+        "--preheat-dtype", choices=["float32", "bfloat16"], help="HRP's preheat_dtype (default: the option's default)"
+    )
+    parser.add_argument(
+        "--lean-optimizer",
+        action="store_true",
+        help=f"preheat with FactoredRMS at lr {LEAN_LEARNING_RATE:g} instead of the default AdamW (time and memory only: "
+        "this benchmark does not judge the directions found; benchmarks.preheat_choices does)",
+    )
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--precision", default="32-true", help="Lightning precision, e.g. 32-true, bf16-mixed")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
@@ -242,7 +251,8 @@ def print_report(rows: list[OverheadRow], payload: dict[str, Any], rendered_by: 
         main_steps = next(row.main_steps for row in rows if row.recipe == name)
         print(f"Recipe {name}: {RECIPES[name].description}; {main_steps} main steps")
     print(
-        f"HRP mode {args.mode}; medians over {args.repeats} repeat(s) of per-repeat figures (each repeat: one LoRA fit "
+        f"HRP mode {args.mode}, preheat dtype {args.preheat_dtype or 'default'}, preheat optimizer "
+        f"{'FactoredRMS' if args.lean_optimizer else 'AdamW (default)'}; medians over {args.repeats} repeat(s) of per-repeat figures (each repeat: one LoRA fit "
         f"and one HRP fit per R, same seed); memory: {payload['memory']}."
     )
     print("\nTime (budget = preheat_steps / main_steps + 1%; the goal compares (preheat + decompose) / main):\n")

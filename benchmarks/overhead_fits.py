@@ -4,9 +4,11 @@ both phases (preheating, main training) timed and metered in the same fit."""
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,9 +17,10 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from benchmarks.harness import by_name
+from benchmarks.overhead_qlora import build_qlora_run
 from benchmarks.overhead_memory import MemoryMeter, make_meter
-from lightning_hrp import HRPPreheatCallback
-from lightning_hrp.recipes.runs import build_run, bundled_config, with_overrides, without_outputs
+from lightning_hrp import FactoredRMS, HRPPreheatCallback
+from lightning_hrp.recipes.runs import Run, build_run, bundled_config, with_overrides, without_outputs
 
 
 @dataclass(frozen=True)
@@ -35,16 +38,18 @@ class Recipe:
     Attributes:
         name: Command-line name.
         description: One line for the report.
-        config: The file in ``recipes/configs/``.
+        config: The file in ``recipes/configs/``; ``None`` for a recipe that ``build`` makes.
         lora_rank: ``r`` in that config (checked against the adapters HRP finds).
         plans: Steps by setting: ``"cpu"``, ``"cuda"`` and ``"quick"``.
+        build: ``(main_steps, args, seed, callbacks) -> Run`` for a recipe without a config.
     """
 
     name: str
     description: str
-    config: str
+    config: str | None
     lora_rank: int
     plans: dict[str, StepPlan]
+    build: Callable[[int, argparse.Namespace, int, list[Callback]], Run] | None = None
 
 
 RECIPES: dict[str, Recipe] = by_name(
@@ -71,8 +76,19 @@ RECIPES: dict[str, Recipe] = by_name(
         lora_rank=8,
         plans={"cpu": StepPlan(20, 1), "cuda": StepPlan(100, 5), "quick": StepPlan(10, 1)},
     ),
+    Recipe(
+        name="qlora",
+        description="QLoRA: a LLaMA-7B block scaled by 1/2 (hidden 2048, MLP 5504), 4 blocks, on a 4-bit NF4 base "
+        "(benchmarks/overhead_qlora.py), LoRA r=4 on all 7 projections (28 layers), batch 2 x 256, gradient checkpointing",
+        config=None,
+        lora_rank=4,
+        plans={"cpu": StepPlan(4, 2), "cuda": StepPlan(40, 2), "quick": StepPlan(2, 1)},
+        build=build_qlora_run,
+    ),
 )
 DEFAULT_RECIPES = ("matrix_regression", "classification")
+# --lean-optimizer's learning rate: time and memory do not depend on it.
+LEAN_LEARNING_RATE = 1e-4
 
 
 @dataclass
@@ -166,6 +182,13 @@ class FitResult:
     preheat_peak_bytes: int = 0
 
 
+def build_fit(recipe: Recipe, plan: StepPlan, args: argparse.Namespace, seed: int, callbacks: list[Callback]) -> Run:
+    """The run of one fit: from the recipe's config (as ``lightning-hrp fit`` builds it) or its own builder."""
+    if recipe.build is not None:
+        return recipe.build(plan.main_steps, args, seed, callbacks)
+    return build_run(fit_config(recipe, plan, args, seed), callbacks=callbacks)
+
+
 def fit_config(recipe: Recipe, plan: StepPlan, args: argparse.Namespace, seed: int) -> dict[str, Any]:
     """The recipe's config for one fit: ``plan.main_steps`` steps, no validation, no outputs, no callbacks of its own."""
     device = torch.device(args.device)
@@ -198,10 +221,11 @@ def run_fit(
     # HRP is a Trainer callback between the two markers (a module's callbacks would run after both).
     callbacks: list[Callback] = [PhaseMarker(clock, before_hrp=True)]
     if preheat_rank is not None:
-        hrp = HRPPreheatCallback(preheat_rank, plan.preheat_steps, mode=args.mode)
+        lean = {"preheat_optimizer": functools.partial(FactoredRMS, lr=LEAN_LEARNING_RATE)} if args.lean_optimizer else {}
+        hrp = HRPPreheatCallback(preheat_rank, plan.preheat_steps, mode=args.mode, preheat_dtype=args.preheat_dtype, **lean)
         callbacks.append(hrp)
     callbacks.append(PhaseMarker(clock, before_hrp=False))
-    run = build_run(fit_config(recipe, plan, args, seed), callbacks=callbacks)
+    run = build_fit(recipe, plan, args, seed, callbacks)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     fit_seconds = run.fit(datamodule)
@@ -240,7 +264,7 @@ def run_recipe(recipe: Recipe, plan: StepPlan, args: argparse.Namespace) -> dict
         Per preheat rank ``R``, the (LoRA fit, HRP fit) pair of each repeat.
     """
     # One DataModule for every fit: the data are set up (tokenised) once.
-    datamodule = build_run(fit_config(recipe, plan, args, args.seed)).datamodule
+    datamodule = build_fit(recipe, plan, args, args.seed, []).datamodule
     ranks = [multiplier * recipe.lora_rank for multiplier in args.multipliers]
     # A short untimed fit first: one-off costs (lazy initialisation, kernel selection, tokenising
     # the data) must not land in whichever fit happens to come first.

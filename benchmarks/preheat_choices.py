@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> list[Fit]:
     args = build_parser().parse_args(argv)
-    args.device, args.precision = "cpu", "32-true"
+    args.device, args.precision, args.overrides = "cpu", "32-true", []
     with torch_threads(args.threads), quiet_libraries(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         clock = RunClock.start()

@@ -7,11 +7,13 @@ from lightning_hrp.errors import HRPConfigurationError, PreheatFailedError
 
 if TYPE_CHECKING:
     from lightning_hrp.callback import HRPPreheatCallback
+    from lightning_hrp.engine.lean_optimizer import FactoredRMS
     from lightning_hrp.functional import hrp_init
     from lightning_hrp.options import HRPOptions
     from lightning_hrp.report import HRPReport, LayerDiagnostics
 
 __all__ = [
+    "FactoredRMS",
     "HRPConfigurationError",
     "HRPOptions",
     "HRPPreheatCallback",
@@ -24,6 +26,7 @@ __version__ = "0.1.0"
 
 # Imported on first use: `import lightning_hrp` stays light, and only the callback imports Lightning.
 _LAZY = {
+    "FactoredRMS": "lightning_hrp.engine.lean_optimizer",
     "HRPPreheatCallback": "lightning_hrp.callback",
     "hrp_init": "lightning_hrp.functional",
     "HRPOptions": "lightning_hrp.options",

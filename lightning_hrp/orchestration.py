@@ -273,7 +273,8 @@ def _check_memory(entry: EntryPoint, adapters: PreheatAdapters, optimizer: Optim
         entry.warn(
             f"HRP: preheating will hold {memory.total / 2**30:.3g} GiB on {device}, more than {FREE_MEMORY_SHARE:.0%} of the "
             f"{free / 2**30:.3g} GiB free there ({memory.describe()}). It may run out of memory; preheat_dtype='bfloat16', "
-            "the default preheat optimizer (FactoredRMS), a lower preheat_rank or mode='asymmetric' need less."
+            "preheat_optimizer=lightning_hrp.FactoredRMS (no per-entry state), a lower preheat_rank or mode='asymmetric' "
+            "need less."
         )
     return memory
 

@@ -105,6 +105,22 @@ def test_the_preheat_adapters_take_the_preheat_dtype():
     assert all(layer.energy_kept > 0 for layer in report.layers)
 
 
+
+def test_bfloat16_preheat_adapters_report_the_loss_in_float32():
+    seen = []
+
+    def recording_loss(model, batch):
+        loss = causal_lm_loss(model, batch)
+        seen.append(loss.item())
+        return loss
+
+    report = hrp_init(
+        lora_llama(), DataLoader(token_dataset(32), batch_size=8), recording_loss, preheat_rank=16, preheat_steps=3,
+        preheat_lr=1e-2, preheat_dtype="bfloat16",
+    )  # fmt: skip
+    # One batch per step; rounded to bfloat16 (8 bits of mantissa) a loss near 4 is off by up to 0.008.
+    assert report.preheat_losses == pytest.approx(seen, rel=1e-6)
+
 # (in, out) of the LoRA targets of tiny_llama: q_proj, v_proj (2 key-value heads of 8), gate_proj, down_proj; 2 layers.
 SHAPES = [(32, 32), (32, 16), (32, 48), (48, 32)] * 2
 R = 16  # no layer is narrower, so no clamping
