@@ -198,7 +198,10 @@ class MultiLayerRegressionModule(LoraRecipeModule):
         with torch.no_grad():
             for head, weight in zip(base.heads, make_base_weights(in_features, out_features, heads, task_seed)):
                 head.weight.copy_(weight)
-        self.model = self.with_lora(base, r=lora_rank, lora_alpha=lora_alpha, use_rslora=use_rslora, target_modules=r"heads\.\d+")
+        source = f"generated W0_i (in_features={in_features}, out_features={out_features}, heads={heads}, task_seed={task_seed})"
+        self.model = self.with_lora(
+            base, source, r=lora_rank, lora_alpha=lora_alpha, use_rslora=use_rslora, target_modules=r"heads\.\d+"
+        )
 
     def forward(self, inputs: Tensor) -> Tensor:
         return self.model(inputs)
