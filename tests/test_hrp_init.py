@@ -9,7 +9,6 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
@@ -199,15 +198,6 @@ def test_a_short_reiterable_is_cycled_with_one_warning():
         report = hrp_init(model, list(batches(16)), causal_lm_loss, preheat_rank=8, preheat_steps=5, preheat_lr=1e-2)
     assert len([w for w in caught if "cycled" in str(w.message)]) == 1
     assert len(report.preheat_losses) == 5
-
-
-@pytest.fixture
-def one_process_group(tmp_path):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 class Wrapper(torch.nn.Module):

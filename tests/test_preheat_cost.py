@@ -106,7 +106,10 @@ def test_the_preheat_adapters_take_the_preheat_dtype():
 
 
 
-def test_bfloat16_preheat_adapters_report_the_loss_in_float32():
+@pytest.mark.parametrize("distributed", [False, True], ids=["one process", "one-process group"])
+def test_bfloat16_preheat_adapters_report_the_loss_in_float32(request, distributed):
+    if distributed:  # the gradients (bfloat16) and the flags with the loss (float32) are all-reduced
+        request.getfixturevalue("one_process_group")
     seen = []
 
     def recording_loss(model, batch):

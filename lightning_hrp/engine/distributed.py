@@ -61,12 +61,21 @@ def broadcast_ints(values: Sequence[int], src: int = 0) -> list[int]:
 
 
 def all_reduce_mean_(tensors: Sequence[Tensor]) -> None:
-    """Average ``tensors`` in place over all ranks with one flattened all-reduce.
+    """Average ``tensors`` in place over all ranks with one flattened all-reduce per dtype.
 
-    All tensors must share a device and dtype (they are one optimizer's gradients plus its loss).
+    All tensors must share a device. One all-reduce in all when they share a dtype too (float32
+    gradients and their float32 loss); bfloat16 gradients go in one, the float32 loss in another.
     """
     if not is_distributed() or not tensors:
         return
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for same_dtype in by_dtype.values():
+        _all_reduce_mean_flat_(same_dtype)
+
+
+def _all_reduce_mean_flat_(tensors: list[Tensor]) -> None:
     flat = torch.cat([t.reshape(-1) for t in tensors])
     device = flat.device
     flat = flat.to(_communication_device(device))

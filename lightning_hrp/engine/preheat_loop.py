@@ -328,7 +328,7 @@ def _accumulate_and_reduce(
     summary = torch.tensor(flags, dtype=torch.float32, device=grads[0].device)
     if loss_sum is not None:
         summary[_LOSS_SUM] = loss_sum
-    _all_reduce_mean_per_dtype([*grads, summary])
+    all_reduce_mean_([*grads, summary])
     world_size = rank_and_world_size()[1]
     means = summary.tolist()
     _raise_agreed(error, means[_FAILED], means[_CONFIG_ERROR], means[_STOP])
@@ -345,15 +345,6 @@ def _accumulate_and_reduce(
     for p, grad in zip(params, grads):
         p.grad = grad
     return summary[_LOSS_SUM] / summary[_LOSSES]
-
-
-def _all_reduce_mean_per_dtype(tensors: list[Tensor]) -> None:
-    """One flattened all-reduce per dtype: one in all when the preheat adapters are float32, like the flags."""
-    groups: dict[torch.dtype, list[Tensor]] = {}
-    for tensor in tensors:
-        groups.setdefault(tensor.dtype, []).append(tensor)
-    for group in groups.values():
-        all_reduce_mean_(group)
 
 
 @dataclass
