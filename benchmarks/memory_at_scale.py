@@ -71,13 +71,14 @@ def bases() -> dict[str, float]:
     return {"4-bit NF4": (linear * NF4_BITS / 8 + 2 * other) / GIB, "bf16": (2 * (linear + other)) / GIB}
 
 
-def main() -> None:
+def main() -> dict[str, list[float]]:
+    """Print the calculation; returns, per setting, the peak ratios in the order of the table's columns."""
     adapters_only, adapters_trained = main_adapters()
     print("LLaMA-7B, LoRA on all 224 linear layers, r = 8, R = 64; one process (GiB):\n")
     base_sizes = bases()
     print(f"Bases: {', '.join(f'{name} {size:.2f}' for name, size in base_sizes.items())}. Rank-8 adapters: "
           f"{adapters_only:.3f} alone, {adapters_trained:.3f} with gradients and AdamW state (a main step).\n")  # fmt: skip
-    rows = []
+    rows, ratios_by_setting = [], {}
     for name, (dtype, optimizer) in SETTINGS.items():
         A, B = factors(PREHEAT_RANK, dtype)
         memory = estimate_preheat_memory(A, B, [*B, *A], optimizer([*B, *A]), [LORA_RANK] * len(A), world_size=1)
@@ -87,14 +88,16 @@ def main() -> None:
             for activations in ACTIVATIONS_GIB:
                 during_preheat = base + adapters_only + preheat + activations
                 main_step = base + adapters_trained + activations
-                ratios.append(f"{during_preheat / main_step:.2f}")
+                ratios.append(during_preheat / main_step)
+        ratios_by_setting[name] = ratios
         rows.append([
             name, f"{memory.adapters / GIB:.3f}", f"{memory.gradients / GIB:.3f}", f"{memory.optimizer_state / GIB:.3f}",
-            f"{preheat:.3f}", *ratios,
+            f"{preheat:.3f}", *(f"{ratio:.2f}" for ratio in ratios),
         ])  # fmt: skip
     columns = ["preheat dtype, optimizer", "adapters", "gradients", "optimizer state", "preheat total"]
     columns += [f"peak ratio, {b} base, {a:g} GiB activations" for b in base_sizes for a in ACTIVATIONS_GIB]
     print(markdown_table(columns, rows))
+    return ratios_by_setting
 
 
 if __name__ == "__main__":
