@@ -144,7 +144,6 @@ def test_hrp_points_lora_at_the_target_update(mode: str) -> None:
     assert starts[True] > starts[False]
 
 
-
 def test_the_lean_preheat_optimizer_points_lora_at_the_target_update_at_least_as_well_as_adamw() -> None:
     """FactoredRMS keeps no per-entry state (BENCHMARKS.md, memory at scale); the directions it finds must not suffer."""
     rank = 4
@@ -160,6 +159,7 @@ def test_the_lean_preheat_optimizer_points_lora_at_the_target_update_at_least_as
         overlaps[name] = top_right_subspace_overlap(record.lora_A, data.target_update(), rank)
     # Measured (seeds 0, 1, 2): AdamW 0.41, 0.36, 0.36; FactoredRMS 0.49, 0.46, 0.47; a random A 4/64.
     assert overlaps["factored"] >= overlaps["adamw"] > 2 * rank / 64
+
 
 def test_hrp_fit_runs_to_the_end_and_tests() -> None:
     pl.seed_everything(1)

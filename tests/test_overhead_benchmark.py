@@ -71,7 +71,6 @@ def test_tiny_matrix_regression_run_reports_both_ranks_and_phases(overhead_bench
     assert [line for line in rendered if line.startswith("|")] == [line for line in out if line.startswith("|")]
 
 
-
 def test_cpu_clock_counts_the_whole_hrp_phase_as_preheating_with_the_lean_settings(overhead_benchmark, capsys):
     (row,) = overhead_benchmark.main(
         ["--recipes", "matrix_regression", "--main-steps", "4", "--preheat-steps", "2", "--repeats", "1",
@@ -81,6 +80,7 @@ def test_cpu_clock_counts_the_whole_hrp_phase_as_preheating_with_the_lean_settin
     assert hrp["preheat_seconds"] == hrp["hrp_phase_seconds"] > 0 and hrp["decompose_seconds"] == 0
     assert 0 < hrp["hrp_phase_seconds"] + hrp["main_seconds"] < hrp["fit_seconds"]
     assert "preheat dtype bfloat16, preheat optimizer FactoredRMS; clock cpu;" in capsys.readouterr().out
+
 
 @pytest.mark.parametrize(
     ("argv", "message"),
