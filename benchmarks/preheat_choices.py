@@ -124,7 +124,9 @@ def oracle_bases(datamodule: pl.LightningDataModule, bases: dict[str, Tensor]) -
     return result
 
 
-def run_fit(recipe_name: str, candidate: Candidate, seed: int, plan: StepPlan, args: argparse.Namespace, datamodule: Any) -> tuple[Fit, dict[str, Tensor]]:
+def run_fit(
+    recipe_name: str, candidate: Candidate, seed: int, plan: StepPlan, args: argparse.Namespace, datamodule: Any
+) -> tuple[Fit, dict[str, Tensor]]:
     recipe = RECIPES[recipe_name]
     config = fit_config(recipe, plan, args, seed)
     probe = DirectionsAtTrainStart()
@@ -200,7 +202,8 @@ def summary_table(fits: list[Fit]) -> str:
                 recipe, name, len(group), _cell(_median([f.overlap for f in group]), ".4f"),
                 _cell(min((f.overlap for f in group if f.overlap is not None), default=None), ".4f"),
                 _cell(_median([f.oracle_overlap for f in group]), ".4f"), _cell(_median([f.val_loss for f in group]), ".5g"),
-                _cell(statistics.mean(differences) if differences else None, "+.2e"), _cell(_median([f.val_accuracy for f in group]), ".4f"),
+                _cell(statistics.mean(differences) if differences else None, "+.2e"),
+                _cell(_median([f.val_accuracy for f in group]), ".4f"),
             ])  # fmt: skip
     columns = [
         "recipe", "candidate", "seeds", "overlap with adamw f32 (median)", "(min)", "oracle overlap (median)",
@@ -231,9 +234,10 @@ def main(argv: Sequence[str] | None = None) -> list[Fit]:
         fits = run_study(args)
         clock.stop()
     argv_list = list(sys.argv[1:] if argv is None else argv)
-    for line in header_lines("preheat_choices", argv_list, machine_line(torch.device("cpu")), clock.load_before, clock.load_after, clock.seconds):
+    machine = machine_line(torch.device("cpu"))
+    for line in header_lines("preheat_choices", argv_list, machine, clock.load_before, clock.load_after, clock.seconds):
         print(line)
-    plans = ", ".join(f"{r}: {plan.main_steps} / {plan.preheat_steps}" for r, plan in ((r, plan_for(r, args)) for r in args.recipes))
+    plans = ", ".join(f"{r}: {plan_for(r, args).main_steps} / {plan_for(r, args).preheat_steps}" for r in args.recipes)
     print(f"Main steps / preheat steps: {plans}; R = 8r, classic mode, preheat lr = the main run's.\n")
     print(summary_table(fits))
     if args.json_path:
