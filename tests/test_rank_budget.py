@@ -20,7 +20,7 @@ from lightning_hrp.inits import HRPInit, LoraInit
 from lightning_hrp.report import allocation_summary, summary_metrics
 from lightning_hrp.recipes.multi_layer_regression import MultiLayerRegressionDataModule, MultiLayerRegressionModule
 from modules import all_weights, assert_bitwise_equal, cpu_trainer, tiny_llama, token_dataset
-from test_hrp_init import PROBE_INPUT, batches, causal_lm_loss, lora_llama, one_process_group  # noqa: F401
+from test_hrp_init import PROBE_INPUT, batches, causal_lm_loss, lora_llama
 
 OPTIONS = dict(preheat_rank=16, preheat_steps=4, preheat_lr=1e-2, seed=0)
 
@@ -136,7 +136,7 @@ def test_a_budget_that_cannot_be_placed_is_refused_before_anything_changes(budge
     assert_bitwise_equal(before, all_weights(model))
 
 
-def test_a_wrapped_model_or_dora_is_refused(one_process_group):  # noqa: F811
+def test_a_wrapped_model_or_dora_is_refused(one_process_group):
     with pytest.raises(HRPConfigurationError, match="rank_budget"):
         hrp_init(DistributedDataParallel(lora_llama()), batches(), causal_lm_loss, **OPTIONS, rank_budget=29)
     torch.manual_seed(0)
