@@ -34,20 +34,16 @@ from lightning_hrp._lightning import (
     loss_of,
     training_step,
 )
-from lightning_hrp._validation import check_bool
-from lightning_hrp.engine.allocation import AllocationRule
-from lightning_hrp.engine.init_rules import DirectionScale, InitRule
-from lightning_hrp.engine.preheat import PreheatMode
 from lightning_hrp.engine.preheat_loop import BatchSteps, PreheatStopped
 from lightning_hrp.errors import HRPConfigurationError
-from lightning_hrp.options import HRPOptions, OnFailure, OptimizerFactory, PreheatDtype, SvdDtype, initial_learning_rate
+from lightning_hrp.options import HRPArguments, initial_learning_rate
 from lightning_hrp.orchestration import EntryPoint, preheat_and_initialise
 from lightning_hrp.report import PER_STEP_METRICS, HRPReport, LayerDiagnostics, step_metrics, summary_metrics
 
 __all__ = ["HRPPreheatCallback", "HRPReport", "LayerDiagnostics"]
 
 
-class HRPPreheatCallback(Callback):
+class HRPPreheatCallback(HRPArguments, Callback):
     """Start the rank-r LoRA adapters from High-Rank Preheating (arXiv 2502.07739).
 
     At ``on_train_start`` every trainable LoRA layer gets a temporary rank-``preheat_rank`` adapter,
@@ -102,37 +98,14 @@ class HRPPreheatCallback(Callback):
             it has no effect.
     """
 
-    def __init__(
-        self,
-        preheat_rank: int,
-        preheat_steps: int,
-        *,
-        mode: PreheatMode = "classic",
-        init_rule: InitRule = "direction",
-        direction_scale: DirectionScale = "match_init_norm",
-        preheat_lr: float | None = None,
-        preheat_optimizer: OptimizerFactory | None = None,
-        adapter_name: str | None = None,
-        seed: int | None = None,
-        svd_dtype: SvdDtype = "float32",
-        on_failure: OnFailure = "raise",
-        log_layer_metrics: bool = True,
-        track_subspace_drift: bool = False,
-        drift_tolerance: float | None = None,
-        preheat_dtype: PreheatDtype | None = None,
-        rank_budget: int | None = None,
-        allocation_rule: AllocationRule = "energy",
-    ) -> None:
-        self.options = HRPOptions.from_arguments(locals())
-        if rank_budget is not None:
+    def _start(self) -> None:
+        if self.options.rank_budget is not None:
             raise HRPConfigurationError(
                 "HRPPreheatCallback cannot take rank_budget: it preheats at on_train_start, after the strategy has "
                 "wrapped the model and the optimizers hold its parameters, so adapter shapes can no longer change. "
                 "Use lightning_hrp.inits.HRPInit(..., rank_budget=...) instead, which preheats at setup, before the "
                 "wrap (in a recipe: init_method: hrp with init_options.rank_budget)."
             )
-        check_bool("log_layer_metrics", log_layer_metrics)
-        self.log_layer_metrics = log_layer_metrics
         self.report: HRPReport | None = None
         # Preheating is done for this fit when it ran in it, or when the checkpoint it resumes says so.
         self._preheated_in_this_fit = False

@@ -1,8 +1,9 @@
 """HRP's options, checked once, shared by every entry point (plain torch: no Lightning, no transformers).
 
 :class:`HRPOptions` holds what every entry point takes (the Lightning callback, :func:`lightning_hrp.hrp_init`,
-the transformers callback); each entry point keeps its own explicit keyword signature (so that
-LightningCLI and jsonargparse see every option with its type) and builds one of these from it.
+:class:`lightning_hrp.inits.HRPInit`, the transformers callback); :class:`HRPArguments` is the one explicit
+keyword signature the entry-point classes inherit (so that LightningCLI and jsonargparse see every option
+with its type), and each builds one of these from it.
 """
 
 from __future__ import annotations
@@ -91,8 +92,8 @@ class HRPOptions:
     def from_arguments(cls, arguments: Mapping[str, Any]) -> HRPOptions:
         """The options among an entry point's arguments (its ``locals()`` on entry), checked.
 
-        Every entry point keeps its own explicit keyword signature (LightningCLI and jsonargparse read
-        it); ``tests/test_options.py`` checks that each one takes every option, with the same default.
+        The entry-point classes take their arguments through :class:`HRPArguments`, ``hrp_init`` through its
+        own signature; ``tests/test_options.py`` checks that each one takes every option, with the same default.
         """
         return cls(**{field.name: arguments[field.name] for field in fields(cls) if field.name in arguments})
 
@@ -135,3 +136,43 @@ def initial_learning_rate(optimizer: Optimizer) -> float:
     """
     group = optimizer.param_groups[0]
     return group.get("initial_lr", group["lr"])
+
+
+class HRPArguments:
+    """The keyword signature of every HRP option, written once for the entry-point classes.
+
+    :class:`~lightning_hrp.HRPPreheatCallback`, :class:`~lightning_hrp.inits.HRPInit` and the transformers
+    ``HRPTrainerCallback`` inherit this ``__init__`` (LightningCLI and jsonargparse read it, types included);
+    :func:`~lightning_hrp.hrp_init`, a function, repeats it. ``tests/test_options.py`` holds every entry point
+    to every option with its default. Each subclass refuses what it cannot do and sets its own state in
+    :meth:`_start`.
+    """
+
+    def __init__(
+        self,
+        preheat_rank: int,
+        preheat_steps: int,
+        *,
+        mode: PreheatMode = "classic",
+        init_rule: InitRule = "direction",
+        direction_scale: DirectionScale = "match_init_norm",
+        preheat_lr: float | None = None,
+        preheat_optimizer: OptimizerFactory | None = None,
+        adapter_name: str | None = None,
+        seed: int | None = None,
+        svd_dtype: SvdDtype = "float32",
+        on_failure: OnFailure = "raise",
+        log_layer_metrics: bool = True,
+        track_subspace_drift: bool = False,
+        drift_tolerance: float | None = None,
+        preheat_dtype: PreheatDtype | None = None,
+        rank_budget: int | None = None,
+        allocation_rule: AllocationRule = "energy",
+    ) -> None:
+        self.options = HRPOptions.from_arguments(locals())
+        check_bool("log_layer_metrics", log_layer_metrics)
+        self.log_layer_metrics = log_layer_metrics
+        self._start()
+
+    def _start(self) -> None:
+        """Refuse what this entry point cannot do with ``self.options``; set up its own state."""

@@ -29,22 +29,18 @@ from lightning_hrp._lightning import (
     train_dataloader_sharded_at_setup,
     training_step,
 )
-from lightning_hrp._validation import check_bool
-from lightning_hrp.engine.allocation import AllocationRule
 from lightning_hrp.engine.batches import CycledBatches, with_own_workers
-from lightning_hrp.engine.init_rules import DirectionScale, InitRule
 from lightning_hrp.engine.lora import LoraTarget, find_lora_targets
-from lightning_hrp.engine.preheat import PreheatMode
 from lightning_hrp.engine.preheat_loop import BatchSteps
 from lightning_hrp.engine.resize import resize_on_load
 from lightning_hrp.errors import HRPConfigurationError
 from lightning_hrp.inits.setup_time import InitReport, SetupTimeInit
-from lightning_hrp.options import HRPOptions, OnFailure, OptimizerFactory, PreheatDtype, SvdDtype
+from lightning_hrp.options import HRPArguments
 from lightning_hrp.orchestration import EntryPoint, forward_communicates, preheat_and_initialise
 from lightning_hrp.report import HRPReport, summary_metrics
 
 
-class HRPInit(SetupTimeInit):
+class HRPInit(HRPArguments, SetupTimeInit):
     """High-Rank Preheating at ``setup("fit")``, before the strategy wraps the model; may allocate ranks (``rank_budget``).
 
     The same HRP as :class:`lightning_hrp.HRPPreheatCallback` (every option means the same), run
@@ -87,31 +83,9 @@ class HRPInit(SetupTimeInit):
 
     name = "hrp"
 
-    def __init__(
-        self,
-        preheat_rank: int,
-        preheat_steps: int,
-        *,
-        mode: PreheatMode = "classic",
-        init_rule: InitRule = "direction",
-        direction_scale: DirectionScale = "match_init_norm",
-        preheat_lr: float | None = None,
-        preheat_optimizer: OptimizerFactory | None = None,
-        adapter_name: str | None = None,
-        seed: int | None = None,
-        svd_dtype: SvdDtype = "float32",
-        on_failure: OnFailure = "raise",
-        log_layer_metrics: bool = True,
-        track_subspace_drift: bool = False,
-        drift_tolerance: float | None = None,
-        preheat_dtype: PreheatDtype | None = None,
-        rank_budget: int | None = None,
-        allocation_rule: AllocationRule = "energy",
-    ) -> None:
-        super().__init__(adapter_name)
-        self.options = HRPOptions.from_arguments(locals())
-        check_bool("log_layer_metrics", log_layer_metrics)
-        self.log_layer_metrics = log_layer_metrics
+    def _start(self) -> None:
+        # HRPArguments.__init__ stands in for SetupTimeInit's, which sets the adapter and the report.
+        SetupTimeInit.__init__(self, self.options.adapter_name)
         self.hrp_report: HRPReport | None = None
         self._loads_resized: pl.LightningModule | None = None
 

@@ -23,15 +23,11 @@ from torch import Tensor
 from torch.optim import Optimizer
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from lightning_hrp._validation import check_bool
-from lightning_hrp.engine.allocation import AllocationRule
 from lightning_hrp.engine.batches import CycledBatches, generators_restored
-from lightning_hrp.engine.init_rules import DirectionScale, InitRule
 from lightning_hrp.engine.isolation import interrupts_deferred, isolated_rng
-from lightning_hrp.engine.preheat import PreheatMode
 from lightning_hrp.engine.preheat_loop import BatchSteps
 from lightning_hrp.errors import HRPConfigurationError
-from lightning_hrp.options import HRPOptions, OnFailure, OptimizerFactory, PreheatDtype, SvdDtype, initial_learning_rate
+from lightning_hrp.options import HRPArguments, initial_learning_rate
 from lightning_hrp.orchestration import (
     EntryPoint,
     forward_communicates,
@@ -48,7 +44,7 @@ __all__ = ["HRPTrainerCallback"]
 PREHEAT_FINISHED = "hrp/preheat_finished"
 
 
-class HRPTrainerCallback(TrainerCallback):
+class HRPTrainerCallback(HRPArguments, TrainerCallback):
     """Start the rank-r LoRA adapters from High-Rank Preheating (arXiv 2502.07739) in a transformers ``Trainer``.
 
     At ``on_train_begin`` (after the Trainer built its optimizer and scheduler and wrapped the model,
@@ -79,37 +75,14 @@ class HRPTrainerCallback(TrainerCallback):
         :func:`lightning_hrp.hrp_init` with ``rank_budget`` on the model before creating the Trainer instead.
     """
 
-    def __init__(
-        self,
-        preheat_rank: int,
-        preheat_steps: int,
-        *,
-        mode: PreheatMode = "classic",
-        init_rule: InitRule = "direction",
-        direction_scale: DirectionScale = "match_init_norm",
-        preheat_lr: float | None = None,
-        preheat_optimizer: OptimizerFactory | None = None,
-        adapter_name: str | None = None,
-        seed: int | None = None,
-        svd_dtype: SvdDtype = "float32",
-        on_failure: OnFailure = "raise",
-        log_layer_metrics: bool = True,
-        track_subspace_drift: bool = False,
-        drift_tolerance: float | None = None,
-        preheat_dtype: PreheatDtype | None = None,
-        rank_budget: int | None = None,
-        allocation_rule: AllocationRule = "energy",
-    ) -> None:
-        self.options = HRPOptions.from_arguments(locals())
-        if rank_budget is not None:
+    def _start(self) -> None:
+        if self.options.rank_budget is not None:
             raise HRPConfigurationError(
                 "HRPTrainerCallback cannot take rank_budget: it preheats at on_train_begin, after the Trainer has built "
                 "its optimizer (and any DDP/FSDP wrapper) around the adapters, so their shapes can no longer change. "
                 "Call lightning_hrp.hrp_init(model, batches, loss_fn, ..., rank_budget=...) on the peft model before "
                 "creating the Trainer instead."
             )
-        check_bool("log_layer_metrics", log_layer_metrics)
-        self.log_layer_metrics = log_layer_metrics
         self.report: HRPReport | None = None
         self._trainer: Trainer | None = None
 
