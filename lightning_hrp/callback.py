@@ -16,7 +16,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DeepSpeedStrategy, ParallelStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy, ParallelStrategy
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
@@ -39,7 +39,7 @@ from lightning_hrp.engine.init_rules import DirectionScale, InitRule
 from lightning_hrp.engine.preheat import PreheatMode
 from lightning_hrp.engine.preheat_loop import BatchSteps, PreheatStopped
 from lightning_hrp.errors import HRPConfigurationError
-from lightning_hrp.options import HRPOptions, OnFailure, OptimizerFactory, SvdDtype, initial_learning_rate
+from lightning_hrp.options import HRPOptions, OnFailure, OptimizerFactory, OtherParams, SvdDtype, initial_learning_rate
 from lightning_hrp.orchestration import EntryPoint, preheat_and_initialise
 from lightning_hrp.report import PER_STEP_METRICS, HRPReport, LayerDiagnostics, step_metrics, summary_metrics
 
@@ -89,6 +89,12 @@ class HRPPreheatCallback(Callback):
             0 means settled). Costs one batched decomposition per step.
         drift_tolerance: Stop preheating early, before ``preheat_steps``, once the drift falls below this
             (implies tracking). A stopping rule the paper does not have.
+        other_params: The module's other trainable parameters (e.g. a fresh classification head) while
+            preheating: ``"frozen"`` at their current values; ``"train_and_discard"``: trained with the
+            preheat adapters (same optimizer) and put back afterwards; ``"train_and_keep"``: trained and
+            kept, so the main run starts from them (a compute-matched comparison already counts those
+            steps as preheat steps). Training them is supported on unsharded parameters (one process,
+            DDP: their gradients join HRP's own all-reduce), not under FSDP. Restored bit for bit on failure.
     """
 
     def __init__(
@@ -108,6 +114,7 @@ class HRPPreheatCallback(Callback):
         log_layer_metrics: bool = True,
         track_subspace_drift: bool = False,
         drift_tolerance: float | None = None,
+        other_params: OtherParams = "frozen",
     ) -> None:
         self.options = HRPOptions.from_arguments(locals())
         check_bool("log_layer_metrics", log_layer_metrics)
@@ -133,6 +140,12 @@ class HRPPreheatCallback(Callback):
         # A new fit: only a checkpoint restored after this point may say that preheating is done.
         self._preheated_in_this_fit = self._restored_as_preheated = False
         self.report = None
+        if self.options.other_params != "frozen" and isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy)):
+            raise HRPConfigurationError(
+                f"other_params={self.options.other_params!r} trains the module's other parameters during preheating, "
+                f"which HRP supports on unsharded parameters only; {type(trainer.strategy).__name__} shards them. Use "
+                "other_params='frozen' (the head then preheats as it is), or DDP."
+            )
         if isinstance(trainer.strategy, DeepSpeedStrategy):
             raise HRPConfigurationError(
                 "HRPPreheatCallback does not support DeepSpeed: ZeRO partitions the LoRA weights outside "

@@ -23,7 +23,7 @@ from lightning_hrp.engine.preheat import PreheatMode
 from lightning_hrp.engine.isolation import isolated_rng
 from lightning_hrp.engine.preheat_loop import BatchSteps
 from lightning_hrp.errors import HRPConfigurationError
-from lightning_hrp.options import HRPOptions, OnFailure, OptimizerFactory, SvdDtype
+from lightning_hrp.options import HRPOptions, OnFailure, OptimizerFactory, OtherParams, SvdDtype
 from lightning_hrp.orchestration import EntryPoint, forward_communicates, preheat_and_initialise
 from lightning_hrp.report import HRPReport
 
@@ -49,6 +49,7 @@ def hrp_init(
     on_failure: OnFailure = "raise",
     track_subspace_drift: bool = False,
     drift_tolerance: float | None = None,
+    other_params: OtherParams = "frozen",
 ) -> HRPReport | None:
     """Start the rank-r LoRA adapters of ``model`` from High-Rank Preheating (arXiv 2502.07739), in place.
 
@@ -83,7 +84,7 @@ def hrp_init(
             is a good start); needed unless ``preheat_optimizer`` is given.
         accumulate_grad_batches: Batches per preheat optimizer step.
         mode, init_rule, direction_scale, preheat_optimizer, adapter_name, seed, svd_dtype, on_failure,
-            track_subspace_drift, drift_tolerance: As for :class:`lightning_hrp.HRPPreheatCallback`.
+            track_subspace_drift, drift_tolerance, other_params: As for :class:`lightning_hrp.HRPPreheatCallback`.
 
     Returns:
         The report (losses, spectra, timings); ``None`` if preheating failed and ``on_failure="continue"``

@@ -21,6 +21,7 @@ from lightning_hrp.engine.preheat import PreheatMode
 from lightning_hrp.errors import HRPConfigurationError
 
 OnFailure = Literal["raise", "continue"]
+OtherParams = Literal["frozen", "train_and_discard", "train_and_keep"]
 SvdDtype = Literal["float32", "float64"]
 OptimizerFactory = Callable[[Iterable[Tensor]], Optimizer]
 
@@ -45,6 +46,7 @@ class HRPOptions:
     on_failure: OnFailure = "raise"
     track_subspace_drift: bool = False
     drift_tolerance: float | None = None
+    other_params: OtherParams = "frozen"
 
     def __post_init__(self) -> None:
         check_int("preheat_rank", self.preheat_rank, minimum=2)
@@ -54,6 +56,7 @@ class HRPOptions:
         check_choice("direction_scale", self.direction_scale, DirectionScale)
         check_choice("svd_dtype", self.svd_dtype, SvdDtype)
         check_choice("on_failure", self.on_failure, OnFailure)
+        check_choice("other_params", self.other_params, OtherParams)
         check_bool("track_subspace_drift", self.track_subspace_drift)
         if self.preheat_lr is not None and not is_positive_number(self.preheat_lr):
             raise HRPConfigurationError(

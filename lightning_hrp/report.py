@@ -35,6 +35,7 @@ class HRPReport:
         preheat_losses: Mean loss per preheat step; NaN for a step whose batches were all skipped.
         skipped_batches: Batches that gave no loss (``None``), over all ranks.
         frozen_layers: LoRA layers with no trainable weight, left as they were.
+        other_params: The model's other trainable parameters that preheating trained too (``other_params``).
         learned_nothing: Layers whose preheated update was exactly zero, left at their current init.
     """
 
@@ -46,6 +47,7 @@ class HRPReport:
     decompose_seconds: float = 0.0
     skipped_batches: int = 0
     frozen_layers: list[str] = field(default_factory=list)
+    other_params: list[str] = field(default_factory=list)
     learned_nothing: list[str] = field(default_factory=list)
 
 

@@ -16,7 +16,7 @@ from lightning_hrp.inits import InitMethod
 from lightning_hrp.recipes.compare_analysis import paired_table, reach_step, runs_frame, summarise, validation_means
 from lightning_hrp.recipes.compare_matching import MatchingPlan, plan_matching
 from lightning_hrp.recipes.compare_plots import write_plots
-from lightning_hrp.recipes.compare_running import read_learning_curve
+from lightning_hrp.recipes.compare_running import read_learning_curve, work_before_training
 from lightning_hrp.recipes.compare_settings import CompareSettings, Direction, MethodSpec, run_dir
 
 SUMMARY_COLUMNS = ["method", "chosen_lr", "val_mean", "val_std", "test_mean", "test_std", "seeds"]
@@ -126,6 +126,16 @@ def mean_curve(settings: CompareSettings, label: str, lr: float, seeds: Sequence
     return pd.concat(curves, axis=1, join="inner").sort_index().mean(axis=1)
 
 
+def _work_taken(settings: CompareSettings, runs: pd.DataFrame, label: str, lr: float) -> str:
+    """``"; taken: preheat steps 5.2"``: the mean over seeds at the chosen rate of what the runs' diagnostics say they computed."""
+    seeds = runs.loc[(runs["label"] == label) & (runs["learning_rate"] == lr), "seed"]
+    found = [work_before_training(run_dir(settings, label, lr, int(seed))) for seed in seeds]
+    keys = sorted({key for work in found for key in work})
+    if not keys:
+        return ""
+    return "; taken: " + ", ".join(f"{key} {sum(work.get(key, 0) for work in found) / len(found):.3g}" for key in keys)
+
+
 def _difference(value: float) -> str:
     return f"{value:+.3g}" if math.isfinite(value) else "n/a"
 
@@ -190,7 +200,8 @@ def report_lines(
             extra = plan.extra.get(label)
             total = plan.total_steps[label]
             extra_steps = extra.extra_steps(plan.accumulate) if extra is not None else 0
-            compute = f" {total}" + (f" + {extra_steps}" if extra_steps else "") + f" | {extra.how if extra else 'none (matched arm)'} |"
+            taken = _work_taken(settings, runs, label, float(s.chosen_lr))
+            compute = f" {total}" + (f" + {extra_steps}" if extra_steps else "") + f" | {extra.how if extra else 'none (matched arm)'}{taken} |"
         per_lr = "".join(f" {means[label, lr]:.4g} |" if (label, lr) in means.index else " |" for lr in learning_rates)
         lines.append(
             f"| {label} | {s.method} |{compute} {s.chosen_lr:g} | {s.val_mean:.4g} ± {s.val_std:.2g} | "

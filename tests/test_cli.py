@@ -180,11 +180,11 @@ def test_demo_help(capsys):
 
 def test_top_level_help_lists_every_subcommand(capsys):
     text = _help(["--help"], capsys)
-    for subcommand in ("fit", "validate", "test", "demo", "compare"):
+    for subcommand in ("fit", "validate", "test", "demo", "compare", "compare-grid"):
         assert re.search(rf"^\s+{subcommand}\s", text, re.MULTILINE), f"--help does not list {subcommand}"
 
 
-@pytest.mark.parametrize("subcommand", ["fit", "demo", "compare"])
+@pytest.mark.parametrize("subcommand", ["fit", "demo", "compare", "compare-grid"])
 def test_every_subcommand_takes_snake_case_options(subcommand, capsys):
     options = set(re.findall(r"(?<![\w-])--[\w.+-]+", _help([subcommand, "--help"], capsys)))
     assert "--config" in options

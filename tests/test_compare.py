@@ -318,3 +318,31 @@ def test_logging_to_wandb_without_wandb_installed_is_refused_before_any_run(tmp_
         compare(_settings(tmp_path / "comparison", wandb_mode="offline"))
     assert not (tmp_path / "comparison").exists()
     compare_module.check_settings(_settings(tmp_path / "comparison", wandb_mode="disabled"))  # CSV only needs no wandb
+
+
+def test_a_grid_runs_one_comparison_per_cell_and_tabulates_the_paired_gains(tmp_path: Path) -> None:
+    from lightning_hrp.recipes.compare_grid import GridSettings, run_grid
+
+    settings = _settings(tmp_path / "unused", wandb_mode="disabled")
+    settings.learning_rates = [0.03]
+    compare_yaml = tmp_path / "compare.yaml"
+    compare_yaml.write_text(yaml.safe_dump({
+        "recipe_config": RECIPE, "output_dir": "replaced", "learning_rates": [0.03], "seeds": [0, 1],
+        "seed_keys": settings.seed_keys, "overrides": TINY, "wandb": {"mode": "disabled"},
+        "methods": [{"label": "lora", "method": "lora"}, {"label": "hrp", "method": "hrp", "options": {"preheat_rank": 8, "preheat_steps": 2}}],
+    }))  # fmt: skip
+    grid = GridSettings(
+        compare=str(compare_yaml),
+        output_dir=str(tmp_path / "grid"),
+        axes={"rank": {"1": {"model.init_args.lora_rank": 1}, "2": {"model.init_args.lora_rank": 2}}, "steps": {"4": {"trainer.max_steps": 4}}},
+    )
+    table = run_grid(grid)
+    for rank in ("1", "2"):
+        cell = tmp_path / "grid" / f"rank={rank}" / "steps=4"
+        config = yaml.safe_load((cell / "runs" / "hrp" / "lr=0.03" / "seed=1" / "config.yaml").read_text())
+        assert config["model"]["init_args"]["lora_rank"] == int(rank)
+        with (cell / "paired.csv").open() as handle:
+            cell_rows = [row for row in csv.DictReader(handle) if row["label"] == "hrp" and row["reference"] == "lora_matched_6"]
+        grid_row = table[(table["rank"] == rank) & (table["label"] == "hrp") & (table["reference"] == "lora_matched_6")]
+        assert float(grid_row["mean_difference"].iloc[0]) == pytest.approx(float(cell_rows[0]["mean_difference"]))
+    assert (tmp_path / "grid" / "grid.csv").is_file() and (tmp_path / "grid" / "grid.png").stat().st_size > 0

@@ -37,6 +37,7 @@ def _construct(entry_point: str, **options) -> None:
         (dict(mode="symmetric"), "mode"),
         (dict(seed=-1), "seed"),
         (dict(drift_tolerance=2.0), "drift_tolerance"),
+        (dict(other_params="sometimes"), "other_params"),
         (dict(preheat_lr=1e-3, preheat_optimizer=torch.optim.SGD), "preheat_optimizer"),
     ],
 )

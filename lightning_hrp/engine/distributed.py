@@ -10,6 +10,7 @@ How the rank-r LoRA weights are read whole and written in place, per strategy:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 
@@ -54,11 +55,13 @@ def broadcast_int(value: int, src: int = 0) -> int:
 def all_reduce_mean_(tensors: Sequence[Tensor]) -> None:
     """Average ``tensors`` in place over all ranks with one flattened all-reduce.
 
-    All tensors must share a device and dtype (they are one optimizer's gradients plus its loss).
+    All tensors must share a device (they are one optimizer's gradients plus its loss); the buffer
+    has their promoted dtype (e.g. float32 for float32 adapters beside a bfloat16 head).
     """
     if not is_distributed() or not tensors:
         return
-    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
+    flat = torch.cat([t.reshape(-1).to(dtype) for t in tensors])
     device = flat.device
     flat = flat.to(_communication_device(device))
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)

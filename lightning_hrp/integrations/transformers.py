@@ -30,7 +30,7 @@ from lightning_hrp.engine.isolation import interrupts_deferred, isolated_rng
 from lightning_hrp.engine.preheat import PreheatMode
 from lightning_hrp.engine.preheat_loop import BatchSteps
 from lightning_hrp.errors import HRPConfigurationError
-from lightning_hrp.options import HRPOptions, OnFailure, OptimizerFactory, SvdDtype, initial_learning_rate
+from lightning_hrp.options import HRPOptions, OnFailure, OptimizerFactory, OtherParams, SvdDtype, initial_learning_rate
 from lightning_hrp.orchestration import (
     EntryPoint,
     forward_communicates,
@@ -93,6 +93,7 @@ class HRPTrainerCallback(TrainerCallback):
         log_layer_metrics: bool = True,
         track_subspace_drift: bool = False,
         drift_tolerance: float | None = None,
+        other_params: OtherParams = "frozen",
     ) -> None:
         self.options = HRPOptions.from_arguments(locals())
         check_bool("log_layer_metrics", log_layer_metrics)
