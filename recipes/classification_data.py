@@ -235,7 +235,8 @@ class TextClassificationDataModule(pl.LightningDataModule, ModelRequirements):
     def _collate(self, features: list[dict[str, Any]]) -> dict[str, Tensor]:
         return dict(self.tokenizer.pad(features, return_tensors="pt"))
 
-    def _eval_loader(self, split: str) -> DataLoader:
+    def ordered_dataloader(self, split: str) -> DataLoader:
+        """A split in order of length, in batches of ``eval_batch_size``: no shuffling, no RNG drawn."""
         data = sorted(self.datasets[split], key=lambda example: len(example["input_ids"]))
         return DataLoader(
             data, batch_size=self.hparams.eval_batch_size, collate_fn=self._collate, num_workers=self.hparams.num_workers
@@ -256,10 +257,10 @@ class TextClassificationDataModule(pl.LightningDataModule, ModelRequirements):
         )
 
     def val_dataloader(self) -> DataLoader:
-        return self._eval_loader("validation")
+        return self.ordered_dataloader("validation")
 
     def test_dataloader(self) -> DataLoader:
-        return self._eval_loader("test")
+        return self.ordered_dataloader("test")
 
 
 def _check_sizes(**sizes: int | None) -> None:

@@ -283,3 +283,33 @@ def test_hrp_fit_reinitialises_adapters_then_trains(tiny_bert_dir):
         gram = A @ A.T  # rows: scaled top singular vectors, so mutually orthogonal
         assert torch.allclose(gram, torch.diag(torch.diagonal(gram)), atol=1e-5 * float(gram.diagonal().max()))
     assert torch.isfinite(fit.callback_metrics["val/acc"])
+
+
+class _HeadAtFitStart(Callback):
+    """Placed after the module's callbacks: the head after every setup-time init, before training."""
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.weight = pl_module.model.base_model.model.classifier.modules_to_save["default"].weight.detach().clone()
+        self.bias = pl_module.model.base_model.model.classifier.modules_to_save["default"].bias.detach().clone()
+
+
+def test_linear_probe_head_is_the_logistic_regression_on_the_frozen_features(tiny_bert_dir):
+    pl.seed_everything(0)
+    module = SequenceClassifier(tiny_bert_dir, lora_r=4, head_init="linear_probe", probe_examples=40, probe_l2=1e-2)
+    data = tiny_data(tiny_bert_dir)
+    head = _HeadAtFitStart()
+    fit = trainer(1, [head])
+    fit.fit(module, datamodule=data)
+    # The features the head sees, recomputed independently: the pooled outputs of the frozen model (eval mode).
+    backbone = module.model.base_model.model.eval()
+    inputs = [batch for batch in data.ordered_dataloader("train")]
+    with torch.no_grad():
+        features = torch.cat([backbone.bert(**{k: v for k, v in b.items() if k != "labels"}).pooler_output for b in inputs])[:40]
+    labels = torch.cat([b["labels"] for b in inputs])[:40]
+    # At a minimum of mean cross-entropy + l2 / 2 ||W||^2 the gradient vanishes.
+    weight = head.weight.double().requires_grad_(True)
+    bias = head.bias.double().requires_grad_(True)
+    objective = torch.nn.functional.cross_entropy(features.double() @ weight.T + bias, labels) + 0.5 * 1e-2 * weight.square().sum()
+    objective.backward()
+    assert weight.grad.abs().max() < 1e-4 and bias.grad.abs().max() < 1e-4
+    assert fit.global_step == 1
