@@ -62,9 +62,10 @@ class HRPPreheatCallback(Callback):
             layer, with one warning, to ``min(in, out)``, the most such a layer can express.
         preheat_steps: Optimizer steps of preheating (each accumulates ``accumulate_grad_batches``
             batches, like a training step).
-        mode: ``"classic"`` trains both preheat factors; ``"asymmetric"`` only ``B_p``, as in the
-            paper's theory.
-        init_rule: ``"direction"`` (the paper): ``A = c * V_r^T``, ``B = 0``, so the model's
+        mode: ``"classic"`` trains both preheat factors; ``"asymmetric"`` only ``B_p``, the setting of
+            the theory sketched in the spec (``/work/shared/spec/HRP.md`` section 1; the paper's full
+            text was not available to us).
+        init_rule: ``"direction"`` (the spec's reading of the paper): ``A = c * V_r^T``, ``B = 0``, so the model's
             output at the start equals the base model's. ``"keep_progress"``: ``s * B @ A`` becomes
             the rank-r truncation of the preheated update.
         direction_scale: ``c`` for ``"direction"``: ``"unit"`` rows, or ``"match_init_norm"``,
@@ -88,7 +89,8 @@ class HRPPreheatCallback(Callback):
             subspaces moved since the previous step (mean over layers of ``1 - ||V_t V_{t-1}^T||_F^2 / r``;
             0 means settled). Costs one batched decomposition per step.
         drift_tolerance: Stop preheating early, before ``preheat_steps``, once the drift falls below this
-            (implies tracking). A stopping rule the paper does not have.
+            (implies tracking). This project's stopping rule: the paper's abstract and summary, all we could
+            read of it, name none.
         other_params: The module's other trainable parameters (e.g. a fresh classification head) while
             preheating: ``"frozen"`` at their current values; ``"train_and_discard"``: trained with the
             preheat adapters (same optimizer) and put back afterwards; ``"train_and_keep"``: trained and

@@ -190,7 +190,7 @@ def check_targets(
     if too_small:
         raise HRPConfigurationError(
             f"preheat_rank={options.preheat_rank} must exceed the LoRA rank (found r={too_small}); "
-            f"preheating at rank 4r to 16r is typical, e.g. preheat_rank={4 * max(too_small)}."
+            f"e.g. preheat_rank={4 * max(too_small)} (4r)."
         )
     too_narrow = [t for t in targets if t.rank > min(t.in_features, t.out_features)]
     if too_narrow:

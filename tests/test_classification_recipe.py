@@ -136,6 +136,24 @@ def test_glue_without_datasets_says_how_to_install_it(tiny_bert_dir):
         data.prepare_data()
 
 
+def test_glue_can_hold_out_training_examples_as_validation(monkeypatch):
+    rows = {
+        "train": [{"sentence": f"train {i}", "label": i % 2} for i in range(30)],
+        "validation": [{"sentence": f"glue validation {i}", "label": i % 2} for i in range(7)],
+    }
+    monkeypatch.setattr(GlueDataModule, "_load_dataset", lambda self: rows)
+    shared = GlueDataModule(task="sst2").load_splits()
+    assert shared["validation"] == shared["test"] and len(shared["train"]) == 30
+    held = GlueDataModule(task="sst2", val_from_train=10).load_splits()
+    assert len(held["validation"]) == 10 and len(held["train"]) == 20 and len(held["test"]) == 7
+    # Disjoint, together the whole training split, and the test split is GLUE's validation split.
+    assert sorted(held["train"] + held["validation"]) == sorted((r["sentence"], r["label"]) for r in rows["train"])
+    assert all(text.startswith("glue validation") for text, _ in held["test"])
+    # A fixed order, whatever the order of the rows.
+    monkeypatch.setattr(GlueDataModule, "_load_dataset", lambda self: {**rows, "train": rows["train"][::-1]})
+    assert GlueDataModule(task="sst2", val_from_train=10).load_splits()["validation"] == held["validation"]
+
+
 def test_glue_rejects_unknown_task():
     with pytest.raises(ValueError, match="stsb"):
         GlueDataModule(task="stsb")

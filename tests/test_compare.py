@@ -174,11 +174,13 @@ def test_bad_input_is_refused_before_any_run(tmp_path: Path) -> None:
 
 def test_command_line_parses_the_bundled_configs(capsys: pytest.CaptureFixture) -> None:
     parser = compare_module.build_parser()
-    for name in ("compare_matrix_regression.yaml", "compare_classification_rotten_tomatoes.yaml"):
+    bundled = sorted(path.name for path in Path(RECIPE).parent.glob("compare_*.yaml"))
+    assert len(bundled) >= 5
+    for name in bundled:
         path = Path(RECIPE).with_name(name)
         settings = parser.instantiate(parser.parse_args(["--config", str(path)]))
         assert all(isinstance(m, MethodSpec) for m in settings.methods)
-        assert len(settings.seeds) >= 3 and len(settings.learning_rates) >= 3
+        assert len(settings.seeds) >= 5 and len(settings.learning_rates) >= 2  # paired intervals need seeds
         # Its budget is in optimizer steps, so compute matching can add the matched arms.
         arms, plan = comparison_arms(settings, load_recipe_config(ROOT / settings.recipe_config))
         assert plan is not None and len(arms) > len(settings.methods)
@@ -318,6 +320,19 @@ def test_logging_to_wandb_without_wandb_installed_is_refused_before_any_run(tmp_
         compare(_settings(tmp_path / "comparison", wandb_mode="offline"))
     assert not (tmp_path / "comparison").exists()
     compare_module.check_settings(_settings(tmp_path / "comparison", wandb_mode="disabled"))  # CSV only needs no wandb
+
+
+def test_the_bundled_grids_plan_every_cell_before_running(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_hrp.recipes.compare_grid import GridSettings, build_parser, cell_settings
+    from lightning_hrp.recipes.runs import settings_from_command_line
+
+    monkeypatch.chdir(ROOT)  # the configs name their files relative to the repository root
+    for path in sorted((ROOT / "recipes" / "configs").glob("grid_*.yaml")):
+        grid = settings_from_command_line(build_parser(), GridSettings, ["--config", str(path)])
+        cells = cell_settings(grid)
+        assert len(cells) == len(list(grid.axes.values())[0]) * len(list(grid.axes.values())[1])
+        assert len({cell.output_dir for _, cell in cells}) == len(cells)
+        assert all(len(cell.seeds) >= 5 for _, cell in cells)
 
 
 def test_a_grid_runs_one_comparison_per_cell_and_tabulates_the_paired_gains(tmp_path: Path) -> None:
