@@ -12,9 +12,8 @@ from typing import Any
 
 import pandas as pd
 
-from lightning_hrp.inits import InitMethod
 from lightning_hrp.recipes.compare_analysis import paired_table, reach_step, runs_frame, summarise, validation_means
-from lightning_hrp.recipes.compare_matching import MatchingPlan, plan_matching
+from lightning_hrp.recipes.compare_matching import MatchingPlan, is_plain_lora, plan_matching, recipe_overrides
 from lightning_hrp.recipes.compare_plots import write_plots
 from lightning_hrp.recipes.compare_running import read_learning_curve, work_before_training
 from lightning_hrp.recipes.compare_settings import CompareSettings, Direction, MethodSpec, run_dir
@@ -82,36 +81,42 @@ def write_report(results: Sequence[dict[str, Any]], settings: CompareSettings, c
 def equivalent_steps_table(
     summary: pd.DataFrame, runs: pd.DataFrame, settings: CompareSettings, arms: Sequence[MethodSpec], plan: MatchingPlan | None
 ) -> pd.DataFrame:
-    """Per method with extra compute: the plain-LoRA steps that reach its final validation value.
+    """Per method but plain LoRA: the plain-LoRA steps that reach its final validation value.
 
-    Read off the seed-mean validation curve of the longest plain-LoRA arm (at its chosen rate), against
-    the method's seed-mean final ``selection_metric``. ``equivalent_extra_steps`` is that step minus
-    the main budget: what the method's start is worth in plain-LoRA steps, to set against its own
-    ``extra_steps``. Empty without compute matching.
+    Read off the seed-mean validation curve (at its chosen rate) of the longest plain-LoRA arm with
+    the method's recipe overrides, against the method's seed-mean final ``selection_metric``.
+    ``equivalent_extra_steps`` is that step minus the method's own main steps: what its start is
+    worth in plain-LoRA steps, to set against its ``extra_steps``. Empty without compute matching.
     """
     columns = ["label", "extra_steps", "final_val", "lora_arm", "reached_at", "bound", "equivalent_extra_steps"]
     if plan is None:
         return pd.DataFrame(columns=columns)
-    plain = [spec.label for spec in arms if spec.method is InitMethod.lora and not spec.options and spec.label in summary.index]
-    if not plain:
-        return pd.DataFrame(columns=columns)
-    longest = max(plain, key=lambda label: plan.total_steps[label])
-    seeds = sorted(runs.loc[(runs["label"] == longest) & (runs["learning_rate"] == summary.loc[longest, "chosen_lr"]), "seed"])
-    curve = mean_curve(settings, longest, float(summary.loc[longest, "chosen_lr"]), seeds, settings.selection_metric)
+    plain = [spec for spec in arms if is_plain_lora(spec) and spec.label in summary.index]
+    curves: dict[str, pd.Series] = {}
     rows = []
-    for label, extra in plan.extra.items():
-        if label not in summary.index or extra.backward_batches == 0:
+    for spec in arms:
+        extra = plan.extra.get(spec.label)
+        if extra is None or is_plain_lora(spec) or spec.label not in summary.index:
             continue
-        step, bound = reach_step(curve, float(summary.loc[label, "val_mean"]), settings.selection_mode)
+        candidates = [arm.label for arm in plain if recipe_overrides(arm) == recipe_overrides(spec)]
+        if not candidates:
+            continue
+        longest = max(candidates, key=lambda label: plan.total_steps[label])
+        if longest not in curves:
+            lr = float(summary.loc[longest, "chosen_lr"])
+            seeds = sorted(runs.loc[(runs["label"] == longest) & (runs["learning_rate"] == lr), "seed"])
+            curves[longest] = mean_curve(settings, longest, lr, seeds, settings.selection_metric)
+        final = float(summary.loc[spec.label, "val_mean"])
+        step, bound = reach_step(curves[longest], final, settings.selection_mode)
         rows.append(
             {
-                "label": label,
+                "label": spec.label,
                 "extra_steps": extra.extra_steps(plan.accumulate),
-                "final_val": float(summary.loc[label, "val_mean"]),
+                "final_val": final,
                 "lora_arm": longest,
                 "reached_at": step,
                 "bound": bound,
-                "equivalent_extra_steps": step - plan.total_steps[label],
+                "equivalent_extra_steps": step - plan.total_steps[spec.label],
             }
         )
     return pd.DataFrame(rows, columns=columns)

@@ -361,3 +361,24 @@ def test_a_grid_runs_one_comparison_per_cell_and_tabulates_the_paired_gains(tmp_
         grid_row = table[(table["rank"] == rank) & (table["label"] == "hrp") & (table["reference"] == "lora_matched_6")]
         assert float(grid_row["mean_difference"].iloc[0]) == pytest.approx(float(cell_rows[0]["mean_difference"]))
     assert (tmp_path / "grid" / "grid.csv").is_file() and (tmp_path / "grid" / "grid.png").stat().st_size > 0
+
+
+def test_a_method_with_its_own_rates_runs_at_those_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    executed = []
+
+    def fake_run(settings, spec, lr, seed, config):
+        executed.append((spec.label, lr))
+        loss = 0.01 + lr + 0.001 * seed
+        return {**_result(lr, seed, loss, loss), "label": spec.label, "method": spec.method.value, "options": spec.options}
+
+    monkeypatch.setattr(compare_module, "execute_run", fake_run)
+    settings = _settings(tmp_path, wandb_mode="disabled")
+    settings.methods = [
+        MethodSpec("lora", InitMethod.lora),
+        MethodSpec("hrp_variant", InitMethod.hrp, {"preheat_rank": 8, "preheat_steps": 2}, learning_rates=[0.001]),
+    ]
+    compare(settings)
+    assert sorted(set(executed)) == [("hrp_variant", 0.001), ("lora", 0.001), ("lora", 0.03), ("lora_matched_6", 0.001), ("lora_matched_6", 0.03)]
+    settings.methods[1].learning_rates = [0.01, -1.0]
+    with pytest.raises(ValueError, match="learning_rates"):
+        compare_module.check_settings(settings)
