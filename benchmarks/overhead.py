@@ -49,6 +49,7 @@ if not __package__:
 
 import lightning.pytorch as pl
 import torch
+import yaml
 
 from benchmarks.harness import RunClock, header_lines, print_goal_lines, torch_threads
 from benchmarks.harness import machine_line as harness_machine_line
@@ -80,6 +81,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", default="32-true", help="Lightning precision, e.g. 32-true, bf16-mixed")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--override",
+        dest="overrides",
+        action="append",
+        default=[],
+        type=parse_override,
+        metavar="KEY=VALUE",
+        help="set a dotted key of every recipe's config (VALUE read as YAML), e.g. "
+        "model.init_args.model_name_or_path=/models/minilm for a model kept outside the offline packages; "
+        "the benchmark's own settings (steps, device, precision, callbacks) still win",
+    )
     parser.add_argument("--json", dest="json_path", help="also write all rows and per-repeat fits as JSON here")
     parser.add_argument(
         "--from-json",
@@ -88,6 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
         "fits, summarised by this version of the script)",
     )
     return parser
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` of ``--override``: the dotted key and the value read as YAML."""
+    key, separator, value = text.partition("=")
+    if not separator or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, e.g. data.init_args.data_path=/data/rt.csv.bz2, got {text!r}")
+    return key, yaml.safe_load(value)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -180,7 +180,7 @@ def fit_config(recipe: Recipe, plan: StepPlan, args: argparse.Namespace, seed: i
         "trainer.num_sanity_val_steps": 0,
         "trainer.callbacks": [],
     }
-    return with_overrides(without_outputs(bundled_config(recipe.config)), overrides)
+    return with_overrides(without_outputs(bundled_config(recipe.config)), {**dict(args.overrides), **overrides})
 
 
 def run_fit(

@@ -15,9 +15,11 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.logger import _add_prefix
+from lightning.pytorch.core.optimizer import _init_optimizers_and_lr_schedulers
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins.precision import FSDPPrecision, MixedPrecision
 from lightning.pytorch.trainer import call
+from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.trainer.connectors.logger_connector.result import _ResultCollection
 from lightning.pytorch.utilities import CombinedLoader
 from torch import Tensor
@@ -31,6 +33,7 @@ from lightning_hrp.engine.batches import (  # generators_restored: for lightning
 )
 from lightning_hrp.engine.isolation import interrupts_deferred, isolated_rng
 from lightning_hrp.errors import HRPConfigurationError
+from lightning_hrp.options import initial_learning_rate
 from lightning_hrp.report import PREHEAT_STEP
 
 
@@ -199,3 +202,24 @@ def train_dataloader_at_setup(trainer: pl.Trainer) -> Any:
     if loader is None:
         raise HRPConfigurationError("A data-driven init needs a train dataloader; this fit has none.")
     return loader
+
+
+def train_dataloader_sharded_at_setup(trainer: pl.Trainer) -> Any:
+    """The train dataloader at setup, with the distributed sampler the fit loop will give it (each rank its share).
+
+    What the main run's first epoch reads, on every rank, before the fit loop has set up its data.
+    """
+    loader = train_dataloader_at_setup(trainer)
+    return trainer._data_connector._prepare_dataloader(loader, shuffle=True, mode=RunningStage.TRAINING)  # private
+
+
+def configured_learning_rate(pl_module: pl.LightningModule) -> float:
+    """The initial learning rate of the first optimizer ``configure_optimizers`` returns, built and dropped.
+
+    For a setup-time init, before the strategy builds the optimizers: Lightning parses the hook's
+    output as it will later (optimizer, dict or lists; schedulers too).
+    """
+    optimizers, _ = _init_optimizers_and_lr_schedulers(pl_module)  # private
+    if not optimizers:
+        raise HRPConfigurationError("configure_optimizers returned no optimizer to take the preheat learning rate from; give preheat_lr.")
+    return initial_learning_rate(optimizers[0])

@@ -35,6 +35,7 @@ from lightning_hrp._lightning import (
     training_step,
 )
 from lightning_hrp._validation import check_bool
+from lightning_hrp.engine.allocation import AllocationRule
 from lightning_hrp.engine.init_rules import DirectionScale, InitRule
 from lightning_hrp.engine.preheat import PreheatMode
 from lightning_hrp.engine.preheat_loop import BatchSteps, PreheatStopped
@@ -97,6 +98,12 @@ class HRPPreheatCallback(Callback):
             kept, so the main run starts from them (a compute-matched comparison already counts those
             steps as preheat steps). Training them is supported on unsharded parameters (one process,
             DDP: their gradients join HRP's own all-reduce), not under FSDP. Restored bit for bit on failure.
+        rank_budget: Not here: allocating ranks changes adapter shapes, which is impossible at
+            ``on_train_start``, after the strategy wrapped the model and the optimizers were built.
+            Refused (``HRPConfigurationError``); use :class:`lightning_hrp.inits.HRPInit`, which preheats at
+            ``setup``, before the wrap (a recipe's ``init_method: hrp`` with ``init_options.rank_budget``).
+        allocation_rule: Taken for the same signature as every entry point; without ``rank_budget``
+            it has no effect.
     """
 
     def __init__(
@@ -117,8 +124,17 @@ class HRPPreheatCallback(Callback):
         track_subspace_drift: bool = False,
         drift_tolerance: float | None = None,
         other_params: OtherParams = "frozen",
+        rank_budget: int | None = None,
+        allocation_rule: AllocationRule = "energy",
     ) -> None:
         self.options = HRPOptions.from_arguments(locals())
+        if rank_budget is not None:
+            raise HRPConfigurationError(
+                "HRPPreheatCallback cannot take rank_budget: it preheats at on_train_start, after the strategy has "
+                "wrapped the model and the optimizers hold its parameters, so adapter shapes can no longer change. "
+                "Use lightning_hrp.inits.HRPInit(..., rank_budget=...) instead, which preheats at setup, before the "
+                "wrap (in a recipe: init_method: hrp with init_options.rank_budget)."
+            )
         check_bool("log_layer_metrics", log_layer_metrics)
         self.log_layer_metrics = log_layer_metrics
         self.report: HRPReport | None = None

@@ -17,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
 from lightning_hrp._validation import check_int
+from lightning_hrp.engine.allocation import AllocationRule
 from lightning_hrp.engine.batches import CycledBatches, generators_restored, with_own_workers
 from lightning_hrp.engine.init_rules import DirectionScale, InitRule
 from lightning_hrp.engine.preheat import PreheatMode
@@ -50,6 +51,8 @@ def hrp_init(
     track_subspace_drift: bool = False,
     drift_tolerance: float | None = None,
     other_params: OtherParams = "frozen",
+    rank_budget: int | None = None,
+    allocation_rule: AllocationRule = "energy",
 ) -> HRPReport | None:
     """Start the rank-r LoRA adapters of ``model`` from High-Rank Preheating (arXiv 2502.07739), in place.
 
@@ -85,6 +88,16 @@ def hrp_init(
         accumulate_grad_batches: Batches per preheat optimizer step.
         mode, init_rule, direction_scale, preheat_optimizer, adapter_name, seed, svd_dtype, on_failure,
             track_subspace_drift, drift_tolerance, other_params: As for :class:`lightning_hrp.HRPPreheatCallback`.
+        rank_budget: The total rank of the trainable LoRA layers, allocated after preheating from the
+            preheated spectra (``allocation_rule``) instead of the same r everywhere; each layer gets at
+            least 1 and at most its preheat rank, and is resized (new ``lora_A``/``lora_B`` Parameters, the
+            same LoRA scale, ``rank_pattern``/``alpha_pattern`` in the peft config so ``save_pretrained``
+            records it). Only on a bare peft model: call ``hrp_init`` before wrapping the model (DDP,
+            ``fully_shard``) and before building the optimizer (an optimizer built before raises at its
+            first step). ``None`` (the default) keeps every rank.
+        allocation_rule: How ``rank_budget`` is handed out: ``"energy"`` (the default) ranks every direction
+            of every layer by its preheated energy ``s^2``, ``"energy_share"`` by its share of its own layer's
+            energy (EVA's explained-variance ratio); see :mod:`lightning_hrp.engine.allocation`.
 
     Returns:
         The report (losses, spectra, timings); ``None`` if preheating failed and ``on_failure="continue"``

@@ -16,6 +16,7 @@ from torch import Tensor
 from torch.optim import AdamW, Optimizer
 
 from lightning_hrp._validation import check_bool, check_choice, check_int, is_positive_number
+from lightning_hrp.engine.allocation import AllocationRule, RankBudget
 from lightning_hrp.engine.init_rules import DirectionScale, InitRule
 from lightning_hrp.engine.preheat import PreheatMode
 from lightning_hrp.errors import HRPConfigurationError
@@ -47,6 +48,8 @@ class HRPOptions:
     track_subspace_drift: bool = False
     drift_tolerance: float | None = None
     other_params: OtherParams = "frozen"
+    rank_budget: int | None = None
+    allocation_rule: AllocationRule = "energy"
 
     def __post_init__(self) -> None:
         check_int("preheat_rank", self.preheat_rank, minimum=2)
@@ -79,6 +82,9 @@ class HRPOptions:
             raise HRPConfigurationError(f"seed must be an int in [0, 2**63) or None (seed_everything's), got {seed!r}.")
         if self.adapter_name is not None and not isinstance(self.adapter_name, str):
             raise HRPConfigurationError(f"adapter_name must be a str or None, got {self.adapter_name!r}.")
+        if self.rank_budget is not None:
+            check_int("rank_budget", self.rank_budget, minimum=1)
+        check_choice("allocation_rule", self.allocation_rule, AllocationRule)
 
     @classmethod
     def from_arguments(cls, arguments: Mapping[str, Any]) -> HRPOptions:
@@ -98,6 +104,11 @@ class HRPOptions:
     def needs_main_lr(self) -> bool:
         """Whether the preheat learning rate is the main optimizer's (neither ``preheat_lr`` nor ``preheat_optimizer`` given)."""
         return self.preheat_lr is None and self.preheat_optimizer is None
+
+    @property
+    def budget(self) -> RankBudget | None:
+        """The rank budget to allocate after preheating; ``None``: every layer keeps its rank."""
+        return None if self.rank_budget is None else RankBudget(self.rank_budget, self.allocation_rule)
 
     @property
     def svd_torch_dtype(self) -> torch.dtype:

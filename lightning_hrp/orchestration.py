@@ -25,14 +25,15 @@ from torch.optim import Optimizer
 
 from lightning_hrp.engine.decompose import energy_kept
 from lightning_hrp.engine.distributed import broadcast_int, rank_and_world_size, read_lora_weights
+from lightning_hrp.engine.isolation import RestoreFailedError, restore_values, restored_on_failure
 from lightning_hrp.engine.lora import LoraTarget, find_lora_targets
 from lightning_hrp.engine.preheat import PreheatAdapters
-from lightning_hrp.engine.quantized import cpu_inference_packed_layers
-from lightning_hrp.engine.isolation import RestoreFailedError, restore_values, restored_on_failure
 from lightning_hrp.engine.preheat_loop import BatchSteps, decompose_and_initialise, run_preheat
+from lightning_hrp.engine.quantized import cpu_inference_packed_layers
+from lightning_hrp.engine.resize import check_resizable
 from lightning_hrp.errors import HRPConfigurationError
 from lightning_hrp.options import HRPOptions
-from lightning_hrp.report import HRPReport, LayerDiagnostics, summary_metrics
+from lightning_hrp.report import HRPReport, LayerDiagnostics, allocation_summary, summary_metrics
 
 log = logging.getLogger("lightning_hrp")
 
@@ -127,6 +128,8 @@ def preheat_and_initialise(options: HRPOptions, entry: EntryPoint) -> HRPReport 
     all_targets = find_lora_targets(entry.model, options.adapter_name)
     targets = [t for t in all_targets if t.trainable]
     check_targets(options, all_targets, targets, entry.warn)
+    if options.rank_budget is not None:
+        check_rank_budget(options, entry.root, targets)
     packed = cpu_inference_packed_layers(entry.model)
     if packed:
         raise HRPConfigurationError(
@@ -149,7 +152,7 @@ def preheat_and_initialise(options: HRPOptions, entry: EntryPoint) -> HRPReport 
     saved_others = [(p, p.detach().clone()) for p in others]
     seed = options.seed if options.seed is not None else broadcast_int(torch.initial_seed() % 2**62)
     adapters = PreheatAdapters(targets, options.preheat_rank, options.mode, seed, device=entry.device)
-    report = HRPReport(seed=seed, frozen_layers=frozen, other_params=other_names)
+    report = HRPReport(seed=seed, frozen_layers=frozen, other_params=other_names, rank_budget=options.rank_budget)
     try:
         with restored_on_failure(entry.root, targets, originals, saved_others):
             _preheat(options, entry, adapters, others, main_lr, report)
@@ -174,6 +177,8 @@ def preheat_and_initialise(options: HRPOptions, entry: EntryPoint) -> HRPReport 
         f"{report.preheat_seconds:.2f} s (decomposition {report.decompose_seconds:.3f} s); the top r "
         f"directions keep {mean_energy:.1%} of the preheated update's energy on average."
     )
+    if options.rank_budget is not None:
+        entry.info(allocation_summary(report))
     return report
 
 
@@ -238,6 +243,18 @@ def other_trainable_params(
     return [name for name, _ in named], [p for _, p in named]
 
 
+def check_rank_budget(options: HRPOptions, root: nn.Module, targets: list[LoraTarget]) -> None:
+    """Refuse a ``rank_budget`` that cannot be placed, or a model whose adapters cannot change shape."""
+    most = sum(min(options.preheat_rank, t.in_features, t.out_features) for t in targets)
+    if not len(targets) <= options.rank_budget <= most:
+        raise HRPConfigurationError(
+            f"rank_budget={options.rank_budget} must lie between the number of trainable LoRA layers ({len(targets)}: "
+            f"each gets at least rank 1) and the sum of their preheat ranks ({most}: no layer can take more directions "
+            f"than preheating finds); the same rank r everywhere is rank_budget={sum(t.rank for t in targets)}."
+        )
+    check_resizable(root, targets)
+
+
 def _preheat(
     options: HRPOptions,
     entry: EntryPoint,
@@ -292,8 +309,10 @@ def _initialise(
         rule=options.init_rule,
         scale=options.direction_scale,
         dtype=options.svd_torch_dtype,
+        budget=options.budget,
     )
     report.decompose_seconds = time.perf_counter() - start
+    ranks_before = result.ranks_before or [None] * len(targets)
     report.layers = [
         LayerDiagnostics(
             name=t.name,
@@ -301,8 +320,9 @@ def _initialise(
             preheat_rank=preheat_rank,
             singular_values=s.S.tolist(),
             energy_kept=energy_kept(s.S, t.rank),
+            rank_before=before,
         )
-        for t, s, preheat_rank in zip(targets, result.svds, adapters.ranks)
+        for t, s, preheat_rank, before in zip(targets, result.svds, adapters.ranks, ranks_before)
     ]
     report.learned_nothing = [t.name for t in result.learned_nothing]
     if result.learned_nothing:

@@ -18,13 +18,29 @@ _PEFT_WRAPPER = re.compile(r"^(?:.*\.)?base_model\.model\.")
 
 @dataclass
 class LayerDiagnostics:
-    """What preheating found in one layer."""
+    """What preheating found in one layer.
+
+    Attributes:
+        rank: The LoRA rank the layer trains with (with a rank budget: the rank allocated to it).
+        energy_kept: Share of the preheated update's energy in the top ``rank`` directions.
+        rank_before: With a rank budget, the layer's rank before the allocation; else ``None``.
+    """
 
     name: str
     rank: int
     preheat_rank: int
     singular_values: list[float]
     energy_kept: float
+    rank_before: int | None = None
+
+    @property
+    def energy_kept_before(self) -> float | None:
+        """Share of the energy the rank before the allocation kept (``None`` without a rank budget)."""
+        if self.rank_before is None:
+            return None
+        energies = [s * s for s in self.singular_values]
+        total = sum(energies)
+        return sum(energies[: self.rank_before]) / total if total > 0 else math.nan
 
 
 @dataclass
@@ -37,6 +53,7 @@ class HRPReport:
         frozen_layers: LoRA layers with no trainable weight, left as they were.
         other_params: The model's other trainable parameters that preheating trained too (``other_params``).
         learned_nothing: Layers whose preheated update was exactly zero, left at their current init.
+        rank_budget: The total rank allocated over the layers; ``None``: each kept its rank.
     """
 
     seed: int
@@ -49,6 +66,7 @@ class HRPReport:
     frozen_layers: list[str] = field(default_factory=list)
     other_params: list[str] = field(default_factory=list)
     learned_nothing: list[str] = field(default_factory=list)
+    rank_budget: int | None = None
 
 
 def step_metrics(step: int, loss: float, drift: float | None) -> dict[str, float]:
@@ -75,7 +93,19 @@ def summary_metrics(report: HRPReport, layer_metrics: bool) -> dict[str, float]:
         for d, name in zip(report.layers, metric_layer_names([d.name for d in report.layers])):
             metrics[f"hrp/energy_kept/{name}"] = d.energy_kept
             metrics[f"hrp/sigma_1/{name}"] = d.singular_values[0]
+            if report.rank_budget is not None:
+                metrics[f"hrp/rank/{name}"] = d.rank
     return metrics
+
+
+def allocation_summary(report: HRPReport) -> str:
+    """One line per layer: the rank it had and the rank allocated, with the energy each keeps."""
+    names = metric_layer_names([d.name for d in report.layers])
+    width = max(map(len, names))
+    lines = [f"HRP: rank_budget={report.rank_budget} allocated over {len(report.layers)} LoRA layers (rank, energy kept):"]
+    for d, name in zip(report.layers, names):
+        lines.append(f"  {name:<{width}}  {d.rank_before:>3} -> {d.rank:<3}  {d.energy_kept_before:6.1%} -> {d.energy_kept:6.1%}")
+    return "\n".join(lines)
 
 
 def metric_layer_names(names: Sequence[str]) -> list[str]:

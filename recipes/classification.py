@@ -263,6 +263,7 @@ class SequenceClassifier(LoraRecipeModule):
         # Full fine-tuning (init_method="full") trains every weight of the backbone.
         return self.with_lora(
             backbone,
+            f"{source} (num_labels={hp.num_labels})",
             task_type=TaskType.SEQ_CLS,
             r=hp.lora_r,
             lora_alpha=hp.lora_alpha,

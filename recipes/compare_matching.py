@@ -4,7 +4,8 @@ plain-LoRA arm that gets the same number of optimizer steps instead (HRP spec, s
 A method's *extra* work is counted from its init options, by the kind of init its registry row
 builds (:class:`~lightning_hrp.inits.LoraInit`), never by its label:
 
-* HRP (:class:`~lightning_hrp.HRPPreheatCallback`): ``preheat_steps`` optimizer steps of
+* HRP (:class:`~lightning_hrp.HRPPreheatCallback`, or :class:`~lightning_hrp.inits.HRPInit` with a
+  rank budget): ``preheat_steps`` optimizer steps of
   ``accumulate_grad_batches`` batches each, forward and backward: ``preheat_steps x accumulate``
   batches. With ``drift_tolerance`` it may stop earlier; the budget ``preheat_steps`` is matched
   (the runs' diagnostics say how many it took).
@@ -34,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lightning_hrp import HRPPreheatCallback
-from lightning_hrp.inits import InitMethod, LoraInit
+from lightning_hrp.inits import HRPInit, InitMethod, LoraInit
 from lightning_hrp.inits.eva import EvaInit
 from lightning_hrp.inits.gradient_inits import GradientInit
 from lightning_hrp.inits.oracle import OracleInit
@@ -69,7 +70,7 @@ def extra_compute(spec: MethodSpec, accumulate: int) -> ExtraCompute:
     """
     init = LoraInit(spec.method, spec.options)
     callback = init.callback
-    if isinstance(callback, HRPPreheatCallback):
+    if isinstance(callback, (HRPPreheatCallback, HRPInit)):  # HRPInit: HRP with a rank budget, at setup
         steps = callback.options.preheat_steps
         return ExtraCompute(
             steps * accumulate, False, f"preheat_steps={steps} x accumulate_grad_batches={accumulate} batches, forward and backward"

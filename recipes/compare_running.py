@@ -110,7 +110,7 @@ def _log_diagnostics_to_wandb(experiment: Any, diagnostics: dict[str, Any]) -> N
 
 def _diagnostics(trainer: Any) -> dict[str, Any]:
     from lightning_hrp import HRPPreheatCallback
-    from lightning_hrp.inits import SetupTimeInit
+    from lightning_hrp.inits import HRPInit, SetupTimeInit
 
     found: dict[str, Any] = {}
     for callback in trainer.callbacks:
@@ -118,6 +118,8 @@ def _diagnostics(trainer: Any) -> dict[str, Any]:
             found["hrp"] = asdict(callback.report)
         elif isinstance(callback, SetupTimeInit) and callback.report is not None:
             found["init"] = asdict(callback.report)
+        if isinstance(callback, HRPInit) and callback.hrp_report is not None:
+            found["hrp"] = asdict(callback.hrp_report)  # with the ranks it allocated
     return found
 
 

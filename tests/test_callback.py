@@ -8,6 +8,7 @@ import signal
 import struct
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -949,7 +950,14 @@ def test_wandb_charts_preheat_metrics_against_the_preheat_step(tmp_path, monkeyp
     make_trainer(callbacks=[HRPPreheatCallback(8, 3)], max_steps=2, logger=logger, log_every_n_steps=1).fit(TinyCausalLM())
     logger.experiment.finish()
     (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
-    records = list(_wandb_records(run_dir))
+    # W&B's service may still be writing the file when finish() returns on a loaded machine: read until
+    # the run's closing record is there (it is written last), for at most a minute.
+    deadline = time.monotonic() + 60
+    while True:
+        records = list(_wandb_records(run_dir))
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     step_metric = {r.metric.name: r.metric.step_metric for r in records if r.WhichOneof("record_type") == "metric"}
     assert step_metric["hrp/preheat_loss"] == "hrp/preheat_step"
     rows = [

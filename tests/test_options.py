@@ -7,9 +7,15 @@ import pytest
 import torch
 
 from lightning_hrp import HRPConfigurationError, HRPOptions, HRPPreheatCallback, hrp_init
+from lightning_hrp.inits import HRPInit
 from lightning_hrp.integrations.transformers import HRPTrainerCallback
 
-ENTRY_POINTS = {"HRPPreheatCallback": HRPPreheatCallback, "hrp_init": hrp_init, "HRPTrainerCallback": HRPTrainerCallback}
+ENTRY_POINTS = {
+    "HRPPreheatCallback": HRPPreheatCallback,
+    "hrp_init": hrp_init,
+    "HRPTrainerCallback": HRPTrainerCallback,
+    "HRPInit": HRPInit,
+}
 
 
 @pytest.mark.parametrize("entry_point", ENTRY_POINTS)
@@ -39,8 +45,18 @@ def _construct(entry_point: str, **options) -> None:
         (dict(drift_tolerance=2.0), "drift_tolerance"),
         (dict(other_params="sometimes"), "other_params"),
         (dict(preheat_lr=1e-3, preheat_optimizer=torch.optim.SGD), "preheat_optimizer"),
+        (dict(rank_budget=0), "rank_budget"),
+        (dict(allocation_rule="greedy"), "allocation_rule"),
     ],
 )
 def test_every_entry_point_refuses_bad_options_before_anything(entry_point, options, argument):
     with pytest.raises(HRPConfigurationError, match=argument):
         _construct(entry_point, **(dict(preheat_rank=8, preheat_steps=2, preheat_lr=1e-3) | options))
+
+
+@pytest.mark.parametrize("entry_point", ["HRPPreheatCallback", "HRPTrainerCallback"])
+def test_entry_points_that_preheat_after_the_wrap_refuse_a_rank_budget(entry_point):
+    # Shapes cannot change once a strategy or Trainer holds the parameters; the message names the way that can.
+    with pytest.raises(HRPConfigurationError, match="rank_budget") as refused:
+        ENTRY_POINTS[entry_point](preheat_rank=8, preheat_steps=2, rank_budget=8)
+    assert "HRPInit" in str(refused.value) or "hrp_init" in str(refused.value)

@@ -7,6 +7,9 @@ layer passes no gradient to its input (see :mod:`lightning_hrp.engine.quantized`
 fails outright for a layer whose ``in_features`` is not a multiple of the block size (64, hence the
 hidden size). So the outputs here are compared in training mode (no dropout anywhere: the same
 function as eval mode), and one test shows HRP refusing a repacked model.
+
+The math SFT recipe on a quantized base: it turns the repacking off, so that validation between
+training steps leaves the training as it was; the inits that read the base weights refuse it.
 """
 
 from pathlib import Path
@@ -17,10 +20,14 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from torch.utils.data import DataLoader
-from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
 from lightning_hrp import HRPConfigurationError, HRPPreheatCallback, hrp_init
-from modules import VOCAB, lora_weights, token_dataset
+from lightning_hrp.engine.quantized import cpu_inference_packed_layers, quantized_weights
+from lightning_hrp.inits import LoraGAInit, LoraInit, LoraOneInit
+from lightning_hrp.recipes.math_sft import MathSFTModule
+from lightning_hrp.recipes.math_sft_data import MathSFTDataModule
+from modules import VOCAB, cpu_trainer, lora_weights, token_dataset
 
 PROBE_INPUT = torch.arange(24).reshape(2, 12) % VOCAB
 QUANTIZATION = {
@@ -158,3 +165,93 @@ def test_a_base_that_bitsandbytes_repacked_for_cpu_inference_is_refused(checkpoi
     model.state_dict()  # unpacks, as the error says
     report = hrp_init(model, loader, causal_lm_loss, preheat_rank=16, preheat_steps=2, preheat_lr=1e-2)
     assert not report.learned_nothing
+
+
+# ---------------------------------------------------------------------------------------------
+# The math SFT recipe on a quantized base
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_64_dir(tiny_llama_dir: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny LLaMA with SmolLM2's tokenizer whose layers' in_features are multiples of 64, bitsandbytes' CPU
+    repacking block, so that the repacking happens here as it would for SmolLM2 (576 = 9 x 64)."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    config = LlamaConfig.from_pretrained(tiny_llama_dir)
+    config.hidden_size, config.intermediate_size, config.head_dim = 64, 128, 16
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-llama-64")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def fit_math_sft(folder: str, quantization: str | None, validate_every_step: bool, **module_options) -> MathSFTModule:
+    pl.seed_everything(0)
+    module = MathSFTModule(
+        model_name_or_path=folder, quantization=quantization, lora_rank=4, lora_alpha=8, learning_rate=1e-2, max_new_tokens=2,
+        warmup_ratio=0.0, **module_options,
+    )  # fmt: skip
+    data = MathSFTDataModule(
+        model_name_or_path=folder, train_size=12, val_size=2, test_size=2, batch_size=4, eval_batch_size=2, max_length=64
+    )
+    validation = {"val_check_interval": 1} if validate_every_step else {"limit_val_batches": 0}
+    cpu_trainer(max_steps=3, num_sanity_val_steps=0, **validation).fit(module, data)
+    return module
+
+
+@pytest.mark.parametrize("bits", ["4bit", "8bit"])
+def test_math_sft_on_a_quantized_base_trains_the_same_with_validation_between_steps(tiny_llama_64_dir, bits):
+    """Validation with generation after every step leaves the training exactly as it would have been without it.
+
+    On a CPU with AVX512-BF16, bitsandbytes would repack the 4-bit weights at the first validation (scales
+    rounded to bfloat16, no gradient to the layers' inputs afterwards) unless the recipe turns that off.
+    """
+    # HRP on the 4-bit base (the QLoRA config's init); plain LoRA on the 8-bit one, which bitsandbytes never repacks.
+    options = {"init_method": "hrp", "init_options": {"preheat_rank": 8, "preheat_steps": 2}} if bits == "4bit" else {}
+    validated = fit_math_sft(tiny_llama_64_dir, bits, validate_every_step=True, **options)
+    unvalidated = fit_math_sft(tiny_llama_64_dir, bits, validate_every_step=False, **options)
+
+    trained = lora_weights(validated)
+    assert trained.keys() == lora_weights(unvalidated).keys()
+    assert all(torch.equal(trained[name], weight) for name, weight in lora_weights(unvalidated).items())
+    assert quantized_weights(validated) and not cpu_inference_packed_layers(validated)
+    # Every adapter learned (B starts at zero).
+    assert all(torch.count_nonzero(weight) for name, weight in trained.items() if "lora_B" in name)
+
+
+@pytest.mark.parametrize("method", ["pissa", "olora", "lora_ga", "lora_one", "full"])
+@pytest.mark.parametrize("bits", ["4bit", "8bit"])
+def test_inits_that_read_the_base_weights_refuse_a_quantized_base(tiny_llama_64_dir, bits, method):
+    with pytest.raises(HRPConfigurationError, match=f"init_method='{method}'"):
+        MathSFTModule(model_name_or_path=tiny_llama_64_dir, quantization=bits, init_method=method)
+
+
+def test_pissa_refuses_a_4bit_base_stored_as_floats(checkpoint):
+    """With a float quant storage, peft's PiSSA would decompose the packed storage as if it were the weight."""
+    storage = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.float32
+    )
+    base = LlamaForCausalLM.from_pretrained(checkpoint, quantization_config=storage, device_map="cpu")
+    assert base.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32  # peft's dtype check lets it through
+    with pytest.raises(HRPConfigurationError, match="init_method='pissa'"):
+        LoraInit("pissa").check_base(base)
+    LoraInit("hrp", {"preheat_rank": 8, "preheat_steps": 1}).check_base(base)  # HRP never reads the weights
+
+
+@pytest.mark.parametrize("bits", ["4bit", "8bit"])
+@pytest.mark.parametrize("init", [LoraGAInit, LoraOneInit])
+def test_gradient_inits_as_callbacks_refuse_a_quantized_base(checkpoint, init, bits):
+    module = QuantizedLM(quantized_lora(checkpoint, bits).train())
+    before = lora_weights(module)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=1, callbacks=[init()], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    with pytest.raises(HRPConfigurationError, match=f"{init.name}.*bitsandbytes"):
+        trainer.fit(module)
+    assert all(torch.equal(before[name], weight) for name, weight in lora_weights(module).items())
+
+
+@pytest.mark.parametrize(("method", "options"), [("lora", None), ("eva", {"tau": 0.9})])
+def test_inits_that_never_read_the_base_weights_train_a_4bit_base(tiny_llama_64_dir, method, options):
+    module = fit_math_sft(tiny_llama_64_dir, "4bit", validate_every_step=False, init_method=method, init_options=options)
+    assert all(torch.count_nonzero(weight) for name, weight in lora_weights(module).items() if "lora_B" in name)

@@ -25,6 +25,7 @@ EXAMPLES = {
     "Lightning Fabric": "on 2 processes",
     "transformers `Trainer`": "transformers: preheat loss",
     "QLoRA: 4-bit and 8-bit bases": "4-bit base: preheated 4 layers",
+    "Rank budgets: ranks where the preheated updates need them": "allocated ranks sum to 64; reloaded with peft alone, max difference 0.0e+00",
 }
 
 

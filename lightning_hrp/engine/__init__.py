@@ -1,7 +1,9 @@
 """The HRP engine: plain torch and peft, no Lightning.
 
 Finding LoRA layers (:mod:`.lora`), rank-R preheat adapters outside the model (:mod:`.preheat`),
-the exact batched decomposition (:mod:`.decompose`), the init rules (:mod:`.init_rules`), the
+the exact batched decomposition (:mod:`.decompose`), the init rules (:mod:`.init_rules`), per-layer
+ranks from the preheated spectra under a rank budget (:mod:`.allocation`) and resizing peft adapters
+to them (:mod:`.resize`), the
 collectives for multi-process runs (:mod:`.distributed`), the preheat loop every entry point
 shares (:mod:`.preheat_loop`), reading batches without disturbing the main run (:mod:`.batches`)
 and what quantized bases need (:mod:`.quantized`).

@@ -52,6 +52,15 @@ def broadcast_int(value: int, src: int = 0) -> int:
     return int(buffer.item())
 
 
+def broadcast_ints(values: Sequence[int], src: int = 0) -> list[int]:
+    """``values`` as held by rank ``src``, on every rank (all ranks pass as many)."""
+    if not is_distributed():
+        return list(values)
+    buffer = torch.tensor(list(values), dtype=torch.int64, device=_communication_device(torch.device("cpu")))
+    dist.broadcast(buffer, src=src)
+    return [int(v) for v in buffer.tolist()]
+
+
 def all_reduce_mean_(tensors: Sequence[Tensor]) -> None:
     """Average ``tensors`` in place over all ranks with one flattened all-reduce.
 

@@ -22,6 +22,8 @@ def direction_init(Vh_top: Tensor, current_A: Tensor, scale: DirectionScale) -> 
         current_A: The adapter's ``A`` before HRP.
         scale: ``"unit"`` gives unit rows (``c = 1``); ``"match_init_norm"`` keeps ``||A||_F`` of
             the current (default random) init, so learning rates tuned for plain LoRA keep their meaning.
+            For an adapter given another rank than ``current_A``'s (a rank budget), it keeps the mean
+            row norm, ``||A||_F / sqrt(rows)``, which peft's default init gives at every rank.
 
     Returns:
         The new ``A``.
@@ -29,7 +31,7 @@ def direction_init(Vh_top: Tensor, current_A: Tensor, scale: DirectionScale) -> 
     if scale == "unit":
         return Vh_top
     init_norm = torch.linalg.matrix_norm(current_A.to(Vh_top.dtype))
-    return Vh_top * (init_norm / math.sqrt(Vh_top.shape[0]))
+    return Vh_top * (init_norm / math.sqrt(current_A.shape[0]))
 
 
 def keep_progress_init(

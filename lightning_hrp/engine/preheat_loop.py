@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from lightning_hrp.engine.allocation import RankBudget, agreed_ranks
 from lightning_hrp.engine.decompose import ProductSVD, subspace_drift, svd_of_products
 from lightning_hrp.engine.distributed import (
     all_reduce_mean_,
@@ -45,6 +46,7 @@ from lightning_hrp.engine.init_rules import DirectionScale, InitRule, new_adapte
 from lightning_hrp.engine.isolation import main_run_untouched
 from lightning_hrp.engine.lora import LoraTarget
 from lightning_hrp.engine.preheat import PreheatAdapters
+from lightning_hrp.engine.resize import guard_against_stale_optimizers, resize_adapters
 from lightning_hrp.errors import HRPConfigurationError, PreheatFailedError
 
 # A layer whose preheated update has a singular value r below this share of its largest has fewer
@@ -356,14 +358,17 @@ class Initialisation:
     Attributes:
         svds: One per target: ``S`` (all singular values) and the top-r vectors.
         written: Targets whose adapter got its HRP start.
-        learned_nothing: Targets whose preheated update is exactly zero; left at their current init.
+        learned_nothing: Targets whose preheated update is exactly zero; left at their current init
+            (with a rank budget: its leading rows, at the rank allocated).
         weak: Written targets whose preheated update has rank below r.
+        ranks_before: With a rank budget, each target's rank before the allocation; else ``None``.
     """
 
     svds: list[ProductSVD]
     written: list[LoraTarget]
     learned_nothing: list[LoraTarget]
     weak: list[LoraTarget]
+    ranks_before: list[int] | None = None
 
 
 @torch.no_grad()
@@ -376,14 +381,22 @@ def decompose_and_initialise(
     rule: InitRule,
     scale: DirectionScale,
     dtype: torch.dtype,
+    budget: RankBudget | None = None,
 ) -> Initialisation:
     """Decompose every preheated update (shared out over ranks) and write the rank-r starts in place.
+
+    With a ``budget``, the ranks are first allocated from the spectra
+    (:func:`~lightning_hrp.engine.allocation.agreed_ranks`: rank 0's decision on every rank), and the adapters given new ranks are resized (new parameters: ``root``
+    must be a bare model, see :func:`lightning_hrp.engine.resize.check_resizable`); any failure puts
+    the old adapters back.
 
     Raises:
         PreheatFailedError: A non-finite decomposition, or a preheated update that is exactly zero
             in every layer (preheating learned nothing; nothing is written).
     """
-    svds = shared_svd_of_products(adapters.products(), [t.rank for t in targets], dtype=dtype)
+    ranks_before = [t.rank for t in targets]
+    tops = adapters.ranks if budget is not None else ranks_before
+    svds = shared_svd_of_products(adapters.products(), tops, dtype=dtype)
     if not all(bool(torch.isfinite(s.S).all() and torch.isfinite(s.Vh).all()) for s in svds):
         raise PreheatFailedError("the decomposition of a preheated update holds NaN or Inf.")
     learned = [i for i, s in enumerate(svds) if s.S[0] > 0]
@@ -392,6 +405,13 @@ def decompose_and_initialise(
             "preheating learned nothing: the preheated update is exactly zero in every layer (the loss has no "
             "gradient with respect to the adapters: is the learning rate 0, or are the LoRA layers unused?)."
         )
+    nothing = [i for i in range(len(targets)) if i not in learned]
+    ranks = ranks_before
+    if budget is not None:
+        # A layer takes at most the directions preheating found; one that learned nothing, the rows of its own init.
+        most = [before if i in nothing else top for i, (top, before) in enumerate(zip(adapters.ranks, ranks_before))]
+        ranks = agreed_ranks(budget, [s.S.tolist() for s in svds], most, layers_without_update=len(nothing))
+    svds = [ProductSVD(s.U[:, :rank], s.S, s.Vh[:rank]) for s, rank in zip(svds, ranks)]
     new_weights = [
         new_adapter_weights(
             svds[i],
@@ -403,8 +423,24 @@ def decompose_and_initialise(
         )
         for i in learned
     ]
-    written = [targets[i] for i in learned]
-    write_lora_weights(root, written, new_weights)
-    weak = [targets[i] for i in learned if not svds[i].S[targets[i].rank - 1] > WEAK_DIRECTION * svds[i].S[0]]
-    nothing = [target for i, target in enumerate(targets) if i not in learned]
-    return Initialisation(svds=svds, written=written, learned_nothing=nothing, weak=weak)
+    # A layer that learned nothing keeps its init: the leading rows of it where its rank changed.
+    kept = [i for i in nothing if ranks[i] != ranks_before[i]]
+    new_weights += [(originals[i][0][: ranks[i]], originals[i][1][:, : ranks[i]]) for i in kept]
+    resizing = resize_adapters(root, targets, ranks) if budget is not None else None
+    try:
+        write_lora_weights(root, [targets[i] for i in (*learned, *kept)], new_weights)
+    except BaseException:
+        if resizing is not None:
+            resizing.undo()
+        raise
+    if resizing is not None:
+        guard_against_stale_optimizers(resizing.replaced_parameters())
+    weak = [targets[i] for i in learned if not svds[i].S[ranks[i] - 1] > WEAK_DIRECTION * svds[i].S[0]]
+    return Initialisation(
+        svds=svds,
+        written=[targets[i] for i in learned],
+        learned_nothing=[targets[i] for i in nothing],
+        weak=weak,
+        ranks_before=ranks_before if budget is not None else None,
+    )
+

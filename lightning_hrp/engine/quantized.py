@@ -28,3 +28,16 @@ def cpu_inference_packed_layers(model: nn.Module) -> list[str]:
         if isinstance(module, bitsandbytes.nn.Linear4bit)
         and getattr(module.weight.quant_state, "packing_format_for_cpu", False)  # bitsandbytes' own flag
     ]
+
+
+def quantized_weights(model: nn.Module) -> list[str]:
+    """The names of ``model``'s bitsandbytes-quantized parameters (4-bit ``Params4bit``, 8-bit ``Int8Params``).
+
+    Their storage is packed codes, not the weights: whatever reads a weight as a matrix (an SVD, a QR,
+    a gradient with respect to it) must refuse them, or dequantise first.
+    """
+    bitsandbytes = sys.modules.get("bitsandbytes")
+    if bitsandbytes is None:
+        return []
+    quantized = (bitsandbytes.nn.Params4bit, bitsandbytes.nn.Int8Params)
+    return [name for name, parameter in model.named_parameters(remove_duplicate=False) if isinstance(parameter, quantized)]

@@ -11,6 +11,7 @@ from lightning_hrp._validation import check_int, is_positive_number
 from lightning_hrp.engine.baselines import lora_one_init
 from lightning_hrp.engine.distributed import all_reduce_mean_
 from lightning_hrp.engine.lora import LoraTarget
+from lightning_hrp.engine.quantized import quantized_weights
 from lightning_hrp.errors import HRPConfigurationError
 from lightning_hrp.inits.setup_time import InitReport, SetupTimeInit, missing_peft_feature, only_trainable, training_batches
 
@@ -27,6 +28,14 @@ class GradientInit(SetupTimeInit):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, targets: list[LoraTarget], report: InitReport
     ) -> list[Tensor]:
         """``(out, in)`` gradients, averaged over ``gradient_batches`` training batches (and over ranks)."""
+        quantized = [t.name for t in targets if quantized_weights(t.layer.get_base_layer())]
+        if quantized:
+            # A quantized weight's storage holds packed codes: it has no gradient, and reading it as one is garbage.
+            raise HRPConfigurationError(
+                f"{self.name} needs the gradient of the loss with respect to each base weight, and the base weights of "
+                f"{quantized} are quantized by bitsandbytes, which have none. Use hrp, eva or lora on a quantized base, "
+                f"or load the base unquantized for {self.name}."
+            )
         weights = [t.layer.get_base_layer().weight for t in targets]
         for target, weight in zip(targets, weights):
             if getattr(target.layer, "fan_in_fan_out", False) or weight.shape != (target.out_features, target.in_features):

@@ -24,6 +24,7 @@ from torch.optim import Optimizer
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from lightning_hrp._validation import check_bool
+from lightning_hrp.engine.allocation import AllocationRule
 from lightning_hrp.engine.batches import CycledBatches, generators_restored
 from lightning_hrp.engine.init_rules import DirectionScale, InitRule
 from lightning_hrp.engine.isolation import interrupts_deferred, isolated_rng
@@ -73,7 +74,9 @@ class HRPTrainerCallback(TrainerCallback):
     again; resuming a checkpoint of a run without HRP with this callback is refused.
 
     Args: As :class:`lightning_hrp.HRPPreheatCallback`'s; ``preheat_lr`` defaults to the Trainer
-        optimizer's initial learning rate.
+        optimizer's initial learning rate. ``rank_budget`` is refused, as there: the Trainer has built its
+        optimizer (and any wrapper) by ``on_train_begin``, so shapes can no longer change; call
+        :func:`lightning_hrp.hrp_init` with ``rank_budget`` on the model before creating the Trainer instead.
     """
 
     def __init__(
@@ -94,8 +97,17 @@ class HRPTrainerCallback(TrainerCallback):
         track_subspace_drift: bool = False,
         drift_tolerance: float | None = None,
         other_params: OtherParams = "frozen",
+        rank_budget: int | None = None,
+        allocation_rule: AllocationRule = "energy",
     ) -> None:
         self.options = HRPOptions.from_arguments(locals())
+        if rank_budget is not None:
+            raise HRPConfigurationError(
+                "HRPTrainerCallback cannot take rank_budget: it preheats at on_train_begin, after the Trainer has built "
+                "its optimizer (and any DDP/FSDP wrapper) around the adapters, so their shapes can no longer change. "
+                "Call lightning_hrp.hrp_init(model, batches, loss_fn, ..., rank_budget=...) on the peft model before "
+                "creating the Trainer instead."
+            )
         check_bool("log_layer_metrics", log_layer_metrics)
         self.log_layer_metrics = log_layer_metrics
         self.report: HRPReport | None = None

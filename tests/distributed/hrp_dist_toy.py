@@ -112,24 +112,27 @@ class ToyLoRARegression(pl.LightningModule):
         batch_size: Per-process batch size.
         fully_shard_blocks: Apply FSDP2's ``fully_shard`` to each block and the root in
             ``configure_model`` (for ``ModelParallelStrategy``).
+        offload_to_cpu: With ``fully_shard_blocks``, shard with FSDP2's ``CPUOffloadPolicy`` (GPU only).
     """
 
-    def __init__(self, batch_size: int, fully_shard_blocks: bool = False) -> None:
+    def __init__(self, batch_size: int, fully_shard_blocks: bool = False, offload_to_cpu: bool = False) -> None:
         super().__init__()
         self.batch_size = batch_size
         self.fully_shard_blocks = fully_shard_blocks
+        self.offload_to_cpu = offload_to_cpu
         self.model = toy_lora_network()
         self.training_step_calls = 0
 
     def configure_model(self) -> None:
         if not self.fully_shard_blocks:
             return
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
         mesh = self.device_mesh["data_parallel"]
+        policy = CPUOffloadPolicy() if self.offload_to_cpu else OffloadPolicy()
         for block in self.model.base_model.model.blocks:
-            fully_shard(block, mesh=mesh)
-        fully_shard(self.model, mesh=mesh)
+            fully_shard(block, mesh=mesh, offload_policy=policy)
+        fully_shard(self.model, mesh=mesh, offload_policy=policy)
 
     def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
         self.training_step_calls += 1
@@ -330,6 +333,7 @@ def fit_then_resume(
     precision: str = "32-true",
     num_nodes: int = 1,
     fully_shard_blocks: bool = False,
+    offload_to_cpu: bool = False,
 ) -> None:
     """Fit with HRP for ``MAIN_STEPS`` steps and checkpoint, then resume one more step from the checkpoint.
 
@@ -350,9 +354,9 @@ def fit_then_resume(
             precision=precision,
         )
 
-    trainer("first", MAIN_STEPS, checkpoint).fit(ToyLoRARegression(batch_size, fully_shard_blocks))
+    trainer("first", MAIN_STEPS, checkpoint).fit(ToyLoRARegression(batch_size, fully_shard_blocks, offload_to_cpu))
     trainer("resumed", MAIN_STEPS + 1, None).fit(
-        ToyLoRARegression(batch_size, fully_shard_blocks), ckpt_path=checkpoint, weights_only=True
+        ToyLoRARegression(batch_size, fully_shard_blocks, offload_to_cpu), ckpt_path=checkpoint, weights_only=True
     )
 
 

@@ -1,4 +1,4 @@
-"""Multi-process HRP runs, launched by the distributed tests (and tests/gpu/run_all.sh) as a script.
+"""Multi-process HRP runs, launched by the distributed tests (and the GPU tests, tests/gpu) as a script.
 
 Lightning's ``ddp``-style strategies start the other ranks by re-running this script, so it must not
 be pytest itself. One invocation sets up the process group once and runs several strategies in turn
@@ -39,7 +39,8 @@ from lightning_hrp.engine.distributed import _deal_out, shared_svd_of_products
 # A rank that never joins a collective makes the others fail after this long instead of hanging
 # (the first run's strategy creates the process group, so its timeout holds for the whole invocation).
 COLLECTIVE_TIMEOUT = timedelta(seconds=90)
-RUNS = ("ddp", "model_parallel", "fsdp", "fsdp_flat")
+# The *_offload runs keep the sharded parameters on the CPU (FSDP1 cpu_offload, FSDP2 CPUOffloadPolicy): GPU only.
+RUNS = ("ddp", "model_parallel", "fsdp", "fsdp_flat", "fsdp_offload", "model_parallel_offload")
 
 
 class CPUFSDPStrategy(FSDPStrategy):
@@ -65,15 +66,21 @@ class CPUFSDPStrategy(FSDPStrategy):
 def make_strategy(run: str, accelerator: str, world_size: int, timeout: timedelta = COLLECTIVE_TIMEOUT) -> Strategy:
     if run == "ddp":
         return DDPStrategy(timeout=timeout)
-    if run == "model_parallel":
+    if run in ("model_parallel", "model_parallel_offload"):
         # tensor_parallel_size defaults to the device count; here all devices shard data (FSDP2 only).
         return ModelParallelStrategy(data_parallel_size=world_size, tensor_parallel_size=1, timeout=timeout)
     fsdp = CPUFSDPStrategy if accelerator == "cpu" else FSDPStrategy
     # FSDP1's full state dict segfaults on CPU in torch 2.13 (with or without HRP): save sharded there.
     state_dict_type = "sharded" if accelerator == "cpu" else "full"
-    if run == "fsdp":
+    if run in ("fsdp", "fsdp_offload"):
         # One unit per block: frozen base weights and trainable LoRA weights share a flat parameter.
-        return fsdp(auto_wrap_policy={Block}, use_orig_params=True, state_dict_type=state_dict_type, timeout=timeout)
+        return fsdp(
+            auto_wrap_policy={Block},
+            use_orig_params=True,
+            cpu_offload=run == "fsdp_offload",
+            state_dict_type=state_dict_type,
+            timeout=timeout,
+        )
     if run == "fsdp_flat":
         # use_orig_params=False needs uniform requires_grad per unit: every Linear (base, lora_A, lora_B)
         # becomes its own unit, as peft's fsdp_auto_wrap_policy does.
@@ -151,7 +158,8 @@ def main() -> None:
                 batch_size=args.batch_size,
                 accelerator=args.accelerator,
                 precision=precision or args.precision,
-                fully_shard_blocks=name == "model_parallel",
+                fully_shard_blocks=name.startswith("model_parallel"),
+                offload_to_cpu=name == "model_parallel_offload",
             )
         except Exception as error:  # recorded for the test; a config error raised on every rank leaves the group usable
             write_json(out / f"error_rank{dist.get_rank()}.json", {"error": repr(error), "traceback": traceback.format_exc()})

@@ -1,0 +1,180 @@
+"""HRP at ``setup("fit")``, before the strategy wraps the model: the Lightning path on which adapters may change shape.
+
+:class:`~lightning_hrp.HRPPreheatCallback` preheats at ``on_train_start``, on the wrapped model, so the
+adapters' shapes are fixed by then. :class:`HRPInit` runs the same HRP (one
+:func:`~lightning_hrp.orchestration.preheat_and_initialise`) earlier, as the other data-driven inits do,
+on the bare module: with ``rank_budget`` it allocates ranks from the preheated spectra and resizes the
+adapters before DDP, FSDP or ``configure_model``'s ``fully_shard`` see them and before any optimizer
+exists. A recipe's ``init_method: hrp`` uses it when ``init_options`` holds ``rank_budget``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.strategies import DeepSpeedStrategy
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import Tensor
+from torch.optim import Optimizer
+
+from lightning_hrp._lightning import (
+    batch_to_device,
+    configured_learning_rate,
+    generators_restored,
+    log_metrics,
+    loss_of,
+    train_dataloader_sharded_at_setup,
+    training_step,
+)
+from lightning_hrp._validation import check_bool
+from lightning_hrp.engine.allocation import AllocationRule
+from lightning_hrp.engine.batches import CycledBatches, with_own_workers
+from lightning_hrp.engine.init_rules import DirectionScale, InitRule
+from lightning_hrp.engine.lora import LoraTarget, find_lora_targets
+from lightning_hrp.engine.preheat import PreheatMode
+from lightning_hrp.engine.preheat_loop import BatchSteps
+from lightning_hrp.engine.resize import resize_on_load
+from lightning_hrp.errors import HRPConfigurationError
+from lightning_hrp.inits.setup_time import InitReport, SetupTimeInit
+from lightning_hrp.options import HRPOptions, OnFailure, OptimizerFactory, OtherParams, SvdDtype
+from lightning_hrp.orchestration import EntryPoint, forward_communicates, preheat_and_initialise
+from lightning_hrp.report import HRPReport, summary_metrics
+
+
+class HRPInit(SetupTimeInit):
+    """High-Rank Preheating at ``setup("fit")``, before the strategy wraps the model; may allocate ranks (``rank_budget``).
+
+    The same HRP as :class:`lightning_hrp.HRPPreheatCallback` (every option means the same), run
+    where the other data-driven inits run: on the bare module, after the DataModule's setup and
+    before ``configure_model``, the strategy's wrap and the optimizers. The preheat batches are the
+    train dataloader's first epoch as each rank will read it (with the distributed sampler the fit
+    loop adds), fed to the module's own ``training_step`` under the precision plugin's autocast,
+    with a plain ``backward`` (no gradient scaling; callbacks' backward hooks are not called). With
+    several processes the preheat gradients are averaged with one all-reduce per step, as in the
+    callback, and every rank takes rank 0's allocation.
+
+    Prefer the callback without ``rank_budget``: it preheats on the model as the strategy wrapped it
+    (sharded weights under FSDP, the strategy's precision and gradient scaling) and needs no learning
+    rate before the optimizers exist. Here every rank holds the whole bare model while preheating.
+
+    Args:
+        preheat_rank, preheat_steps, mode, init_rule, direction_scale, preheat_optimizer, adapter_name,
+            seed, svd_dtype, on_failure, log_layer_metrics, track_subspace_drift, drift_tolerance,
+            other_params: As for :class:`lightning_hrp.HRPPreheatCallback`.
+        preheat_lr: Learning rate of the default AdamW preheat optimizer; by default the initial
+            learning rate of the optimizer ``configure_optimizers`` returns (called once here, its
+            optimizer dropped).
+        rank_budget: The total rank of the trainable LoRA layers, allocated from the preheated
+            spectra by ``allocation_rule`` (each layer between 1 and its preheat rank); the adapters are
+            resized with their LoRA scale kept, and the peft config records the ranks
+            (``rank_pattern``/``alpha_pattern``). ``None``: every layer keeps its rank.
+        allocation_rule: ``"energy"`` (the default) or ``"energy_share"``; see :mod:`lightning_hrp.engine.allocation`.
+
+    With ``rank_budget``, a checkpoint of the run loads into the module built afresh from the same
+    config (``fit(ckpt_path=...)``, ``test(ckpt_path=...)``: from every ``setup``, the LoRA layers take
+    the ranks the checkpoint's state dict holds, :func:`~lightning_hrp.engine.resize.resize_on_load`),
+    where the strategy restores before it wraps the model (one device, DDP). A resumed fit preheats
+    and allocates again at setup, then loads the checkpoint's weights over it.
+
+    Attributes:
+        hrp_report: The HRP report (spectra, ranks, energy kept), or ``None`` before the init ran or after a
+            failure with ``on_failure="continue"``.
+    """
+
+    name = "hrp"
+
+    def __init__(
+        self,
+        preheat_rank: int,
+        preheat_steps: int,
+        *,
+        mode: PreheatMode = "classic",
+        init_rule: InitRule = "direction",
+        direction_scale: DirectionScale = "match_init_norm",
+        preheat_lr: float | None = None,
+        preheat_optimizer: OptimizerFactory | None = None,
+        adapter_name: str | None = None,
+        seed: int | None = None,
+        svd_dtype: SvdDtype = "float32",
+        on_failure: OnFailure = "raise",
+        log_layer_metrics: bool = True,
+        track_subspace_drift: bool = False,
+        drift_tolerance: float | None = None,
+        other_params: OtherParams = "frozen",
+        rank_budget: int | None = None,
+        allocation_rule: AllocationRule = "energy",
+    ) -> None:
+        super().__init__(adapter_name)
+        self.options = HRPOptions.from_arguments(locals())
+        check_bool("log_layer_metrics", log_layer_metrics)
+        self.log_layer_metrics = log_layer_metrics
+        self.hrp_report: HRPReport | None = None
+        self._loads_resized: pl.LightningModule | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.options.rank_budget is not None and self._loads_resized is not pl_module:
+            resize_on_load(pl_module, find_lora_targets(pl_module, self.options.adapter_name))
+            self._loads_resized = pl_module
+        super().setup(trainer, pl_module, stage)
+
+    def initialise(self, trainer: pl.Trainer, pl_module: pl.LightningModule, targets: list[LoraTarget], report: InitReport) -> None:
+        if isinstance(trainer.strategy, DeepSpeedStrategy):
+            raise HRPConfigurationError("HRPInit does not support DeepSpeed; use strategy='ddp', 'fsdp' or ModelParallelStrategy.")
+        if not pl_module.automatic_optimization:
+            raise HRPConfigurationError(
+                "HRPInit preheats through training_step, which with manual optimization would step optimizers that "
+                "do not exist yet; use automatic optimization."
+            )
+        main_lr = configured_learning_rate(pl_module) if self.options.needs_main_lr else None
+        entry = _SetupEntry(trainer, pl_module, main_lr)
+        self.hrp_report = preheat_and_initialise(self.options, entry)
+        report.batches = entry.batches_fetched
+        if self.hrp_report is None:
+            return
+        report.singular_values = {d.name: d.singular_values for d in self.hrp_report.layers}
+        log_metrics(trainer, summary_metrics(self.hrp_report, self.log_layer_metrics), step=trainer.global_step)
+
+
+class _SetupEntry(EntryPoint):
+    """HRP on the bare module at setup: the train dataloader as each rank will read it, ``training_step``, ``backward()``."""
+
+    def __init__(self, trainer: pl.Trainer, pl_module: pl.LightningModule, main_lr: float | None) -> None:
+        super().__init__(
+            pl_module,
+            pl_module,
+            accumulate=trainer.accumulate_grad_batches,
+            collective_model=forward_communicates(pl_module),
+        )
+        self.trainer = trainer
+        self.main_lr = main_lr
+        self.batches_fetched = 0
+
+    def main_learning_rate(self) -> float | None:
+        return self.main_lr
+
+    @contextmanager
+    def preheating(self, optimizer: Optimizer, steps: int) -> Iterator[BatchSteps]:
+        loader = train_dataloader_sharded_at_setup(self.trainer)
+        data = CycledBatches(with_own_workers(loader), steps * self.accumulate, self.warn)
+        device = self.model.device
+
+        def fetch() -> tuple[Any, int]:
+            batch, batch_idx = next(data)
+            self.batches_fetched += 1
+            return batch_to_device(self.trainer, batch, device=device), batch_idx
+
+        def loss(batch: Any, batch_idx: int) -> Tensor | None:
+            return loss_of(training_step(self.trainer, batch, batch_idx), "HRP")
+
+        # The RNGs and logged values are isolated by SetupTimeInit for the whole init.
+        with generators_restored([loader]), closing(data):
+            yield BatchSteps(fetch=fetch, loss=loss, backward=lambda value: value.backward())
+
+    def warn(self, message: str) -> None:
+        rank_zero_warn(message)
+
+    def info(self, message: str) -> None:
+        rank_zero_info(message)
