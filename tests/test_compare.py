@@ -183,7 +183,8 @@ def test_command_line_parses_the_bundled_configs(capsys: pytest.CaptureFixture) 
         assert len(settings.seeds) >= 5 and len(settings.learning_rates) >= 2  # paired intervals need seeds
         # Its budget is in optimizer steps, so compute matching can add the matched arms.
         arms, plan = comparison_arms(settings, load_recipe_config(ROOT / settings.recipe_config))
-        assert plan is not None and len(arms) > len(settings.methods)
+        assert plan is not None and plan.matched
+        assert set(plan.matched.values()) <= {arm.label for arm in arms}
     with pytest.raises(SystemExit):
         main(["--config", str(Path(RECIPE).with_name("compare_matrix_regression.yaml")), "--methods=[{\"label\": \"x\", \"method\": \"magic\"}]"])
     # Checked like any option: a bad grid or label is a usage error naming the field, before anything runs.
