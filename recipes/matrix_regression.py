@@ -91,7 +91,26 @@ def make_task(
 # --------------------------------------------------------------------------------------------
 
 
-class MatrixRegressionDataModule(pl.LightningDataModule, KnownTargetUpdates, ModelRequirements):
+class RegressionSamples(pl.LightningDataModule):
+    """Train, validation and test sets drawn in ``__init__`` (subclasses set them and save ``task_seed``, ``batch_size``)."""
+
+    train_set: TensorDataset
+    val_set: TensorDataset
+    test_set: TensorDataset
+
+    def train_dataloader(self) -> DataLoader:
+        # Shuffled with its own seeded generator: the data order does not depend on global RNG use.
+        generator = torch.Generator().manual_seed(self.hparams.task_seed + 3)
+        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=True, generator=generator)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=self.hparams.batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self.test_set, batch_size=self.hparams.batch_size)
+
+
+class MatrixRegressionDataModule(RegressionSamples, KnownTargetUpdates, ModelRequirements):
     """Finite noisy samples of ``y = (W0 + M) x + noise``: train, validation and test sets.
 
     Args:
@@ -165,16 +184,6 @@ class MatrixRegressionDataModule(pl.LightningDataModule, KnownTargetUpdates, Mod
         """The input covariance ``Sigma``, ``(in, in)``."""
         return self.task.input_covariance_sqrt @ self.task.input_covariance_sqrt
 
-    def train_dataloader(self) -> DataLoader:
-        # Shuffled with its own seeded generator: the data order does not depend on global RNG use.
-        generator = torch.Generator().manual_seed(self.hparams.task_seed + 3)
-        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=True, generator=generator)
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.hparams.batch_size)
-
-    def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.test_set, batch_size=self.hparams.batch_size)
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,7 +202,29 @@ class LinearRegressor(nn.Module):
         return self.proj(inputs)
 
 
-class MatrixRegressionModule(LoraRecipeModule):
+class RegressionModule(LoraRecipeModule):
+    """Trains ``self.model`` (set by subclasses) with mean squared error; logs ``train/``, ``val/`` and ``test/loss``."""
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        return self.model(inputs)
+
+    def _loss(self, batch: tuple[Tensor, Tensor]) -> Tensor:
+        inputs, targets = batch
+        return F.mse_loss(self(inputs), targets)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        loss = self._loss(batch)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self.log("val/loss", self._loss(batch), prog_bar=True, sync_dist=True)
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self.log("test/loss", self._loss(batch), sync_dist=True)
+
+
+class MatrixRegressionModule(RegressionModule):
     """A peft LoRA adapter on the frozen ``W0``, trained with mean squared error.
 
     Args:
@@ -229,9 +260,6 @@ class MatrixRegressionModule(LoraRecipeModule):
             base, source, r=lora_rank, lora_alpha=lora_alpha, use_rslora=use_rslora, target_modules=["proj"]
         )
 
-    def forward(self, inputs: Tensor) -> Tensor:
-        return self.model(inputs)
-
     def configure_model(self) -> None:
         # ModelParallelStrategy hands the module a device mesh and expects it to shard itself;
         # other strategies wrap the module on their own and leave device_mesh unset.
@@ -242,21 +270,6 @@ class MatrixRegressionModule(LoraRecipeModule):
         # fit then test calls this twice; sharding is applied once.
         if not isinstance(self.model, FSDPModule):
             fully_shard(self.model, mesh=self.device_mesh["data_parallel"])
-
-    def _loss(self, batch: tuple[Tensor, Tensor]) -> Tensor:
-        inputs, targets = batch
-        return F.mse_loss(self(inputs), targets)
-
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        loss = self._loss(batch)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
-        return loss
-
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self.log("val/loss", self._loss(batch), prog_bar=True, sync_dist=True)
-
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self.log("test/loss", self._loss(batch), sync_dist=True)
 
     def lora_layer(self) -> LoraLayer:
         """The one peft LoRA layer (wrapping ``proj``)."""

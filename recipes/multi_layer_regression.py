@@ -24,16 +24,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 from lightning_hrp._validation import check_int
 from lightning_hrp.inits import KnownTargetUpdates
-from lightning_hrp.recipes.lora_module import LoraRecipeModule, ModelRequirements
-from lightning_hrp.recipes.matrix_regression import _random_orthonormal
+from lightning_hrp.recipes.lora_module import ModelRequirements
+from lightning_hrp.recipes.matrix_regression import RegressionModule, RegressionSamples, _random_orthonormal
 
 
 @dataclass(frozen=True)
@@ -74,7 +72,7 @@ def make_multi_layer_task(
     return MultiLayerTask(base_weights, updates, rotation @ torch.diag(variances.sqrt()) @ rotation.T)
 
 
-class MultiLayerRegressionDataModule(pl.LightningDataModule, KnownTargetUpdates, ModelRequirements):
+class MultiLayerRegressionDataModule(RegressionSamples, KnownTargetUpdates, ModelRequirements):
     """Finite noisy samples of ``y_i = (W0_i + M_i) x + noise`` for every head, concatenated: train, validation, test.
 
     Args:
@@ -141,17 +139,6 @@ class MultiLayerRegressionDataModule(pl.LightningDataModule, KnownTargetUpdates,
         """``{"heads.i": M_i}``: the true update of every LoRA layer (serves the ``oracle`` init)."""
         return {f"heads.{i}": m.clone() for i, m in enumerate(self.task.target_updates)}
 
-    def train_dataloader(self) -> DataLoader:
-        # Shuffled with its own seeded generator: the data order does not depend on global RNG use.
-        generator = torch.Generator().manual_seed(self.hparams.task_seed + 3)
-        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=True, generator=generator)
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.hparams.batch_size)
-
-    def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.test_set, batch_size=self.hparams.batch_size)
-
 
 class ParallelHeads(nn.Module):
     """The pretrained model: bias-free linear heads ``heads.0``, ``heads.1``, ... on one input, outputs concatenated."""
@@ -164,7 +151,7 @@ class ParallelHeads(nn.Module):
         return torch.cat([head(inputs) for head in self.heads], dim=-1)
 
 
-class MultiLayerRegressionModule(LoraRecipeModule):
+class MultiLayerRegressionModule(RegressionModule):
     """A peft LoRA adapter on every frozen head ``W0_i``, trained with mean squared error.
 
     Args:
@@ -198,22 +185,7 @@ class MultiLayerRegressionModule(LoraRecipeModule):
         with torch.no_grad():
             for head, weight in zip(base.heads, make_base_weights(in_features, out_features, heads, task_seed)):
                 head.weight.copy_(weight)
-        self.model = self.with_lora(base, r=lora_rank, lora_alpha=lora_alpha, use_rslora=use_rslora, target_modules=r"heads\.\d+")
-
-    def forward(self, inputs: Tensor) -> Tensor:
-        return self.model(inputs)
-
-    def _loss(self, batch: tuple[Tensor, Tensor]) -> Tensor:
-        inputs, targets = batch
-        return F.mse_loss(self(inputs), targets)
-
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        loss = self._loss(batch)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
-        return loss
-
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self.log("val/loss", self._loss(batch), prog_bar=True, sync_dist=True)
-
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self.log("test/loss", self._loss(batch), sync_dist=True)
+        source = f"generated W0_i (in_features={in_features}, out_features={out_features}, heads={heads}, task_seed={task_seed})"
+        self.model = self.with_lora(
+            base, source, r=lora_rank, lora_alpha=lora_alpha, use_rslora=use_rslora, target_modules=r"heads\.\d+"
+        )

@@ -563,6 +563,21 @@ def test_a_sequential_combined_loader_is_refused_before_anything_changes():
     assert_bitwise_equal(before, all_weights(module))
 
 
+
+class OneShotTrainData(TinyCausalLM):
+    def train_dataloader(self):
+        return iter(list(super().train_dataloader()))
+
+
+def test_a_one_shot_iterator_as_train_data_is_refused_before_anything_changes():
+    # Preheating would consume batches the main run's first epoch then never sees.
+    pl.seed_everything(0)
+    module = OneShotTrainData()
+    before = all_weights(module)
+    with pytest.raises(HRPConfigurationError, match="one-shot"):
+        make_trainer(callbacks=[HRPPreheatCallback(8, 2)], max_steps=2).fit(module)
+    assert_bitwise_equal(before, all_weights(module))
+
 def test_a_reused_callback_preheats_again_in_a_new_fit():
     hrp = HRPPreheatCallback(8, 2)
     pl.seed_everything(0)

@@ -4,6 +4,7 @@ core stays lean, and files stay short enough to read top to bottom."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -106,3 +107,17 @@ def test_a_file_reads_top_to_bottom(relative):
     assert lines <= MAX_LINES or LONG_FILE_REASON in docstring, (
         f"{relative} has {lines} lines; split it by job, or say why not in its docstring ({LONG_FILE_REASON} ...)"
     )
+
+
+def readme_layout() -> str:
+    """The README's layout tree (the code block under ``## Layout``)."""
+    section = (REPO / "README.md").read_text().split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
+    return section.split("```", 2)[1]
+
+
+def test_the_readme_layout_names_every_module():
+    # The tree is where a newcomer learns what each file is for; a module missing there is undocumented.
+    tree = readme_layout()
+    files = [p for p in MODULES.values() if p.name != "__init__.py"] + sorted((REPO / "benchmarks").glob("*.py"))
+    missing = sorted(str(p.relative_to(REPO)) for p in files if not re.search(rf"(?<![\w.]){re.escape(p.name)}\b", tree))
+    assert not missing, f"README.md's Layout tree does not name: {missing}"

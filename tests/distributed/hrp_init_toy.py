@@ -1,6 +1,6 @@
 """``hrp_init`` on the distributed toy: one run (HRP, then one main step), the one-process reference, the checks.
 
-Shared by :mod:`hrp_init_worker` (2 processes: a plain network, DDP, ``fully_shard``, Lightning Fabric)
+Shared by :mod:`hrp_init_worker` (2 processes: a plain network, DDP, ``fully_shard``, FSDP1, Lightning Fabric)
 and by the tests, which compare every multi-process run with one process reading the doubled batch.
 """
 
@@ -11,7 +11,7 @@ import json
 import random
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
@@ -55,7 +56,7 @@ HRP_INIT_OPTIONS: dict[str, Any] = dict(
 )
 MAIN_LR = 1e-2
 # Cases of hrp_init_worker, each a way of holding the network on several processes.
-CASES = ("plain", "ddp", "fully_shard", "fabric", "ddp_failure", "ddp_other_params")
+CASES = ("plain", "ddp", "fully_shard", "fsdp1", "fabric", "ddp_failure", "ddp_other_params")
 
 
 def with_trainable_bias(network: nn.Module) -> nn.Parameter:
@@ -88,13 +89,18 @@ def one_process_other_params_reference(batch_size: int) -> dict[str, Any]:
     return hrp_init_training_other_params(network, network, DataLoader(regression_data(), batch_size=batch_size))
 
 
-def whole_adapters(network: nn.Module) -> dict[str, Tensor]:
-    """Every LoRA factor of ``network``, whole (gathered when sharded: a collective then), on the CPU."""
-    return {
-        f"{t.name}.{name}": read_full(weight).float().cpu().clone()
-        for t in find_lora_targets(network)
-        for name, weight in (("lora_A", t.lora_A), ("lora_B", t.lora_B))
-    }
+def whole_adapters(network: nn.Module, model: nn.Module | None = None) -> dict[str, Tensor]:
+    """Every LoRA factor of ``network``, whole (gathered when sharded: a collective then), on the CPU.
+
+    ``model``: what holds ``network`` (FSDP1 keeps only shards outside ``summon_full_params``).
+    """
+    holder = FullyShardedDataParallel.summon_full_params(model) if isinstance(model, FullyShardedDataParallel) else nullcontext()
+    with holder:
+        return {
+            f"{t.name}.{name}": read_full(weight).float().cpu().clone()
+            for t in find_lora_targets(network)
+            for name, weight in (("lora_A", t.lora_A), ("lora_B", t.lora_B))
+        }
 
 
 def rng_states() -> list[Any]:
@@ -129,12 +135,12 @@ def hrp_init_then_step(
         report = hrp_init(hrp_model, loader, toy_loss, **HRP_INIT_OPTIONS)
     rng_unchanged = rng_states_equal(rng_before, rng_states())
     clean = all(p.grad is None for p in model.parameters()) and not optimizer.state
-    after = whole_adapters(network)
+    after = whole_adapters(network, model)
     batch = next(iter(loader))
     backward(toy_loss(model, batch))
     optimizer.step()
     optimizer.zero_grad()
-    final = whole_adapters(network)
+    final = whole_adapters(network, model)
     return {
         "seed": report.seed,
         "preheat_losses": report.preheat_losses,
@@ -184,7 +190,7 @@ def hrp_init_failing_on_one_rank(network: nn.Module, model: nn.Module, loader: D
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         report = hrp_init(model, loader, FailsOnOneRank(), **(HRP_INIT_OPTIONS | {"on_failure": "continue"}))
-    after = whole_adapters(network)
+    after = whole_adapters(network, model)
     return {
         "report_is_none": report is None,
         "warnings": [str(w.message) for w in caught if "HRP preheating failed" in str(w.message)],

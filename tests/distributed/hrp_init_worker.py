@@ -6,6 +6,7 @@ rank 1) and the process group; then each case builds the toy network and holds i
 * ``plain``: the bare peft network on every rank (``hrp_init`` all-reduces the preheat gradients);
 * ``ddp``: ``torch.nn.parallel.DistributedDataParallel`` around it, by hand;
 * ``fully_shard``: FSDP2's ``fully_shard`` on each block and the root, by hand;
+* ``fsdp1``: FSDP1 (``FullyShardedDataParallel``, ``use_orig_params=True``) around each block and the root;
 * ``fabric``: ``fabric.setup`` (DDP inside Fabric's wrapper), ``hrp_init(model.module, ...)``;
 * ``ddp_failure``: DDP, with rank 1's loss failing once during preheating (``on_failure="continue"``);
 * ``ddp_other_params``: DDP around the network with one base bias trainable, preheated with
@@ -32,7 +33,8 @@ import torch.distributed as dist
 from lightning.fabric import Fabric
 from lightning.fabric.strategies import DDPStrategy
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -78,6 +80,11 @@ def run_case(case: str, fabric: Fabric) -> dict:
         for block in network.base_model.model.blocks:
             fully_shard(block, mesh=mesh)
         model = fully_shard(network, mesh=mesh)
+    elif case == "fsdp1":
+        block_type = type(network.base_model.model.blocks[0])
+        model = FullyShardedDataParallel(
+            network, auto_wrap_policy=ModuleWrapPolicy({block_type}), use_orig_params=True, device_id=torch.device("cpu")
+        )
     else:
         raise SystemExit(f"unknown case {case!r}; choose from {CASES}")
     return hrp_init_then_step(network, model, model, optimizer(), loader)

@@ -1,4 +1,4 @@
-"""``hrp_init`` on 2 CPU processes with gloo: a bare network, DDP, ``fully_shard`` (FSDP2) and Lightning Fabric.
+"""``hrp_init`` on 2 CPU processes with gloo: a bare network, DDP, ``fully_shard`` (FSDP2), FSDP1 and Lightning Fabric.
 
 One worker run (:mod:`hrp_init_worker`, launched by Fabric with ``strategy="ddp"``) holds every case;
 each test asserts on what it left behind against one process reading the doubled batch.
