@@ -16,7 +16,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DeepSpeedStrategy, ParallelStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy, ParallelStrategy
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
@@ -59,9 +59,10 @@ class HRPPreheatCallback(HRPArguments, Callback):
             layer, with one warning, to ``min(in, out)``, the most such a layer can express.
         preheat_steps: Optimizer steps of preheating (each accumulates ``accumulate_grad_batches``
             batches, like a training step).
-        mode: ``"classic"`` trains both preheat factors; ``"asymmetric"`` only ``B_p``, as in the
-            paper's theory.
-        init_rule: ``"direction"`` (the paper): ``A = c * V_r^T``, ``B = 0``, so the model's
+        mode: ``"classic"`` trains both preheat factors; ``"asymmetric"`` only ``B_p``, the setting of
+            the theory sketched in the spec (``/work/shared/spec/HRP.md`` section 1; the paper's full
+            text was not available to us).
+        init_rule: ``"direction"`` (the spec's reading of the paper): ``A = c * V_r^T``, ``B = 0``, so the model's
             output at the start equals the base model's. ``"keep_progress"``: ``s * B @ A`` becomes
             the rank-r truncation of the preheated update.
         direction_scale: ``c`` for ``"direction"``: ``"unit"`` rows, or ``"match_init_norm"``,
@@ -85,11 +86,18 @@ class HRPPreheatCallback(HRPArguments, Callback):
             subspaces moved since the previous step (mean over layers of ``1 - ||V_t V_{t-1}^T||_F^2 / r``;
             0 means settled). Costs one batched decomposition per step.
         drift_tolerance: Stop preheating early, before ``preheat_steps``, once the drift falls below this
-            (implies tracking). A stopping rule the paper does not have.
+            (implies tracking). This project's stopping rule: the paper's abstract and summary, all we could
+            read of it, name none.
         preheat_dtype: Dtype of the preheat adapters, hence of their gradients and (for AdamW) their
             optimizer state: ``"float32"`` or ``"bfloat16"``. ``None``: the LoRA weights' dtype, at least
             float32. Whatever it is, the flags and loss are all-reduced in float32 and the decomposition
             runs in ``svd_dtype``.
+        other_params: The module's other trainable parameters (e.g. a fresh classification head) while
+            preheating: ``"frozen"`` at their current values; ``"train_and_discard"``: trained with the
+            preheat adapters (same optimizer) and put back afterwards; ``"train_and_keep"``: trained and
+            kept, so the main run starts from them (a compute-matched comparison already counts those
+            steps as preheat steps). Training them is supported on unsharded parameters (one process,
+            DDP: their gradients join HRP's own all-reduce), not under FSDP. Restored bit for bit on failure.
         rank_budget: Not here: allocating ranks changes adapter shapes, which is impossible at
             ``on_train_start``, after the strategy wrapped the model and the optimizers were built.
             Refused (``HRPConfigurationError``); use :class:`lightning_hrp.inits.HRPInit`, which preheats at
@@ -127,6 +135,12 @@ class HRPPreheatCallback(HRPArguments, Callback):
         # A new fit: only a checkpoint restored after this point may say that preheating is done.
         self._preheated_in_this_fit = self._restored_as_preheated = False
         self.report = None
+        if self.options.other_params != "frozen" and isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy)):
+            raise HRPConfigurationError(
+                f"other_params={self.options.other_params!r} trains the module's other parameters during preheating, "
+                f"which HRP supports on unsharded parameters only; {type(trainer.strategy).__name__} shards them. Use "
+                "other_params='frozen' (the head then preheats as it is), or DDP."
+            )
         if isinstance(trainer.strategy, DeepSpeedStrategy):
             raise HRPConfigurationError(
                 "HRPPreheatCallback does not support DeepSpeed: ZeRO partitions the LoRA weights outside "

@@ -24,7 +24,7 @@ from lightning_hrp.engine.preheat import PreheatMode
 from lightning_hrp.engine.isolation import isolated_rng
 from lightning_hrp.engine.preheat_loop import BatchSteps
 from lightning_hrp.errors import HRPConfigurationError
-from lightning_hrp.options import HRPOptions, OnFailure, OptimizerFactory, PreheatDtype, SvdDtype
+from lightning_hrp.options import HRPOptions, OnFailure, OptimizerFactory, OtherParams, PreheatDtype, SvdDtype
 from lightning_hrp.orchestration import EntryPoint, forward_communicates, preheat_and_initialise
 from lightning_hrp.report import HRPReport
 
@@ -51,6 +51,7 @@ def hrp_init(
     track_subspace_drift: bool = False,
     drift_tolerance: float | None = None,
     preheat_dtype: PreheatDtype | None = None,
+    other_params: OtherParams = "frozen",
     rank_budget: int | None = None,
     allocation_rule: AllocationRule = "energy",
 ) -> HRPReport | None:
@@ -87,7 +88,7 @@ def hrp_init(
             is a good start); needed unless ``preheat_optimizer`` is given.
         accumulate_grad_batches: Batches per preheat optimizer step.
         mode, init_rule, direction_scale, preheat_optimizer, adapter_name, seed, svd_dtype, on_failure,
-            track_subspace_drift, drift_tolerance, preheat_dtype: As for :class:`lightning_hrp.HRPPreheatCallback`.
+            track_subspace_drift, drift_tolerance, preheat_dtype, other_params: As for :class:`lightning_hrp.HRPPreheatCallback`.
         rank_budget: The total rank of the trainable LoRA layers, allocated after preheating from the
             preheated spectra (``allocation_rule``) instead of the same r everywhere; each layer gets at
             least 1 and at most its preheat rank, and is resized (new ``lora_A``/``lora_B`` Parameters, the

@@ -23,6 +23,7 @@ from lightning_hrp.engine.preheat import PreheatMode
 from lightning_hrp.errors import HRPConfigurationError
 
 OnFailure = Literal["raise", "continue"]
+OtherParams = Literal["frozen", "train_and_discard", "train_and_keep"]
 SvdDtype = Literal["float32", "float64"]
 PreheatDtype = Literal["float32", "bfloat16"]
 OptimizerFactory = Callable[[Iterable[Tensor]], Optimizer]
@@ -49,6 +50,7 @@ class HRPOptions:
     track_subspace_drift: bool = False
     drift_tolerance: float | None = None
     preheat_dtype: PreheatDtype | None = None
+    other_params: OtherParams = "frozen"
     rank_budget: int | None = None
     allocation_rule: AllocationRule = "energy"
 
@@ -60,6 +62,7 @@ class HRPOptions:
         check_choice("direction_scale", self.direction_scale, DirectionScale)
         check_choice("svd_dtype", self.svd_dtype, SvdDtype)
         check_choice("on_failure", self.on_failure, OnFailure)
+        check_choice("other_params", self.other_params, OtherParams)
         check_bool("track_subspace_drift", self.track_subspace_drift)
         if self.preheat_dtype is not None:
             check_choice("preheat_dtype", self.preheat_dtype, PreheatDtype)
@@ -166,6 +169,7 @@ class HRPArguments:
         track_subspace_drift: bool = False,
         drift_tolerance: float | None = None,
         preheat_dtype: PreheatDtype | None = None,
+        other_params: OtherParams = "frozen",
         rank_budget: int | None = None,
         allocation_rule: AllocationRule = "energy",
     ) -> None:

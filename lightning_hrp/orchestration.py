@@ -20,11 +20,12 @@ from contextlib import AbstractContextManager
 import torch
 from torch import Tensor, nn
 from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from lightning_hrp.engine.decompose import energy_kept
 from lightning_hrp.engine.distributed import broadcast_int, rank_and_world_size, read_lora_weights
-from lightning_hrp.engine.isolation import RestoreFailedError, restored_on_failure
+from lightning_hrp.engine.isolation import RestoreFailedError, restore_values, restored_on_failure
 from lightning_hrp.engine.lora import LoraTarget, find_lora_targets
 from lightning_hrp.engine.preheat import PreheatAdapters
 from lightning_hrp.engine.preheat_memory import FREE_MEMORY_SHARE, PreheatMemory, estimate_preheat_memory, free_memory
@@ -145,19 +146,23 @@ def preheat_and_initialise(options: HRPOptions, entry: EntryPoint) -> HRPReport 
             "are left as they are; the trainable ones are preheated and initialised."
         )
 
+    other_names, others = other_trainable_params(options, entry, all_targets)
     # Whole copies, read through the wrapped model: under FSDP1 with use_orig_params=False the weights
     # have no valid local view outside summon_full_params.
     originals = read_lora_weights(entry.root, targets)
+    saved_others = [(p, p.detach().clone()) for p in others]
     seed = options.seed if options.seed is not None else broadcast_int(torch.initial_seed() % 2**62)
     adapters = PreheatAdapters(
         targets, options.preheat_rank, options.mode, seed, device=entry.device,
         zero_updates=[not bool(B.any()) for _, B in originals], dtype=options.preheat_torch_dtype,
     )  # fmt: skip
-    report = HRPReport(seed=seed, frozen_layers=frozen, rank_budget=options.rank_budget)
+    report = HRPReport(seed=seed, frozen_layers=frozen, other_params=other_names, rank_budget=options.rank_budget)
     try:
-        with restored_on_failure(entry.root, targets, originals):
-            _preheat(options, entry, adapters, main_lr, report)
+        with restored_on_failure(entry.root, targets, originals, saved_others):
+            _preheat(options, entry, adapters, others, main_lr, report)
             _initialise(options, entry, targets, originals, adapters, report)
+            if options.other_params == "train_and_discard":
+                restore_values(saved_others)
     except Exception as error:
         if isinstance(error, (HRPConfigurationError, RestoreFailedError)) or options.on_failure == "raise":
             raise
@@ -194,7 +199,7 @@ def check_targets(
     if too_small:
         raise HRPConfigurationError(
             f"preheat_rank={options.preheat_rank} must exceed the LoRA rank (found r={too_small}); "
-            f"preheating at rank 4r to 16r is typical, e.g. preheat_rank={4 * max(too_small)}."
+            f"e.g. preheat_rank={4 * max(too_small)} (4r)."
         )
     too_narrow = [t for t in targets if t.rank > min(t.in_features, t.out_features)]
     if too_narrow:
@@ -217,6 +222,31 @@ def check_targets(
         )
 
 
+def other_trainable_params(
+    options: HRPOptions, entry: EntryPoint, all_targets: list[LoraTarget]
+) -> tuple[list[str], list[nn.Parameter]]:
+    """The model's trainable parameters besides the LoRA weights (e.g. a fresh classification head), by name,
+    that preheating trains with them; none with ``other_params="frozen"``.
+
+    Raises:
+        HRPConfigurationError: ``other_params`` trains them under FSDP, where they are sharded.
+    """
+    if options.other_params == "frozen":
+        return [], []
+    lora = {id(p) for t in all_targets for p in (t.lora_A, t.lora_B)}
+    named = [(name, p) for name, p in entry.model.named_parameters() if p.requires_grad and id(p) not in lora]
+    sharded = [name for name, p in named if isinstance(p, DTensor)] or [
+        type(m).__name__ for m in entry.root.modules() if isinstance(m, (FSDPModule, FullyShardedDataParallel))
+    ]
+    if named and sharded:
+        raise HRPConfigurationError(
+            f"other_params={options.other_params!r} trains the model's other parameters (e.g. {named[0][0]}) during "
+            "preheating, which HRP supports on unsharded parameters only (one process, DDP); under FSDP they are sharded "
+            f"({sharded[0]}). Use other_params='frozen' with FSDP."
+        )
+    return [name for name, _ in named], [p for _, p in named]
+
+
 def check_rank_budget(options: HRPOptions, root: nn.Module, targets: list[LoraTarget]) -> None:
     """Refuse a ``rank_budget`` that cannot be placed, or a model whose adapters cannot change shape."""
     most = sum(min(options.preheat_rank, t.in_features, t.out_features) for t in targets)
@@ -230,9 +260,14 @@ def check_rank_budget(options: HRPOptions, root: nn.Module, targets: list[LoraTa
 
 
 def _preheat(
-    options: HRPOptions, entry: EntryPoint, adapters: PreheatAdapters, main_lr: float | None, report: HRPReport
+    options: HRPOptions,
+    entry: EntryPoint,
+    adapters: PreheatAdapters,
+    others: list[nn.Parameter],
+    main_lr: float | None,
+    report: HRPReport,
 ) -> None:
-    optimizer = options.make_optimizer(adapters.trainable(), main_lr)
+    optimizer = options.make_optimizer([*adapters.trainable(), *others], main_lr)
     report.preheat_memory_bytes = _check_memory(entry, adapters, optimizer).total
     start = time.perf_counter()
     with entry.preheating(optimizer, options.preheat_steps) as batch_steps:
@@ -249,6 +284,7 @@ def _preheat(
             track_drift=options.tracks_drift,
             drift_tolerance=options.drift_tolerance,
             on_step=entry.on_step,
+            other_params=others,
         )
     report.preheat_losses = history.losses
     report.subspace_drift = history.subspace_drift

@@ -51,6 +51,7 @@ class HRPReport:
         preheat_losses: Mean loss per preheat step; NaN for a step whose batches were all skipped.
         skipped_batches: Batches that gave no loss (``None``), over all ranks.
         frozen_layers: LoRA layers with no trainable weight, left as they were.
+        other_params: The model's other trainable parameters that preheating trained too (``other_params``).
         learned_nothing: Layers whose preheated update was exactly zero, left at their current init.
         preheat_memory_bytes: What preheating held per process on top of the model, as estimated from
             the layer shapes before it started (adapters, gradients, optimizer state, all-reduce buffer).
@@ -65,6 +66,7 @@ class HRPReport:
     decompose_seconds: float = 0.0
     skipped_batches: int = 0
     frozen_layers: list[str] = field(default_factory=list)
+    other_params: list[str] = field(default_factory=list)
     learned_nothing: list[str] = field(default_factory=list)
     preheat_memory_bytes: int = 0
     rank_budget: int | None = None

@@ -8,15 +8,19 @@ and tokenizer arguments take a local folder or a hub name alike; both go through
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
+import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import Accuracy, F1Score, MatthewsCorrCoef
 
-from lightning_hrp._validation import check_int
+from lightning_hrp._validation import check_choice, check_int, is_positive_number
+from lightning_hrp.recipes.classification_data import TextClassificationDataModule
 from lightning_hrp.recipes.lora_module import LoraRecipeModule, Scheduler
 from lightning_hrp.recipes.pretrained import default_model_path, resolve_pretrained
 
@@ -54,6 +58,117 @@ def lora_target_modules(model_type: str, include_mlp: bool) -> str:
     return rf".*\.layer\.\d+\.(?:{'|'.join(parts)})"
 
 
+HeadInit = Literal["random", "linear_probe"]
+
+
+class LinearProbeHead(Callback):
+    """Start the classification head from a logistic regression on the frozen model's features (a linear probe).
+
+    At ``setup("fit")``, before the data-driven inits and HRP see the head: the model runs in eval mode
+    (no dropout, no gradient) over the first ``examples`` training examples in a fixed order (no RNG is
+    drawn, so the main run's data order is untouched), the inputs of the head's final linear layer are
+    collected, and a multinomial logistic regression with an L2 penalty ``l2 / 2 * ||W||^2`` on the mean
+    cross-entropy is fitted to them by L-BFGS in float64; its weight and bias replace the head's.
+
+    Args:
+        examples: Training examples the probe is fitted on (None: the whole training split).
+        l2: L2 penalty on the probe's weight.
+    """
+
+    def __init__(self, examples: int | None = 1024, l2: float = 1e-3) -> None:
+        if examples is not None:
+            check_int("probe_examples", examples, minimum=1)
+        if not is_positive_number(l2):
+            raise ValueError(f"probe_l2 must be a positive number, got {l2!r}.")
+        self.examples = examples
+        self.l2 = float(l2)
+        self.finished = False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"finished": self.finished}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.finished = state_dict["finished"]
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit" or self.finished:
+            return
+        head = _final_head_layer(pl_module)
+        features, labels = self._features(trainer, pl_module, head)
+        weight, bias, loss = fit_logistic_regression(features, labels, head.out_features, self.l2)
+        with torch.no_grad():
+            head.weight.copy_(weight.to(head.weight.dtype))
+            head.bias.copy_(bias.to(head.bias.dtype))
+        self.finished = True
+        rank_zero_info(f"Linear probe: head fitted on {len(labels)} training examples (training cross-entropy {loss:.4f}).")
+
+    def _features(self, trainer: pl.Trainer, pl_module: pl.LightningModule, head: nn.Linear) -> tuple[Tensor, Tensor]:
+        datamodule = trainer.datamodule
+        if not isinstance(datamodule, TextClassificationDataModule):
+            raise ValueError(
+                f"head_init='linear_probe' needs a TextClassificationDataModule (it reads the training split in a fixed "
+                f"order), got {type(datamodule).__name__}."
+            )
+        collected: list[Tensor] = []
+        labels: list[Tensor] = []
+        hook = head.register_forward_pre_hook(lambda module, args: collected.append(args[0].detach().double().cpu()))
+        training = pl_module.training
+        pl_module.eval()
+        try:
+            with torch.no_grad():
+                for batch in datamodule.ordered_dataloader("train"):
+                    seen = sum(len(t) for t in labels)
+                    if self.examples is not None and seen >= self.examples:
+                        break
+                    batch = {key: value.to(pl_module.device) for key, value in batch.items()}
+                    pl_module(batch)
+                    labels.append(batch["labels"].cpu())
+        finally:
+            hook.remove()
+            pl_module.train(training)
+        features, targets = torch.cat(collected), torch.cat(labels)
+        return features[: self.examples], targets[: self.examples]
+
+
+def _final_head_layer(pl_module: pl.LightningModule) -> nn.Linear:
+    """The one trainable ``nn.Linear`` with ``num_labels`` outputs: the head's final layer."""
+    num_labels = pl_module.hparams.num_labels
+    found = [
+        m for m in pl_module.modules()
+        if isinstance(m, nn.Linear) and m.out_features == num_labels and m.weight.requires_grad and m.bias is not None
+    ]  # fmt: skip
+    if len(found) != 1:
+        raise ValueError(
+            f"head_init='linear_probe' needs exactly one trainable nn.Linear with {num_labels} outputs and a bias (the "
+            f"classification head's last layer), found {len(found)}."
+        )
+    return found[0]
+
+
+def fit_logistic_regression(features: Tensor, labels: Tensor, classes: int, l2: float) -> tuple[Tensor, Tensor, float]:
+    """Multinomial logistic regression by L-BFGS (float64): ``argmin mean CE(x W^T + b, y) + l2 / 2 * ||W||^2``.
+
+    Returns:
+        The weight ``(classes, features)``, the bias ``(classes,)`` and the final training cross-entropy.
+    """
+    x, y = features.double(), labels.long()
+    weight = torch.zeros(classes, x.shape[1], dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(classes, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=500, tolerance_grad=1e-9, line_search_fn="strong_wolfe")
+
+    def objective() -> Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(x @ weight.T + bias, y) + 0.5 * l2 * weight.square().sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(objective)
+    with torch.no_grad():
+        cross_entropy = float(F.cross_entropy(x @ weight.T + bias, y))
+    return weight.detach(), bias.detach(), cross_entropy
+
+
 def _metrics(num_labels: int, prefix: str) -> MetricCollection:
     if num_labels == 2:
         # GLUE convention: binary F1 of the positive class (MRPC, QQP), MCC for CoLA.
@@ -86,6 +201,11 @@ class SequenceClassifier(LoraRecipeModule):
         learning_rate: Peak AdamW learning rate.
         warmup_ratio: Fraction of the training steps with linear warm-up from 0.
         scheduler: Learning-rate shape after warm-up: linear or cosine decay to 0, or constant.
+        head_init: ``random`` (the head as ``from_pretrained`` initialises it), or ``linear_probe``: a
+            logistic regression on the frozen model's features before any init sees the head
+            (:class:`LinearProbeHead`).
+        probe_examples: Training examples the linear probe is fitted on (None: all).
+        probe_l2: L2 penalty of the linear probe.
         **kwargs: ``init_method`` (``full`` trains the whole model), ``init_options``, ``weight_decay``:
             see :class:`~lightning_hrp.recipes.lora_module.LoraRecipeModule`.
     """
@@ -103,13 +223,19 @@ class SequenceClassifier(LoraRecipeModule):
         learning_rate: float = 5e-4,
         warmup_ratio: float = 0.06,
         scheduler: Scheduler = "linear",
+        head_init: HeadInit = "random",
+        probe_examples: int | None = 1024,
+        probe_l2: float = 1e-3,
         **kwargs: Any,
     ) -> None:
         check_int("num_labels", num_labels, minimum=2)
+        check_choice("head_init", head_init, HeadInit)
+        probe = LinearProbeHead(probe_examples, probe_l2) if head_init == "linear_probe" else None
         check_int("lora_r", lora_r, minimum=1)
         if target_modules is not None and lora_on_mlp:
             raise ValueError("lora_on_mlp applies to the default targets only; add the MLP modules to target_modules instead.")
         super().__init__(learning_rate=learning_rate, warmup_ratio=warmup_ratio, scheduler=scheduler, **kwargs)
+        self.probe = probe
         self.model = self._build_model()
         self.val_metrics = _metrics(num_labels, "val/")
         self.test_metrics = _metrics(num_labels, "test/")
@@ -145,6 +271,10 @@ class SequenceClassifier(LoraRecipeModule):
             target_modules=targets,
             use_rslora=hp.use_rslora,
         )
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        # The probe first: the data-driven inits (at setup) and HRP then start from the probed head.
+        return ([self.probe] if self.probe is not None else []) + super().configure_callbacks()
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
         """Class logits for a batch (its ``labels``, if any, are ignored)."""

@@ -235,7 +235,8 @@ class TextClassificationDataModule(pl.LightningDataModule, ModelRequirements):
     def _collate(self, features: list[dict[str, Any]]) -> dict[str, Tensor]:
         return dict(self.tokenizer.pad(features, return_tensors="pt"))
 
-    def _eval_loader(self, split: str) -> DataLoader:
+    def ordered_dataloader(self, split: str) -> DataLoader:
+        """A split in order of length, in batches of ``eval_batch_size``: no shuffling, no RNG drawn."""
         data = sorted(self.datasets[split], key=lambda example: len(example["input_ids"]))
         return DataLoader(
             data, batch_size=self.hparams.eval_batch_size, collate_fn=self._collate, num_workers=self.hparams.num_workers
@@ -256,10 +257,10 @@ class TextClassificationDataModule(pl.LightningDataModule, ModelRequirements):
         )
 
     def val_dataloader(self) -> DataLoader:
-        return self._eval_loader("validation")
+        return self.ordered_dataloader("validation")
 
     def test_dataloader(self) -> DataLoader:
-        return self._eval_loader("test")
+        return self.ordered_dataloader("test")
 
 
 def _check_sizes(**sizes: int | None) -> None:
@@ -308,14 +309,20 @@ class RottenTomatoesDataModule(TextClassificationDataModule):
 class GlueDataModule(TextClassificationDataModule):
     """A GLUE classification task from the Hugging Face hub (needs ``pip install datasets`` and network).
 
-    GLUE's test labels are hidden, so validation and test both use the task's validation split
-    (``validation_matched`` for MNLI), as LoRA papers report GLUE results.
+    GLUE's test labels are hidden, so the test split is the task's validation split
+    (``validation_matched`` for MNLI), as LoRA papers report GLUE results. By default the
+    validation split is that one too; a comparison that chooses learning rates on validation must
+    not then report the same examples as test, so ``val_from_train`` holds out training examples as
+    the validation split instead.
 
     Args:
         task: One of cola, sst2, mrpc, qqp, mnli, qnli, rte, wnli.
         dataset: The hub dataset holding GLUE.
-        train_size: Training examples to use, the first n (None: all).
+        train_size: Training examples to use, the first n (None: all; after any held out).
         val_size: Validation examples to use, the first n (None: all).
+        val_from_train: Hold out this many training examples (the first in a fixed hash order of
+            their text, as :func:`split_rotten_tomatoes` orders) as the validation split; None: the
+            validation split is GLUE's, the same examples as test.
         **kwargs: See :class:`TextClassificationDataModule`.
     """
 
@@ -325,11 +332,12 @@ class GlueDataModule(TextClassificationDataModule):
         dataset: str = GLUE_DATASET,
         train_size: int | None = None,
         val_size: int | None = None,
+        val_from_train: int | None = None,
         **kwargs: Any,
     ) -> None:
         if task not in GLUE_TASKS:
             raise ValueError(f"task must be one of the GLUE classification tasks {sorted(GLUE_TASKS)}, got {task!r}.")
-        _check_sizes(train_size=train_size, val_size=val_size)
+        _check_sizes(train_size=train_size, val_size=val_size, val_from_train=val_from_train)
         super().__init__(**kwargs)
         self.num_labels = GLUE_TASKS[task][1]
 
@@ -345,11 +353,17 @@ class GlueDataModule(TextClassificationDataModule):
         columns, _ = GLUE_TASKS[hp.task]
         validation = "validation_matched" if hp.task == "mnli" else "validation"
 
-        def examples(split: str, size: int | None) -> list[TextExample]:
-            rows = data[split] if size is None else data[split].select(range(min(size, len(data[split]))))
+        def examples(split: str) -> list[TextExample]:
             if len(columns) == 1:
-                return [(row[columns[0]], int(row["label"])) for row in rows]
-            return [((row[columns[0]], row[columns[1]]), int(row["label"])) for row in rows]
+                return [(row[columns[0]], int(row["label"])) for row in data[split]]
+            return [((row[columns[0]], row[columns[1]]), int(row["label"])) for row in data[split]]
 
-        validation_examples = examples(validation, hp.val_size)
-        return {"train": examples("train", hp.train_size), "validation": validation_examples, "test": validation_examples}
+        train, test = examples("train"), examples(validation)
+        held_out = hp.val_from_train
+        if held_out is None:
+            validation_examples = test[: hp.val_size]
+            return {"train": train[: hp.train_size], "validation": validation_examples, "test": validation_examples}
+        if held_out >= len(train):
+            raise ValueError(f"val_from_train={held_out} leaves no training data out of {len(train)} {hp.task} examples.")
+        ordered = sorted(train, key=lambda example: hashlib.sha256(f"{ROTTEN_TOMATOES_SPLIT_SEED}:{example[0]}".encode()).digest())
+        return {"train": ordered[held_out:][: hp.train_size], "validation": ordered[:held_out][: hp.val_size], "test": test}

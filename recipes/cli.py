@@ -2,7 +2,8 @@
 
 ``lightning-hrp demo [options]`` runs the LoRA-versus-HRP demo (:mod:`lightning_hrp.recipes.demo`);
 ``lightning-hrp compare --config recipes/configs/compare_*.yaml`` compares LoRA initialisations
-over learning rates and seeds (:mod:`lightning_hrp.recipes.compare`). Everything
+over learning rates and seeds (:mod:`lightning_hrp.recipes.compare`), ``lightning-hrp compare-grid``
+one such comparison per cell of a grid (:mod:`lightning_hrp.recipes.compare_grid`). Everything
 else goes to a ``LightningCLI`` in subclass mode, so a config picks its recipe by ``class_path``::
 
     lightning-hrp fit --config recipes/configs/matrix_regression_hrp.yaml
@@ -36,6 +37,7 @@ SUBCOMMAND_HELP = {
     "test": "evaluate a checkpoint on the test split",
     "demo": "plain LoRA vs HRP on MiniLM-L6 / Rotten Tomatoes, offline, minutes on a CPU",
     "compare": "compare LoRA initialisations (lora, pissa, eva, lora_one, hrp, ...) over learning rates and seeds",
+    "compare-grid": "one compare per cell of a two-axis grid (e.g. rank x steps), paired gains across it",
 }
 # The extra that brings each module the command imports beyond the core install.
 _EXTRAS = {
@@ -87,6 +89,10 @@ def _dispatch(args: list[str], from_sys_argv: bool) -> int:
         from lightning_hrp.recipes.compare import main as compare_main
 
         return compare_main(args[1:])
+    if args[0] == "compare-grid":
+        from lightning_hrp.recipes.compare_grid import main as grid_main
+
+        return grid_main(args[1:])
     from lightning_hrp.recipes.runs import LightningHRPCLI
 
     # With args=None LightningCLI reads sys.argv itself (passing both makes it warn).

@@ -62,7 +62,7 @@ def compare(settings: CompareSettings, command: str = "") -> list[dict[str, Any]
         os.environ["WANDB_DIR"] = str(output)
         os.environ.setdefault("WANDB_SILENT", "true")
     results = []
-    plan = [(spec, lr, seed) for spec in arms for lr in settings.learning_rates for seed in settings.seeds]
+    plan = [(spec, lr, seed) for spec in arms for lr in spec.rates(settings.learning_rates) for seed in settings.seeds]
     for index, (spec, lr, seed) in enumerate(plan, start=1):
         config = run_config(base, settings, spec, lr, seed)
         tag = f"[{index}/{len(plan)}] {spec.label} lr={lr:g} seed={seed}"

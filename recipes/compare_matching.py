@@ -20,12 +20,15 @@ A data-driven init of a kind not listed here is refused rather than counted as f
 The matched arm of a method with ``b`` extra forward-and-backward batches is plain LoRA (peft's
 default init) trained for ``max_steps + ceil(b / accumulate)`` optimizer steps at its own tuned
 learning rate, labelled ``lora_matched_<total steps>``; methods with equal totals share one. A
-method with no extra batches is matched by plain LoRA at the main budget: the comparison's own
-plain-LoRA method (``method: lora``, no options, no overrides) where it has one.
+method with per-method ``overrides`` (other than its ``trainer.max_steps``, e.g. a linear-probe
+head) is matched by plain LoRA with the same overrides, ``lora_matched_<total steps>_<its label>``.
+A plain-LoRA method of the comparison (``method: lora``, no options) is the match of every method
+with its overrides and total steps, e.g. ``lora`` for the methods that compute nothing before training.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -127,8 +130,17 @@ def step_budget(config: Mapping[str, Any]) -> tuple[int, int]:
 
 
 def is_plain_lora(spec: MethodSpec) -> bool:
-    """Plain LoRA at the comparison's own budget: peft's default init, no options, no per-method overrides."""
-    return spec.method is InitMethod.lora and not spec.options and not spec.overrides
+    """Plain LoRA: peft's default init, no options (per-method overrides allowed)."""
+    return spec.method is InitMethod.lora and not spec.options
+
+
+def recipe_overrides(spec: MethodSpec) -> dict[str, Any]:
+    """A method's overrides besides its step budget: what its matched arm must share."""
+    return {k: v for k, v in spec.overrides.items() if k != "trainer.max_steps"}
+
+
+def _key(spec: MethodSpec, total: int) -> tuple[str, int]:
+    return json.dumps(recipe_overrides(spec), sort_keys=True, default=str), total
 
 
 def plan_matching(settings: CompareSettings, base: Mapping[str, Any]) -> MatchingPlan:
@@ -142,22 +154,24 @@ def plan_matching(settings: CompareSettings, base: Mapping[str, Any]) -> Matchin
     arms = list(settings.methods)
     extra = {spec.label: extra_compute(spec, accumulate) for spec in settings.methods}
     total_steps = {spec.label: _own_steps(spec, main_steps) for spec in settings.methods}
-    plain_at_main = next((spec.label for spec in settings.methods if is_plain_lora(spec)), None)
+    # Plain-LoRA arms by (recipe overrides, total steps): the comparison's own first, then the added ones.
+    plain: dict[tuple[str, int], str] = {}
+    for spec in settings.methods:
+        if is_plain_lora(spec):
+            plain.setdefault(_key(spec, total_steps[spec.label]), spec.label)
     matched: dict[str, str] = {}
-    added: dict[int, str] = {}
     for spec in settings.methods:
         if is_plain_lora(spec):
             continue
         total = total_steps[spec.label] + extra[spec.label].extra_steps(accumulate)
-        if total == main_steps and plain_at_main is not None:
-            matched[spec.label] = plain_at_main
-            continue
-        if total not in added:
-            label = f"{MATCHED_PREFIX}{total}"
-            added[total] = label
-            arms.append(MethodSpec(label, InitMethod.lora, {}, {"trainer.max_steps": total}))
+        key = _key(spec, total)
+        if key not in plain:
+            shared = recipe_overrides(spec)
+            label = f"{MATCHED_PREFIX}{total}" + (f"_{spec.label}" if shared else "")
+            arms.append(MethodSpec(label, InitMethod.lora, {}, {**shared, "trainer.max_steps": total}))
             total_steps[label] = total
-        matched[spec.label] = added[total]
+            plain[key] = label
+        matched[spec.label] = plain[key]
     return MatchingPlan(main_steps, accumulate, arms, extra, matched, total_steps)
 
 

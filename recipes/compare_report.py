@@ -12,11 +12,10 @@ from typing import Any
 
 import pandas as pd
 
-from lightning_hrp.inits import InitMethod
 from lightning_hrp.recipes.compare_analysis import paired_table, reach_step, runs_frame, summarise, validation_means
-from lightning_hrp.recipes.compare_matching import MatchingPlan, plan_matching
+from lightning_hrp.recipes.compare_matching import MatchingPlan, is_plain_lora, plan_matching, recipe_overrides
 from lightning_hrp.recipes.compare_plots import write_plots
-from lightning_hrp.recipes.compare_running import read_learning_curve
+from lightning_hrp.recipes.compare_running import read_learning_curve, work_before_training
 from lightning_hrp.recipes.compare_settings import CompareSettings, Direction, MethodSpec, run_dir
 
 SUMMARY_COLUMNS = ["method", "chosen_lr", "val_mean", "val_std", "test_mean", "test_std", "seeds"]
@@ -82,36 +81,42 @@ def write_report(results: Sequence[dict[str, Any]], settings: CompareSettings, c
 def equivalent_steps_table(
     summary: pd.DataFrame, runs: pd.DataFrame, settings: CompareSettings, arms: Sequence[MethodSpec], plan: MatchingPlan | None
 ) -> pd.DataFrame:
-    """Per method with extra compute: the plain-LoRA steps that reach its final validation value.
+    """Per method but plain LoRA: the plain-LoRA steps that reach its final validation value.
 
-    Read off the seed-mean validation curve of the longest plain-LoRA arm (at its chosen rate), against
-    the method's seed-mean final ``selection_metric``. ``equivalent_extra_steps`` is that step minus
-    the main budget: what the method's start is worth in plain-LoRA steps, to set against its own
-    ``extra_steps``. Empty without compute matching.
+    Read off the seed-mean validation curve (at its chosen rate) of the longest plain-LoRA arm with
+    the method's recipe overrides, against the method's seed-mean final ``selection_metric``.
+    ``equivalent_extra_steps`` is that step minus the method's own main steps: what its start is
+    worth in plain-LoRA steps, to set against its ``extra_steps``. Empty without compute matching.
     """
     columns = ["label", "extra_steps", "final_val", "lora_arm", "reached_at", "bound", "equivalent_extra_steps"]
     if plan is None:
         return pd.DataFrame(columns=columns)
-    plain = [spec.label for spec in arms if spec.method is InitMethod.lora and not spec.options and spec.label in summary.index]
-    if not plain:
-        return pd.DataFrame(columns=columns)
-    longest = max(plain, key=lambda label: plan.total_steps[label])
-    seeds = sorted(runs.loc[(runs["label"] == longest) & (runs["learning_rate"] == summary.loc[longest, "chosen_lr"]), "seed"])
-    curve = mean_curve(settings, longest, float(summary.loc[longest, "chosen_lr"]), seeds, settings.selection_metric)
+    plain = [spec for spec in arms if is_plain_lora(spec) and spec.label in summary.index]
+    curves: dict[str, pd.Series] = {}
     rows = []
-    for label, extra in plan.extra.items():
-        if label not in summary.index or extra.backward_batches == 0:
+    for spec in arms:
+        extra = plan.extra.get(spec.label)
+        if extra is None or is_plain_lora(spec) or spec.label not in summary.index:
             continue
-        step, bound = reach_step(curve, float(summary.loc[label, "val_mean"]), settings.selection_mode)
+        candidates = [arm.label for arm in plain if recipe_overrides(arm) == recipe_overrides(spec)]
+        if not candidates:
+            continue
+        longest = max(candidates, key=lambda label: plan.total_steps[label])
+        if longest not in curves:
+            lr = float(summary.loc[longest, "chosen_lr"])
+            seeds = sorted(runs.loc[(runs["label"] == longest) & (runs["learning_rate"] == lr), "seed"])
+            curves[longest] = mean_curve(settings, longest, lr, seeds, settings.selection_metric)
+        final = float(summary.loc[spec.label, "val_mean"])
+        step, bound = reach_step(curves[longest], final, settings.selection_mode)
         rows.append(
             {
-                "label": label,
+                "label": spec.label,
                 "extra_steps": extra.extra_steps(plan.accumulate),
-                "final_val": float(summary.loc[label, "val_mean"]),
+                "final_val": final,
                 "lora_arm": longest,
                 "reached_at": step,
                 "bound": bound,
-                "equivalent_extra_steps": step - plan.total_steps[label],
+                "equivalent_extra_steps": step - plan.total_steps[spec.label],
             }
         )
     return pd.DataFrame(rows, columns=columns)
@@ -124,6 +129,16 @@ def mean_curve(settings: CompareSettings, label: str, lr: float, seeds: Sequence
     if not curves:
         return pd.Series(dtype=float)
     return pd.concat(curves, axis=1, join="inner").sort_index().mean(axis=1)
+
+
+def _work_taken(settings: CompareSettings, runs: pd.DataFrame, label: str, lr: float) -> str:
+    """``"; taken: preheat steps 5.2"``: the mean over seeds at the chosen rate of what the runs' diagnostics say they computed."""
+    seeds = runs.loc[(runs["label"] == label) & (runs["learning_rate"] == lr), "seed"]
+    found = [work_before_training(run_dir(settings, label, lr, int(seed))) for seed in seeds]
+    keys = sorted({key for work in found for key in work})
+    if not keys:
+        return ""
+    return "; taken: " + ", ".join(f"{key} {sum(work.get(key, 0) for work in found) / len(found):.3g}" for key in keys)
 
 
 def _difference(value: float) -> str:
@@ -190,7 +205,8 @@ def report_lines(
             extra = plan.extra.get(label)
             total = plan.total_steps[label]
             extra_steps = extra.extra_steps(plan.accumulate) if extra is not None else 0
-            compute = f" {total}" + (f" + {extra_steps}" if extra_steps else "") + f" | {extra.how if extra else 'none (matched arm)'} |"
+            taken = _work_taken(settings, runs, label, float(s.chosen_lr))
+            compute = f" {total}" + (f" + {extra_steps}" if extra_steps else "") + f" | {extra.how if extra else 'none (matched arm)'}{taken} |"
         per_lr = "".join(f" {means[label, lr]:.4g} |" if (label, lr) in means.index else " |" for lr in learning_rates)
         lines.append(
             f"| {label} | {s.method} |{compute} {s.chosen_lr:g} | {s.val_mean:.4g} ± {s.val_std:.2g} | "

@@ -192,6 +192,22 @@ def _digests(directory: Path) -> dict[str, str]:
     return {name: _sha256(directory / name) for name in _READ_BACK if (directory / name).is_file()}
 
 
+def work_before_training(directory: Path) -> dict[str, int]:
+    """What a run's diagnostics say it computed before training: ``{"preheat steps": n}`` for HRP (fewer
+    than ``preheat_steps`` when ``drift_tolerance`` stopped it), ``{"<init> batches": n}`` for a data-driven
+    init (EVA's forward-only batches, the gradient batches of LoRA-GA and LoRA-One); empty without diagnostics."""
+    path = directory / "diagnostics.json"
+    if not path.is_file():
+        return {}
+    diagnostics = read_json(path)
+    found = {}
+    if "hrp" in diagnostics:
+        found["preheat steps"] = len(diagnostics["hrp"]["preheat_losses"])
+    if "init" in diagnostics:
+        found[f"{diagnostics['init']['method']} batches"] = int(diagnostics["init"]["batches"])
+    return found
+
+
 def read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())

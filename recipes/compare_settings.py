@@ -27,12 +27,19 @@ class MethodSpec:
         options: Its ``init_options``.
         overrides: Dotted keys set in this method's run configs only, after the comparison's
             ``overrides`` (e.g. ``{"trainer.max_steps": 48}`` for a longer plain-LoRA arm).
+        learning_rates: This method's own grid instead of the comparison's (e.g. a variant run at
+            the rate chosen for the method it varies); None: the comparison's.
     """
 
     label: str
     method: InitMethod
     options: dict[str, Any] = field(default_factory=dict)
     overrides: dict[str, Any] = field(default_factory=dict)
+    learning_rates: list[float] | None = None
+
+    def rates(self, default: list[float]) -> list[float]:
+        """The learning rates this method runs at: its own grid, or ``default`` (the comparison's)."""
+        return list(self.learning_rates) if self.learning_rates is not None else list(default)
 
 
 @dataclass
@@ -127,6 +134,17 @@ _SAFE_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 _MAX_SEED = 2**32 - 1
 
 
+def _check_rates(rates: list[float]) -> None:
+    if not rates:
+        raise ValueError("learning_rates: a method's own grid must hold at least one value.")
+    for lr in rates:
+        if not is_positive_number(lr):
+            raise ValueError(f"learning_rates: each must be a positive, finite number, got {lr!r}.")
+    folders = [_lr_folder(lr) for lr in rates]
+    if len(set(folders)) != len(folders):
+        raise ValueError(f"learning_rates: must differ within 6 significant digits (each names a folder lr=<value>), got {rates}.")
+
+
 def check_label(label: Any) -> str:
     """``label`` if it is a safe folder name; raises ``ValueError`` otherwise."""
     if not (isinstance(label, str) and _SAFE_LABEL.fullmatch(label)):
@@ -158,14 +176,8 @@ def check_settings(settings: CompareSettings) -> None:
         raise ValueError(f"methods: labels must be unique, ignoring case (they name folders), got {labels}.")
     if not settings.learning_rates or not settings.seeds:
         raise ValueError("learning_rates and seeds must each hold at least one value.")
-    for lr in settings.learning_rates:
-        if not is_positive_number(lr):
-            raise ValueError(f"learning_rates: each must be a positive, finite number, got {lr!r}.")
-    folders = [_lr_folder(lr) for lr in settings.learning_rates]
-    if len(set(folders)) != len(folders):
-        raise ValueError(
-            f"learning_rates: must differ within 6 significant digits (each names a folder lr=<value>), got {settings.learning_rates}."
-        )
+    for grid in [settings.learning_rates] + [spec.learning_rates for spec in settings.methods if spec.learning_rates is not None]:
+        _check_rates(grid)
     for seed in settings.seeds:
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= _MAX_SEED:
             raise ValueError(f"seeds: each must be an integer in [0, {_MAX_SEED}] (seed_everything's range), got {seed!r}.")

@@ -1,4 +1,4 @@
-"""Low-rank matrix regression: the HRP paper's theory made concrete (spec sections 1 and 3).
+"""Low-rank matrix regression: the theory of spec sections 1 and 3 (this project's summary of the HRP paper) made concrete.
 
 A frozen linear layer ``W0`` must be fine-tuned to ``W_target = W0 + M``, where the update ``M``
 is low-rank dominated (singular values ``sigma_i = update_scale * i**-spectrum_decay``). LoRA

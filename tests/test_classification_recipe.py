@@ -136,6 +136,24 @@ def test_glue_without_datasets_says_how_to_install_it(tiny_bert_dir):
         data.prepare_data()
 
 
+def test_glue_can_hold_out_training_examples_as_validation(monkeypatch):
+    rows = {
+        "train": [{"sentence": f"train {i}", "label": i % 2} for i in range(30)],
+        "validation": [{"sentence": f"glue validation {i}", "label": i % 2} for i in range(7)],
+    }
+    monkeypatch.setattr(GlueDataModule, "_load_dataset", lambda self: rows)
+    shared = GlueDataModule(task="sst2").load_splits()
+    assert shared["validation"] == shared["test"] and len(shared["train"]) == 30
+    held = GlueDataModule(task="sst2", val_from_train=10).load_splits()
+    assert len(held["validation"]) == 10 and len(held["train"]) == 20 and len(held["test"]) == 7
+    # Disjoint, together the whole training split, and the test split is GLUE's validation split.
+    assert sorted(held["train"] + held["validation"]) == sorted((r["sentence"], r["label"]) for r in rows["train"])
+    assert all(text.startswith("glue validation") for text, _ in held["test"])
+    # A fixed order, whatever the order of the rows.
+    monkeypatch.setattr(GlueDataModule, "_load_dataset", lambda self: {**rows, "train": rows["train"][::-1]})
+    assert GlueDataModule(task="sst2", val_from_train=10).load_splits()["validation"] == held["validation"]
+
+
 def test_glue_rejects_unknown_task():
     with pytest.raises(ValueError, match="stsb"):
         GlueDataModule(task="stsb")
@@ -283,3 +301,33 @@ def test_hrp_fit_reinitialises_adapters_then_trains(tiny_bert_dir):
         gram = A @ A.T  # rows: scaled top singular vectors, so mutually orthogonal
         assert torch.allclose(gram, torch.diag(torch.diagonal(gram)), atol=1e-5 * float(gram.diagonal().max()))
     assert torch.isfinite(fit.callback_metrics["val/acc"])
+
+
+class _HeadAtFitStart(Callback):
+    """Placed after the module's callbacks: the head after every setup-time init, before training."""
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.weight = pl_module.model.base_model.model.classifier.modules_to_save["default"].weight.detach().clone()
+        self.bias = pl_module.model.base_model.model.classifier.modules_to_save["default"].bias.detach().clone()
+
+
+def test_linear_probe_head_is_the_logistic_regression_on_the_frozen_features(tiny_bert_dir):
+    pl.seed_everything(0)
+    module = SequenceClassifier(tiny_bert_dir, lora_r=4, head_init="linear_probe", probe_examples=40, probe_l2=1e-2)
+    data = tiny_data(tiny_bert_dir)
+    head = _HeadAtFitStart()
+    fit = trainer(1, [head])
+    fit.fit(module, datamodule=data)
+    # The features the head sees, recomputed independently: the pooled outputs of the frozen model (eval mode).
+    backbone = module.model.base_model.model.eval()
+    inputs = [batch for batch in data.ordered_dataloader("train")]
+    with torch.no_grad():
+        features = torch.cat([backbone.bert(**{k: v for k, v in b.items() if k != "labels"}).pooler_output for b in inputs])[:40]
+    labels = torch.cat([b["labels"] for b in inputs])[:40]
+    # At a minimum of mean cross-entropy + l2 / 2 ||W||^2 the gradient vanishes.
+    weight = head.weight.double().requires_grad_(True)
+    bias = head.bias.double().requires_grad_(True)
+    objective = torch.nn.functional.cross_entropy(features.double() @ weight.T + bias, labels) + 0.5 * 1e-2 * weight.square().sum()
+    objective.backward()
+    assert weight.grad.abs().max() < 1e-4 and bias.grad.abs().max() < 1e-4
+    assert fit.global_step == 1

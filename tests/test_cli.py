@@ -53,6 +53,11 @@ def test_config_header_command_parses(config, monkeypatch):
 
             build_parser().parse_args(argv[1:])
             continue
+        if argv[0] == "compare-grid":  # one sweep per cell of a grid, with its own parser
+            from lightning_hrp.recipes.compare_grid import build_parser as build_grid_parser
+
+            build_grid_parser().parse_args(argv[1:])
+            continue
         assert argv[0] in ("fit", "validate", "test"), f"unknown subcommand in {relative}: {argv}"
         section = parse(argv)[argv[0]]
         assert section.model.class_path and section.data.class_path
@@ -180,11 +185,11 @@ def test_demo_help(capsys):
 
 def test_top_level_help_lists_every_subcommand(capsys):
     text = _help(["--help"], capsys)
-    for subcommand in ("fit", "validate", "test", "demo", "compare"):
+    for subcommand in ("fit", "validate", "test", "demo", "compare", "compare-grid"):
         assert re.search(rf"^\s+{subcommand}\s", text, re.MULTILINE), f"--help does not list {subcommand}"
 
 
-@pytest.mark.parametrize("subcommand", ["fit", "demo", "compare"])
+@pytest.mark.parametrize("subcommand", ["fit", "demo", "compare", "compare-grid"])
 def test_every_subcommand_takes_snake_case_options(subcommand, capsys):
     options = set(re.findall(r"(?<![\w-])--[\w.+-]+", _help([subcommand, "--help"], capsys)))
     assert "--config" in options

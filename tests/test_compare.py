@@ -174,14 +174,17 @@ def test_bad_input_is_refused_before_any_run(tmp_path: Path) -> None:
 
 def test_command_line_parses_the_bundled_configs(capsys: pytest.CaptureFixture) -> None:
     parser = compare_module.build_parser()
-    for name in ("compare_matrix_regression.yaml", "compare_classification_rotten_tomatoes.yaml"):
+    bundled = sorted(path.name for path in Path(RECIPE).parent.glob("compare_*.yaml"))
+    assert len(bundled) >= 5
+    for name in bundled:
         path = Path(RECIPE).with_name(name)
         settings = parser.instantiate(parser.parse_args(["--config", str(path)]))
         assert all(isinstance(m, MethodSpec) for m in settings.methods)
-        assert len(settings.seeds) >= 3 and len(settings.learning_rates) >= 3
+        assert len(settings.seeds) >= 5 and len(settings.learning_rates) >= 2  # paired intervals need seeds
         # Its budget is in optimizer steps, so compute matching can add the matched arms.
         arms, plan = comparison_arms(settings, load_recipe_config(ROOT / settings.recipe_config))
-        assert plan is not None and len(arms) > len(settings.methods)
+        assert plan is not None and plan.matched
+        assert set(plan.matched.values()) <= {arm.label for arm in arms}
     with pytest.raises(SystemExit):
         main(["--config", str(Path(RECIPE).with_name("compare_matrix_regression.yaml")), "--methods=[{\"label\": \"x\", \"method\": \"magic\"}]"])
     # Checked like any option: a bad grid or label is a usage error naming the field, before anything runs.
@@ -318,3 +321,65 @@ def test_logging_to_wandb_without_wandb_installed_is_refused_before_any_run(tmp_
         compare(_settings(tmp_path / "comparison", wandb_mode="offline"))
     assert not (tmp_path / "comparison").exists()
     compare_module.check_settings(_settings(tmp_path / "comparison", wandb_mode="disabled"))  # CSV only needs no wandb
+
+
+def test_the_bundled_grids_plan_every_cell_before_running(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_hrp.recipes.compare_grid import GridSettings, build_parser, cell_settings
+    from lightning_hrp.recipes.runs import settings_from_command_line
+
+    monkeypatch.chdir(ROOT)  # the configs name their files relative to the repository root
+    for path in sorted((ROOT / "recipes" / "configs").glob("grid_*.yaml")):
+        grid = settings_from_command_line(build_parser(), GridSettings, ["--config", str(path)])
+        cells = cell_settings(grid)
+        assert len(cells) == len(list(grid.axes.values())[0]) * len(list(grid.axes.values())[1])
+        assert len({cell.output_dir for _, cell in cells}) == len(cells)
+        assert all(len(cell.seeds) >= 5 for _, cell in cells)
+
+
+def test_a_grid_runs_one_comparison_per_cell_and_tabulates_the_paired_gains(tmp_path: Path) -> None:
+    from lightning_hrp.recipes.compare_grid import GridSettings, run_grid
+
+    settings = _settings(tmp_path / "unused", wandb_mode="disabled")
+    settings.learning_rates = [0.03]
+    compare_yaml = tmp_path / "compare.yaml"
+    compare_yaml.write_text(yaml.safe_dump({
+        "recipe_config": RECIPE, "output_dir": "replaced", "learning_rates": [0.03], "seeds": [0, 1],
+        "seed_keys": settings.seed_keys, "overrides": TINY, "wandb": {"mode": "disabled"},
+        "methods": [{"label": "lora", "method": "lora"}, {"label": "hrp", "method": "hrp", "options": {"preheat_rank": 8, "preheat_steps": 2}}],
+    }))  # fmt: skip
+    grid = GridSettings(
+        compare=str(compare_yaml),
+        output_dir=str(tmp_path / "grid"),
+        axes={"rank": {"1": {"model.init_args.lora_rank": 1}, "2": {"model.init_args.lora_rank": 2}}, "steps": {"4": {"trainer.max_steps": 4}}},
+    )
+    table = run_grid(grid)
+    for rank in ("1", "2"):
+        cell = tmp_path / "grid" / f"rank={rank}" / "steps=4"
+        config = yaml.safe_load((cell / "runs" / "hrp" / "lr=0.03" / "seed=1" / "config.yaml").read_text())
+        assert config["model"]["init_args"]["lora_rank"] == int(rank)
+        with (cell / "paired.csv").open() as handle:
+            cell_rows = [row for row in csv.DictReader(handle) if row["label"] == "hrp" and row["reference"] == "lora_matched_6"]
+        grid_row = table[(table["rank"] == rank) & (table["label"] == "hrp") & (table["reference"] == "lora_matched_6")]
+        assert float(grid_row["mean_difference"].iloc[0]) == pytest.approx(float(cell_rows[0]["mean_difference"]))
+    assert (tmp_path / "grid" / "grid.csv").is_file() and (tmp_path / "grid" / "grid.png").stat().st_size > 0
+
+
+def test_a_method_with_its_own_rates_runs_at_those_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    executed = []
+
+    def fake_run(settings, spec, lr, seed, config):
+        executed.append((spec.label, lr))
+        loss = 0.01 + lr + 0.001 * seed
+        return {**_result(lr, seed, loss, loss), "label": spec.label, "method": spec.method.value, "options": spec.options}
+
+    monkeypatch.setattr(compare_module, "execute_run", fake_run)
+    settings = _settings(tmp_path, wandb_mode="disabled")
+    settings.methods = [
+        MethodSpec("lora", InitMethod.lora),
+        MethodSpec("hrp_variant", InitMethod.hrp, {"preheat_rank": 8, "preheat_steps": 2}, learning_rates=[0.001]),
+    ]
+    compare(settings)
+    assert sorted(set(executed)) == [("hrp_variant", 0.001), ("lora", 0.001), ("lora", 0.03), ("lora_matched_6", 0.001), ("lora_matched_6", 0.03)]
+    settings.methods[1].learning_rates = [0.01, -1.0]
+    with pytest.raises(ValueError, match="learning_rates"):
+        compare_module.check_settings(settings)

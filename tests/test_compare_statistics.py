@@ -121,8 +121,24 @@ def test_without_a_plain_lora_method_the_main_budget_arm_is_added_too() -> None:
     settings = _settings([MethodSpec("pissa", InitMethod.pissa), MethodSpec("lora_long", InitMethod.lora, overrides={"trainer.max_steps": 80})])
     settings.overrides = {"trainer.max_steps": 40}
     plan = plan_matching(settings, BASE)
-    assert plan.matched == {"pissa": "lora_matched_40", "lora_long": "lora_matched_80"}
-    assert plan.total_steps["lora_long"] == 80
+    # A longer plain-LoRA arm is plain LoRA (its own match), not a method to match.
+    assert plan.matched == {"pissa": "lora_matched_40"}
+    assert plan.total_steps["lora_long"] == 80 and [a.label for a in plan.arms[2:]] == ["lora_matched_40"]
+
+
+def test_a_method_with_recipe_overrides_is_matched_by_plain_lora_with_the_same_overrides() -> None:
+    probe = {"model.init_args.head_init": "linear_probe"}
+    settings = _settings([
+        MethodSpec("lora", InitMethod.lora),
+        MethodSpec("lora_probe", InitMethod.lora, overrides=probe),
+        MethodSpec("pissa_probe", InitMethod.pissa, overrides=probe),
+        MethodSpec("hrp_probe", InitMethod.hrp, {"preheat_rank": 16, "preheat_steps": 8}, overrides=probe),
+    ])  # fmt: skip
+    settings.overrides = {"trainer.max_steps": 40}
+    plan = plan_matching(settings, {"model": {}, "trainer": {}})
+    assert plan.matched == {"pissa_probe": "lora_probe", "hrp_probe": "lora_matched_48_hrp_probe"}
+    added = plan.arms[-1]
+    assert (added.label, added.overrides) == ("lora_matched_48_hrp_probe", {**probe, "trainer.max_steps": 48})
 
 
 def test_matching_refuses_what_it_cannot_count() -> None:

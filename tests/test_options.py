@@ -43,6 +43,7 @@ def _construct(entry_point: str, **options) -> None:
         (dict(mode="symmetric"), "mode"),
         (dict(seed=-1), "seed"),
         (dict(drift_tolerance=2.0), "drift_tolerance"),
+        (dict(other_params="sometimes"), "other_params"),
         (dict(preheat_lr=1e-3, preheat_optimizer=torch.optim.SGD), "preheat_optimizer"),
         (dict(preheat_dtype="float16"), "preheat_dtype"),
         (dict(preheat_dtype=torch.bfloat16), "preheat_dtype"),

@@ -15,7 +15,7 @@ DirectionScale = Literal["unit", "match_init_norm"]
 
 
 def direction_init(Vh_top: Tensor, current_A: Tensor, scale: DirectionScale) -> Tensor:
-    """``A = c * V_r^T``, the paper's "only a modification in the initial direction" (``B`` becomes 0).
+    """``A = c * V_r^T``, ``B`` becomes 0: only the start direction changes (the spec's reading of the paper, section 2).
 
     Args:
         Vh_top: ``(r, in)`` orthonormal rows, the top right singular vectors of the preheated update.

@@ -25,20 +25,22 @@ class RestoreFailedError(RuntimeError):
 
 
 @contextmanager
-def main_run_untouched(model: nn.Module) -> Iterator[None]:
+def main_run_untouched(model: nn.Module, trained: Sequence[Tensor] = ()) -> Iterator[None]:
     """No gradient for ``model``'s parameters, no gradient synchronisation, buffers restored afterwards.
 
-    Every parameter's ``requires_grad`` is switched off and restored exactly on exit (under
-    FSDP1 the registered parameters are the ones FSDP reads its flags from; FSDP2 copies the
-    sharded parameter's flag to the unsharded one at every all-gather), then every gradient is
-    dropped. The restore completes even under a second Ctrl-C.
+    Every parameter's ``requires_grad`` is switched off (except for ``trained``, the module's other
+    parameters that preheating trains with ``other_params``; their values are the caller's to keep
+    or restore) and restored exactly on exit (under FSDP1 the registered parameters are the ones
+    FSDP reads its flags from; FSDP2 copies the sharded parameter's flag to the unsharded one at
+    every all-gather), then every gradient is dropped. The restore completes even under a second Ctrl-C.
     """
     params = list(dict.fromkeys(model.parameters()))
     flags = [p.requires_grad for p in params]
     buffers = [(b, b.detach().clone()) for b in dict.fromkeys(model.buffers())]
+    keep = {id(p) for p in trained}
     try:
         for p in params:
-            p.requires_grad_(False)
+            p.requires_grad_(id(p) in keep)
         with gradient_sync_disabled(model):
             yield
     finally:
@@ -50,6 +52,13 @@ def main_run_untouched(model: nn.Module) -> Iterator[None]:
                 if buffer.shape == saved.shape:
                     buffer.copy_(saved)
             model.zero_grad(set_to_none=True)
+
+
+@torch.no_grad()
+def restore_values(saved: Sequence[tuple[Tensor, Tensor]]) -> None:
+    """Copy each saved value back into its (plain, unsharded) tensor, bit for bit."""
+    for tensor, value in saved:
+        tensor.copy_(value)
 
 
 @contextmanager
@@ -93,16 +102,24 @@ def isolated_rng(cuda_devices: Sequence[torch.device] = ()) -> Iterator[None]:
 
 
 @contextmanager
-def restored_on_failure(root: nn.Module, targets: Sequence[LoraTarget], originals: Sequence[tuple[Tensor, Tensor]]) -> Iterator[None]:
+def restored_on_failure(
+    root: nn.Module,
+    targets: Sequence[LoraTarget],
+    originals: Sequence[tuple[Tensor, Tensor]],
+    others: Sequence[tuple[Tensor, Tensor]] = (),
+) -> Iterator[None]:
     """On any exception (interrupts included), write ``originals`` back into the targets before it propagates.
 
-    A collective under FSDP1, like the write it undoes. The restore completes even under a second Ctrl-C.
+    Also ``others``: ``(parameter, saved value)`` pairs of plain (unsharded) parameters that
+    preheating trained, copied back. A collective under FSDP1, like the write it undoes. The
+    restore completes even under a second Ctrl-C.
     """
     try:
         yield
     except BaseException as error:
         with interrupts_deferred():
             try:
+                restore_values(others)
                 write_lora_weights(root, targets, originals)
             except Exception as restore_error:
                 raise RestoreFailedError(

@@ -114,6 +114,7 @@ def run_preheat(
     track_drift: bool = False,
     drift_tolerance: float | None = None,
     on_step: Callable[[int, float, float | None], None] | None = None,
+    other_params: Sequence[Tensor] = (),
 ) -> PreheatHistory:
     """Train the preheat adapters for ``steps`` optimizer steps; leave ``model`` as it was.
 
@@ -136,6 +137,10 @@ def run_preheat(
         track_drift: Record the top-r subspace drift after each step.
         drift_tolerance: Stop once the drift falls below this (rank 0 decides for all).
         on_step: Called after each step with ``(step, loss, drift)`` (loss NaN if all skipped).
+        other_params: Parameters of ``model`` trained with the adapters (``optimizer`` steps them
+            too; ``other_params="train_and_discard"`` or ``"train_and_keep"``): they keep requiring
+            gradients, and their gradients join the adapters' all-reduce. Keeping or restoring their
+            values is the caller's.
 
     Returns:
         The loss and drift history.
@@ -146,7 +151,7 @@ def run_preheat(
         HRPConfigurationError: A configuration error here or on another rank.
         PreheatStopped: A stop request on some rank.
     """
-    params = adapters.trainable()
+    params = [*adapters.trainable(), *other_params]
     history = PreheatHistory()
     step_optimizer = optimizer_step or (lambda opt, closure: opt.step(closure))
     agreement = _Agreement(collective_model, stop_requested)
@@ -154,7 +159,7 @@ def run_preheat(
     # An error in this rank's own work between steps (drift, logging) is carried into the next
     # agreement, so that a rank failing alone there never leaves the others in a collective.
     carried: Exception | None = None
-    with main_run_untouched(model), adapters.attached():
+    with main_run_untouched(model, trained=other_params), adapters.attached():
         for step in range(steps):
             outcome: list[Tensor | None] = []
 

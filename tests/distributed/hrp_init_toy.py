@@ -56,7 +56,37 @@ HRP_INIT_OPTIONS: dict[str, Any] = dict(
 )
 MAIN_LR = 1e-2
 # Cases of hrp_init_worker, each a way of holding the network on several processes.
-CASES = ("plain", "ddp", "fully_shard", "fsdp1", "fabric", "ddp_failure")
+CASES = ("plain", "ddp", "fully_shard", "fsdp1", "fabric", "ddp_failure", "ddp_other_params")
+
+
+def with_trainable_bias(network: nn.Module) -> nn.Parameter:
+    """Make the last block's base bias trainable (a stand-in for a fresh head) and return it; before any DDP wrap."""
+    bias = network.base_model.model.blocks[1].down.base_layer.bias
+    bias.requires_grad_(True)
+    return bias
+
+
+def hrp_init_training_other_params(network: nn.Module, model: nn.Module, loader: DataLoader) -> dict[str, Any]:
+    """``hrp_init(..., other_params="train_and_keep")``: the adapters and the trained bias afterwards, as JSON-ready data."""
+    bias = network.base_model.model.blocks[1].down.base_layer.bias
+    before = bias.detach().clone()
+    report = hrp_init(model, loader, toy_loss, **(HRP_INIT_OPTIONS | {"other_params": "train_and_keep"}))
+    after = {**whole_adapters(network), "bias": bias.detach().clone()}
+    return {
+        "other_params": report.other_params,
+        "bias_changed": not torch.equal(before, bias.detach()),
+        "no_grads": all(p.grad is None for p in model.parameters()),
+        "after_hrp": to_json_tensors(after),
+        "agree_after_hrp": ranks_agree_bitwise(after, torch.device("cpu")),
+    }
+
+
+def one_process_other_params_reference(batch_size: int) -> dict[str, Any]:
+    """:func:`hrp_init_training_other_params` on one process reading ``batch_size`` samples per batch, in order."""
+    network = toy_lora_network()
+    with_trainable_bias(network)
+    torch.manual_seed(RANK_SEED_BASE)
+    return hrp_init_training_other_params(network, network, DataLoader(regression_data(), batch_size=batch_size))
 
 
 def whole_adapters(network: nn.Module, model: nn.Module | None = None) -> dict[str, Tensor]:

@@ -8,7 +8,9 @@ rank 1) and the process group; then each case builds the toy network and holds i
 * ``fully_shard``: FSDP2's ``fully_shard`` on each block and the root, by hand;
 * ``fsdp1``: FSDP1 (``FullyShardedDataParallel``, ``use_orig_params=True``) around each block and the root;
 * ``fabric``: ``fabric.setup`` (DDP inside Fabric's wrapper), ``hrp_init(model.module, ...)``;
-* ``ddp_failure``: DDP, with rank 1's loss failing once during preheating (``on_failure="continue"``).
+* ``ddp_failure``: DDP, with rank 1's loss failing once during preheating (``on_failure="continue"``);
+* ``ddp_other_params``: DDP around the network with one base bias trainable, preheated with
+  ``other_params="train_and_keep"`` (:func:`hrp_init_toy.hrp_init_training_other_params`).
 
 Each runs ``hrp_init`` and one main step (:func:`hrp_init_toy.hrp_init_then_step`; the failure case
 :func:`hrp_init_toy.hrp_init_failing_on_one_rank`) and every rank
@@ -37,7 +39,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from hrp_dist_toy import BATCH_SIZE, RANK_SEED_BASE, WORLD_SIZE, regression_data, toy_lora_network, write_json
-from hrp_init_toy import CASES, MAIN_LR, hrp_init_failing_on_one_rank, hrp_init_then_step
+from hrp_init_toy import (
+    CASES,
+    MAIN_LR,
+    hrp_init_failing_on_one_rank,
+    hrp_init_then_step,
+    hrp_init_training_other_params,
+    with_trainable_bias,
+)
 
 
 def run_case(case: str, fabric: Fabric) -> dict:
@@ -63,6 +72,9 @@ def run_case(case: str, fabric: Fabric) -> dict:
         model = DistributedDataParallel(network)
     elif case == "ddp_failure":
         return hrp_init_failing_on_one_rank(network, DistributedDataParallel(network), loader)
+    elif case == "ddp_other_params":
+        with_trainable_bias(network)  # before the wrap, so that DDP registers it as a trainable parameter
+        return hrp_init_training_other_params(network, DistributedDataParallel(network), loader)
     elif case == "fully_shard":
         mesh = init_device_mesh("cpu", (world_size,))
         for block in network.base_model.model.blocks:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from hrp_dist_toy import BATCH_SIZE, WORLD_SIZE, run_script
-from hrp_init_toy import CASES, assert_matches_reference, one_process_reference, read_payloads
+from hrp_dist_toy import BATCH_SIZE, MATCH_ATOL, WORLD_SIZE, assert_close_tensors, from_json_tensors, run_script
+from hrp_init_toy import CASES, assert_matches_reference, one_process_other_params_reference, one_process_reference, read_payloads
 
 WORKER = Path(__file__).with_name("hrp_init_worker.py")
 
@@ -33,7 +33,7 @@ def reference() -> dict:
     return one_process_reference(WORLD_SIZE * BATCH_SIZE)
 
 
-@pytest.mark.parametrize("case", [case for case in CASES if case != "ddp_failure"])
+@pytest.mark.parametrize("case", [case for case in CASES if case not in ("ddp_failure", "ddp_other_params")])
 def test_hrp_init_on_two_processes_equals_one_process_with_the_doubled_batch(case: str, hrp_init_worker: Path, reference: dict) -> None:
     # A bare network's main step is each rank's own (no gradient averaging): only the preheat is compared there.
     assert_matches_reference(read_payloads(hrp_init_worker, case, WORLD_SIZE), reference, main_step_synchronised=case != "plain")
@@ -46,6 +46,16 @@ def test_a_failure_on_one_rank_restores_every_rank_and_each_warns(hrp_init_worke
         # The failing rank gives its reason, the other that another rank failed.
         (warning,) = payload["warnings"]
         assert ("boom on rank 1" in warning) == (rank == 1), (rank, warning)
+
+
+def test_other_params_trained_under_ddp_join_the_all_reduce(hrp_init_worker: Path) -> None:
+    # Each rank reads other samples; only averaging the bias's gradient with the adapters' makes every rank
+    # hold the bias (and the adapters) of one process reading the doubled batch.
+    reference = one_process_other_params_reference(WORLD_SIZE * BATCH_SIZE)
+    for payload in read_payloads(hrp_init_worker, "ddp_other_params", WORLD_SIZE):
+        assert payload["other_params"] == ["base_model.model.blocks.1.down.base_layer.bias"]
+        assert payload["bias_changed"] and payload["no_grads"] and payload["agree_after_hrp"] is True
+        assert_close_tensors(from_json_tensors(payload["after_hrp"]), from_json_tensors(reference["after_hrp"]), MATCH_ATOL, "after_hrp")
 
 
 def test_every_rank_exits_cleanly(hrp_init_worker: Path) -> None:
