@@ -635,3 +635,17 @@ def run_script(script: Path, arguments: list[str], out_dir: Path, timeout: float
             os.killpg(worker.pid, signal.SIGKILL)
             worker.wait()
             raise
+
+
+def run_worker_cleanly(script: Path, out_dir: Path, timeout: float = 300) -> Path:
+    """Run a worker script that writes ``error_*.json`` for a failed case; fail the test with its log or traceback.
+
+    Returns:
+        ``out_dir``, holding what the worker wrote.
+    """
+    status = run_script(script, ["--out", str(out_dir)], out_dir, timeout=timeout)
+    log = (out_dir / "worker.log").read_text()
+    assert status == 0, f"worker exited with {status}:\n{log[-6000:]}"
+    errors = sorted(out_dir.glob("error_*.json"))
+    assert not errors, json.loads(errors[0].read_text())["traceback"]
+    return out_dir

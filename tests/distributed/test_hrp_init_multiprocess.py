@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from hrp_dist_toy import BATCH_SIZE, MATCH_ATOL, WORLD_SIZE, assert_close_tensors, from_json_tensors, run_script
+from hrp_dist_toy import BATCH_SIZE, MATCH_ATOL, WORLD_SIZE, assert_close_tensors, from_json_tensors, run_worker_cleanly
 from hrp_init_toy import CASES, assert_matches_reference, one_process_other_params_reference, one_process_reference, read_payloads
 
 WORKER = Path(__file__).with_name("hrp_init_worker.py")
@@ -19,13 +19,7 @@ WORKER = Path(__file__).with_name("hrp_init_worker.py")
 
 @pytest.fixture(scope="module")
 def hrp_init_worker(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out_dir = tmp_path_factory.mktemp("hrp_init_worker")
-    status = run_script(WORKER, ["--out", str(out_dir)], out_dir, timeout=300)
-    log = (out_dir / "worker.log").read_text()
-    assert status == 0, f"worker exited with {status}:\n{log[-6000:]}"
-    errors = sorted(out_dir.glob("error_rank*.json"))
-    assert not errors, json.loads(errors[0].read_text())["traceback"]
-    return out_dir
+    return run_worker_cleanly(WORKER, tmp_path_factory.mktemp("hrp_init_worker"))
 
 
 @pytest.fixture(scope="module")

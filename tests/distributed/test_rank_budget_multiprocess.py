@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from hrp_dist_toy import BATCH_SIZE, MAIN_STEPS, MATCH_ATOL, WORLD_SIZE, assert_close_tensors, from_json_tensors, run_script
+from hrp_dist_toy import BATCH_SIZE, MAIN_STEPS, MATCH_ATOL, WORLD_SIZE, assert_close_tensors, from_json_tensors, run_worker_cleanly
 from rank_budget_toy import RANK_BUDGET, fit_with_budget, hrp_init_with_budget
 
 WORKER = Path(__file__).with_name("rank_budget_worker.py")
@@ -20,13 +20,7 @@ WORKER = Path(__file__).with_name("rank_budget_worker.py")
 
 @pytest.fixture(scope="module")
 def budget_worker(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out_dir = tmp_path_factory.mktemp("rank_budget_worker")
-    status = run_script(WORKER, ["--out", str(out_dir)], out_dir, timeout=300)
-    log = (out_dir / "worker.log").read_text()
-    assert status == 0, f"worker exited with {status}:\n{log[-6000:]}"
-    errors = sorted(out_dir.glob("error_*.json"))
-    assert not errors, json.loads(errors[0].read_text())["traceback"]
-    return out_dir
+    return run_worker_cleanly(WORKER, tmp_path_factory.mktemp("rank_budget_worker"))
 
 
 @pytest.fixture(scope="module")
