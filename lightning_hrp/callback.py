@@ -60,8 +60,8 @@ class HRPPreheatCallback(HRPArguments, Callback):
         preheat_steps: Optimizer steps of preheating (each accumulates ``accumulate_grad_batches``
             batches, like a training step).
         mode: ``"classic"`` trains both preheat factors; ``"asymmetric"`` only ``B_p``, the setting of
-            the theory sketched in the spec (``/work/shared/spec/HRP.md`` section 1; the paper's full
-            text was not available to us).
+            the theory sketched in the project's HRP spec (section 1; the paper's full text was not
+            available to us).
         init_rule: ``"direction"`` (the spec's reading of the paper): ``A = c * V_r^T``, ``B = 0``, so the model's
             output at the start equals the base model's. ``"keep_progress"``: ``s * B @ A`` becomes
             the rank-r truncation of the preheated update.

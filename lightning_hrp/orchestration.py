@@ -158,9 +158,9 @@ def preheat_and_initialise(options: HRPOptions, entry: EntryPoint) -> HRPReport 
     )  # fmt: skip
     report = HRPReport(seed=seed, frozen_layers=frozen, other_params=other_names, rank_budget=options.rank_budget)
     try:
-        with restored_on_failure(entry.root, targets, originals, saved_others):
+        with restored_on_failure(entry.root, targets, originals, saved_others) as undo_on_failure:
             _preheat(options, entry, adapters, others, main_lr, report)
-            _initialise(options, entry, targets, originals, adapters, report)
+            _initialise(options, entry, targets, originals, adapters, report, undo_on_failure)
             if options.other_params == "train_and_discard":
                 restore_values(saved_others)
     except Exception as error:
@@ -268,7 +268,7 @@ def _preheat(
     report: HRPReport,
 ) -> None:
     optimizer = options.make_optimizer([*adapters.trainable(), *others], main_lr)
-    report.preheat_memory_bytes = _check_memory(entry, adapters, optimizer).total
+    report.preheat_memory_bytes = _check_memory(entry, adapters, others, optimizer).total
     start = time.perf_counter()
     with entry.preheating(optimizer, options.preheat_steps) as batch_steps:
         history = run_preheat(
@@ -297,11 +297,13 @@ def _preheat(
         )
 
 
-def _check_memory(entry: EntryPoint, adapters: PreheatAdapters, optimizer: Optimizer) -> PreheatMemory:
-    """Log what preheating will hold; warn when that exceeds ``FREE_MEMORY_SHARE`` of the free memory."""
-    memory = estimate_preheat_memory(
-        adapters.A, adapters.B, adapters.trainable(), optimizer, [t.rank for t in adapters.targets], rank_and_world_size()[1]
-    )
+def _check_memory(entry: EntryPoint, adapters: PreheatAdapters, others: list[Tensor], optimizer: Optimizer) -> PreheatMemory:
+    """Log what preheating will hold; warn when that exceeds ``FREE_MEMORY_SHARE`` of the free memory.
+
+    ``others``: the module's other parameters trained while preheating (``other_params``): their gradients count too.
+    """
+    trained = [*adapters.trainable(), *others]
+    memory = estimate_preheat_memory(adapters.A, adapters.B, trained, optimizer, [t.rank for t in adapters.targets], rank_and_world_size()[1])
     device = adapters.B[0].device
     entry.info(f"HRP: preheating will hold {memory.describe()} per process on {device}.")
     free = free_memory(device)
@@ -309,7 +311,8 @@ def _check_memory(entry: EntryPoint, adapters: PreheatAdapters, optimizer: Optim
         entry.warn(
             f"HRP: preheating will hold {memory.total / 2**30:.3g} GiB on {device}, more than {FREE_MEMORY_SHARE:.0%} of the "
             f"{free / 2**30:.3g} GiB free there ({memory.describe()}). It may run out of memory; preheat_dtype='bfloat16', "
-            "preheat_optimizer=lightning_hrp.FactoredRMS (no per-entry state), a lower preheat_rank or mode='asymmetric' "
+            "preheat_optimizer=functools.partial(lightning_hrp.FactoredRMS, lr=...) (no per-entry state), a lower "
+            "preheat_rank or mode='asymmetric' "
             "need less."
         )
     return memory
@@ -322,6 +325,7 @@ def _initialise(
     originals: list[tuple[Tensor, Tensor]],
     adapters: PreheatAdapters,
     report: HRPReport,
+    undo_on_failure: list[Callable[[], None]],
 ) -> None:
     start = time.perf_counter()
     result = decompose_and_initialise(
@@ -333,6 +337,7 @@ def _initialise(
         scale=options.direction_scale,
         dtype=options.svd_torch_dtype,
         budget=options.budget,
+        undo_on_failure=undo_on_failure,
     )
     report.decompose_seconds = time.perf_counter() - start
     ranks_before = result.ranks_before or [None] * len(targets)

@@ -173,3 +173,9 @@ def test_factored_rms_steps_by_the_sign_of_a_rank_one_gradient_and_not_at_all_wi
     optimizer.step()
     torch.testing.assert_close(weight.detach(), -0.1 * gradient.sign())
     assert torch.equal(still.detach(), torch.ones(2, 2, dtype=torch.bfloat16))  # zero gradient: no step, no NaN
+    # The gradients are read, never written (a caller may clip or log them after the step).
+    assert torch.equal(weight.grad, gradient) and torch.equal(still.grad, torch.zeros_like(still))
+    vector = torch.zeros(3, requires_grad=True)
+    vector.grad = torch.tensor([0.5, -1.0, 2.0])
+    FactoredRMS([vector], lr=0.1).step()
+    assert torch.equal(vector.grad, torch.tensor([0.5, -1.0, 2.0]))

@@ -145,6 +145,28 @@ def test_a_wrapped_model_or_dora_is_refused(one_process_group):
         hrp_init(dora, batches(), causal_lm_loss, **OPTIONS, rank_budget=5)
 
 
+
+def test_a_failure_after_the_resize_puts_the_old_adapters_back_bit_for_bit(monkeypatch):
+    # The adapters are resized, then the block fails later (here: putting the trained head back), as a
+    # warning turned error or a Ctrl-C there would. The old shapes, values and config come back.
+    model = lora_llama()
+    before = all_weights(model)
+    stale_before = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+
+    def fails(saved):
+        raise RuntimeError("late failure")
+
+    monkeypatch.setattr("lightning_hrp.orchestration.restore_values", fails)
+    with pytest.warns(UserWarning, match="late failure"):
+        report = hrp_init(model, batches(), causal_lm_loss, **OPTIONS, rank_budget=29, other_params="train_and_discard", on_failure="continue")
+    assert report is None
+    assert [t.rank for t in find_lora_targets(model)] == [4] * 8
+    assert model.peft_config["default"].rank_pattern == {} and model.peft_config["default"].alpha_pattern == {}
+    assert_bitwise_equal(before, all_weights(model))
+    # The parameters are the old ones again: an optimizer built before the call is not stale.
+    causal_lm_loss(model, (PROBE_INPUT,)).backward()
+    stale_before.step()
+
 def test_resizing_undone_leaves_the_model_and_its_config_as_they_were():
     model = lora_llama()
     before = all_weights(model)

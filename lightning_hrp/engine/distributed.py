@@ -10,7 +10,6 @@ How the rank-r LoRA weights are read whole and written in place, per strategy:
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 

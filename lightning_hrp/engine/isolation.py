@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 import signal
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import numpy as np
@@ -107,18 +107,25 @@ def restored_on_failure(
     targets: Sequence[LoraTarget],
     originals: Sequence[tuple[Tensor, Tensor]],
     others: Sequence[tuple[Tensor, Tensor]] = (),
-) -> Iterator[None]:
+) -> Iterator[list[Callable[[], None]]]:
     """On any exception (interrupts included), write ``originals`` back into the targets before it propagates.
 
     Also ``others``: ``(parameter, saved value)`` pairs of plain (unsharded) parameters that
     preheating trained, copied back. A collective under FSDP1, like the write it undoes. The
     restore completes even under a second Ctrl-C.
+
+    Yields:
+        A list the block appends undo steps to (e.g. putting back adapters it resized); on failure they
+        run last first, before ``originals`` are written (which need the adapters' old shapes).
     """
+    undo_steps: list[Callable[[], None]] = []
     try:
-        yield
+        yield undo_steps
     except BaseException as error:
         with interrupts_deferred():
             try:
+                for undo in reversed(undo_steps):
+                    undo()
                 restore_values(others)
                 write_lora_weights(root, targets, originals)
             except Exception as restore_error:

@@ -56,11 +56,11 @@ class FactoredRMS(Optimizer):
                     rows, columns = _running_means(state, squared, beta2)
                     # v_hat = rows x columns / mean(rows); the (1 - beta2**t) of one factor cancels with the mean.
                     correction = (1 - beta2**step) * rows.mean(dim=-2, keepdim=True)
-                    update = p.grad.float().mul_(rows.rsqrt()).mul_(columns.rsqrt()).mul_(correction.sqrt())
+                    update = p.grad.to(torch.float32, copy=True).mul_(rows.rsqrt()).mul_(columns.rsqrt()).mul_(correction.sqrt())
                 else:
                     variance = state.setdefault("variance", torch.zeros_like(squared))
                     variance.lerp_(squared, 1 - beta2)
-                    update = p.grad.float().mul_((variance / (1 - beta2**step)).rsqrt_())
+                    update = p.grad.to(torch.float32, copy=True).mul_((variance / (1 - beta2**step)).rsqrt_())
                 # Adafactor's cap: an update whose RMS exceeds 1 (a poor factored estimate) is scaled down.
                 update.div_(update.square().mean().sqrt_().clamp_(min=1.0))
                 p.copy_(p.float().sub_(update, alpha=lr))

@@ -383,13 +383,16 @@ def decompose_and_initialise(
     scale: DirectionScale,
     dtype: torch.dtype,
     budget: RankBudget | None = None,
+    undo_on_failure: list[Callable[[], None]],
 ) -> Initialisation:
     """Decompose every preheated update (shared out over ranks) and write the rank-r starts in place.
 
     With a ``budget``, the ranks are first allocated from the spectra
-    (:func:`~lightning_hrp.engine.allocation.agreed_ranks`: rank 0's decision on every rank), and the adapters given new ranks are resized (new parameters: ``root``
-    must be a bare model, see :func:`lightning_hrp.engine.resize.check_resizable`); any failure puts
-    the old adapters back.
+    (:func:`~lightning_hrp.engine.allocation.agreed_ranks`: rank 0's decision on every rank), and the
+    adapters given new ranks are resized (new parameters: ``root`` must be a bare model, see
+    :func:`lightning_hrp.engine.resize.check_resizable`). Putting the old adapters back is appended to
+    ``undo_on_failure`` (from :func:`~lightning_hrp.engine.isolation.restored_on_failure`), so that a
+    failure here or anywhere later in the block undoes the resize before the old values are restored.
 
     Raises:
         PreheatFailedError: A non-finite decomposition, or a preheated update that is exactly zero
@@ -427,15 +430,11 @@ def decompose_and_initialise(
     # A layer that learned nothing keeps its init: the leading rows of it where its rank changed.
     kept = [i for i in nothing if ranks[i] != ranks_before[i]]
     new_weights += [(originals[i][0][: ranks[i]], originals[i][1][:, : ranks[i]]) for i in kept]
-    resizing = resize_adapters(root, targets, ranks) if budget is not None else None
-    try:
-        write_lora_weights(root, [targets[i] for i in (*learned, *kept)], new_weights)
-    except BaseException:
-        if resizing is not None:
-            resizing.undo()
-        raise
-    if resizing is not None:
+    if budget is not None:
+        resizing = resize_adapters(root, targets, ranks)
+        undo_on_failure.append(resizing.undo)
         guard_against_stale_optimizers(resizing.replaced_parameters())
+    write_lora_weights(root, [targets[i] for i in (*learned, *kept)], new_weights)
     weak = [targets[i] for i in learned if not svds[i].S[ranks[i] - 1] > WEAK_DIRECTION * svds[i].S[0]]
     return Initialisation(
         svds=svds,

@@ -101,6 +101,8 @@ class Resizing:
     @torch.no_grad()
     def undo(self) -> None:
         """Give every resized layer its old modules, ranks and scale, and every config its old patterns."""
+        for param in self.replaced_parameters():  # in use again: no longer stale for an optimizer
+            _REPLACED.pop(id(param), None)
         for layer in self.saved:
             adapter, peft_layer = layer.target.adapter_name, layer.target.layer
             for name, value in layer.entries.items():
