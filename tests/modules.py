@@ -104,3 +104,12 @@ def cpu_trainer(**overrides) -> pl.Trainer:
         enable_model_summary=False,
     )
     return pl.Trainer(**{**settings, **overrides})
+
+
+def with_injected_failure(loss: Tensor, failure: str) -> Tensor:
+    """``loss`` made to fail as ``failure`` says: ``"nan"`` (a NaN loss), ``"error"`` (RuntimeError), else Ctrl-C."""
+    if failure == "nan":
+        return loss * float("nan")
+    if failure == "error":
+        raise RuntimeError("boom")
+    raise KeyboardInterrupt

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_hrp import HRPConfigurationError, HRPPreheatCallback, PreheatFailedError
 from lightning_hrp.demos import FactorisationToy
 from lightning_hrp.engine import distributed
-from modules import TinyCausalLM, tiny_llama, all_weights, assert_bitwise_equal, cpu_trainer, lora_weights, token_dataset
+from modules import TinyCausalLM, tiny_llama, all_weights, assert_bitwise_equal, cpu_trainer, lora_weights, token_dataset, with_injected_failure
 
 
 def make_trainer(**overrides) -> pl.Trainer:
@@ -380,13 +380,7 @@ class FailsDuringPreheat(TinyCausalLM):
     def training_step(self, batch, batch_idx):
         self.calls += 1
         loss = super().training_step(batch, batch_idx)
-        if self.calls == self.on_call:
-            if self.failure == "nan":
-                return loss * float("nan")
-            if self.failure == "error":
-                raise RuntimeError("boom")
-            raise KeyboardInterrupt
-        return loss
+        return with_injected_failure(loss, self.failure) if self.calls == self.on_call else loss
 
 
 @pytest.mark.parametrize(("failure", "error"), [("nan", PreheatFailedError), ("error", RuntimeError)])

@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from lightning_hrp import HRPConfigurationError, HRPPreheatCallback, PreheatFailedError, hrp_init
-from modules import TinyCausalLM, all_weights, assert_bitwise_equal, lora_weights, tiny_llama, token_dataset
+from modules import TinyCausalLM, all_weights, assert_bitwise_equal, lora_weights, tiny_llama, token_dataset, with_injected_failure
 
 PROBE_INPUT = torch.arange(24).reshape(2, 12) % 64
 
@@ -160,13 +160,7 @@ class FailingLoss:
     def __call__(self, model, batch):
         self.calls += 1
         loss = causal_lm_loss(model, batch)
-        if self.calls == 2:
-            if self.failure == "nan":
-                return loss * float("nan")
-            if self.failure == "error":
-                raise RuntimeError("boom")
-            raise KeyboardInterrupt
-        return loss
+        return with_injected_failure(loss, self.failure) if self.calls == 2 else loss
 
 
 @pytest.mark.parametrize(("failure", "error"), [("nan", PreheatFailedError), ("error", RuntimeError), ("interrupt", KeyboardInterrupt)])
