@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import warnings
+import zlib
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -927,7 +928,11 @@ def test_preheat_steps_have_their_own_axis_and_layer_metrics_short_names(tmp_pat
 
 
 def _wandb_records(run_dir: Path):
-    """The protobuf records of an offline W&B run's ``.wandb`` file (a LevelDB-style log)."""
+    """The complete protobuf records of an offline W&B run's ``.wandb`` file (a LevelDB-style log).
+
+    Reading stops at the first record that is not fully on disk yet (short, or its CRC32 does not match), so a
+    file W&B's service is still writing yields a prefix of the run, never a torn record.
+    """
     from wandb.proto import wandb_internal_pb2
 
     (path,) = run_dir.glob("run-*.wandb")
@@ -938,8 +943,11 @@ def _wandb_records(run_dir: Path):
         if block - position % block < 7:  # a record header never straddles a block: the rest is padding
             position += block - position % block
             continue
-        _, length, kind = struct.unpack("<IHB", data[position : position + 7])
-        payload, position = data[position + 7 : position + 7 + length], position + 7 + length
+        checksum, length, kind = struct.unpack("<IHB", data[position : position + 7])
+        payload = data[position + 7 : position + 7 + length]
+        if len(payload) < length or zlib.crc32(payload, zlib.crc32(bytes([kind]))) != checksum:
+            return
+        position += 7 + length
         if kind in (1, 2):  # a full record, or the first fragment of one
             pending = payload
         elif kind in (3, 4):
@@ -960,13 +968,13 @@ def test_wandb_charts_preheat_metrics_against_the_preheat_step(tmp_path, monkeyp
     logger.experiment.finish()
     (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
     # W&B's service may still be writing the file when finish() returns on a loaded machine: read until
-    # the run's closing record is there (it is written last), for at most a minute.
-    deadline = time.monotonic() + 60
-    while True:
-        records = list(_wandb_records(run_dir))
-        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
-            break
+    # the run's closing record is there (it is written last), for at most two minutes.
+    deadline = time.monotonic() + 120
+    records = list(_wandb_records(run_dir))
+    while not any(r.WhichOneof("record_type") == "exit" for r in records):
+        assert time.monotonic() < deadline, f"W&B never wrote the run's exit record to {run_dir}"
         time.sleep(0.5)
+        records = list(_wandb_records(run_dir))
     step_metric = {r.metric.name: r.metric.step_metric for r in records if r.WhichOneof("record_type") == "metric"}
     assert step_metric["hrp/preheat_loss"] == "hrp/preheat_step"
     rows = [
