@@ -983,3 +983,14 @@ def test_wandb_charts_preheat_metrics_against_the_preheat_step(tmp_path, monkeyp
         if r.WhichOneof("record_type") == "history"
     ]
     assert [row["hrp/preheat_step"] for row in rows if "hrp/preheat_loss" in row] == ["0", "1", "2"]
+
+    # The poll above relies on a file cut mid-record reading as a prefix of the run, not as a torn record.
+    (run_file,) = run_dir.glob("run-*.wandb")
+    data = run_file.read_bytes()
+    for cut in (len(data) // 2, len(data) - 3):
+        partial_dir = tmp_path / f"cut-{cut}"
+        partial_dir.mkdir()
+        (partial_dir / run_file.name).write_bytes(data[:cut])
+        partial = [r.SerializeToString() for r in _wandb_records(partial_dir)]
+        assert 0 < len(partial) < len(records)
+        assert partial == [r.SerializeToString() for r in records[: len(partial)]]
