@@ -2,9 +2,10 @@
 
 LLaMA-7B's block (hidden 4096, MLP 11008, 32 heads) scaled by 1/2 to hidden 2048, MLP 5504, 16
 heads; 4 blocks and a 2,048-token vocabulary, so that, as in LLaMA-7B, the linear layers hold
-almost all the weights (101M of them, 4-bit; the embeddings and head 8.4M, float32). Random
+almost all the weights (202M of them, 101 MB at 4 bits; the embeddings and head 8.4M, float32). Random
 weights (built from the config, saved once to a temporary folder and loaded back through
-transformers' ``BitsAndBytesConfig``, as a real checkpoint is), prepared as QLoRA prepares a base
+transformers' ``BitsAndBytesConfig``: NF4 without the recipe's double quantization, which changes the
+quantization constants' storage, not the matmuls), prepared as QLoRA prepares a base
 (``prepare_model_for_kbit_training``: gradient checkpointing, float32 norms). LoRA r=4 on q, k, v,
 o, gate, up and down of every block (28 layers), AdamW at 2e-4, causal LM loss on random tokens,
 batch 2 x 256.

@@ -92,6 +92,12 @@ def loss_of(output: Any, who: str) -> Tensor | None:
     )
 
 
+def grad_scaler(trainer: pl.Trainer) -> Any | None:
+    """The precision plugin's gradient scaler (16-mixed on CUDA, or one passed in), else ``None``."""
+    precision = trainer.precision_plugin
+    return precision.scaler if isinstance(precision, (MixedPrecision, FSDPPrecision)) else None
+
+
 @contextmanager
 def isolated_from_main_run(trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iterator[None]:
     """Leave no trace of the block in the main run.
@@ -103,8 +109,7 @@ def isolated_from_main_run(trainer: pl.Trainer, pl_module: pl.LightningModule) -
     epoch_loop = trainer.fit_loop.epoch_loop
     main_results = epoch_loop._results  # private
     epoch_loop._results = _ResultCollection(training=True)  # private
-    precision = trainer.precision_plugin
-    scaler = precision.scaler if isinstance(precision, (MixedPrecision, FSDPPrecision)) else None
+    scaler = grad_scaler(trainer)
     scaler_state = scaler.state_dict() if scaler is not None else None
     cuda_devices = [pl_module.device] if pl_module.device.type == "cuda" else []
     try:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from lightning_hrp.report import metric_layer_names
+from lightning_hrp.report import LayerDiagnostics, metric_layer_names
 
 COLUMNS = ["label", "seed", "layer", "rank_before", "rank", "energy_kept_before", "energy_kept"]
 
@@ -43,10 +43,10 @@ def allocation_frame(output_dir: Path) -> pd.DataFrame:
             if not hrp or hrp.get("rank_budget") is None:
                 continue
             names = metric_layer_names([layer["name"] for layer in hrp["layers"]])
-            for layer, name in zip(hrp["layers"], names):
-                energies = [s * s for s in layer["singular_values"]]
-                before = sum(energies[: layer["rank_before"]]) / sum(energies)
-                rows.append([label, result["seed"], name, layer["rank_before"], layer["rank"], before, layer["energy_kept"]])
+            for layer, name in zip((LayerDiagnostics(**layer) for layer in hrp["layers"]), names):
+                rows.append(
+                    [label, result["seed"], name, layer.rank_before, layer.rank, layer.energy_kept_before, layer.energy_kept]
+                )
     return pd.DataFrame(rows, columns=COLUMNS)
 
 

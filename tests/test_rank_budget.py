@@ -8,6 +8,7 @@ import textwrap
 import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch.nn.parallel import DistributedDataParallel
@@ -303,6 +304,17 @@ class _StartProbe(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if not self.starts:
             self.starts = [t.lora_A.detach().clone() for t in find_lora_targets(pl_module)]
+
+
+def test_hrpinit_refuses_a_gradient_scaler_before_anything_changes():
+    # Its plain backward would leave float16 preheat gradients unscaled: small ones underflow to zero.
+    pl.seed_everything(0, verbose=False)
+    module = MultiLayerRegressionModule(**TASK, heads=2, lora_rank=2, init_method="hrp", init_options={**HRP_OPTIONS, "rank_budget": 4})
+    before = all_weights(module)
+    scaled = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    with pytest.raises(HRPConfigurationError, match="precision"):
+        cpu_trainer(max_steps=1, num_sanity_val_steps=0, limit_val_batches=0, plugins=[scaled]).fit(module, _RegressionData())
+    assert_bitwise_equal(before, all_weights(module))
 
 
 def test_callbacks_that_run_after_the_wrap_refuse_a_rank_budget():

@@ -24,6 +24,7 @@ from lightning_hrp._lightning import (
     batch_to_device,
     configured_learning_rate,
     generators_restored,
+    grad_scaler,
     log_metrics,
     loss_of,
     train_dataloader_sharded_at_setup,
@@ -48,7 +49,8 @@ class HRPInit(HRPArguments, SetupTimeInit):
     before ``configure_model``, the strategy's wrap and the optimizers. The preheat batches are the
     train dataloader's first epoch as each rank will read it (with the distributed sampler the fit
     loop adds), fed to the module's own ``training_step`` under the precision plugin's autocast,
-    with a plain ``backward`` (no gradient scaling; callbacks' backward hooks are not called). With
+    with a plain ``backward`` (no gradient scaling, so a precision with a gradient scaler is refused;
+    callbacks' backward hooks are not called). With
     several processes the preheat gradients are averaged with one all-reduce per step, as in the
     callback, and every rank takes rank 0's allocation.
 
@@ -102,6 +104,13 @@ class HRPInit(HRPArguments, SetupTimeInit):
             raise HRPConfigurationError(
                 "HRPInit preheats through training_step, which with manual optimization would step optimizers that "
                 "do not exist yet; use automatic optimization."
+            )
+        if grad_scaler(trainer) is not None:
+            # Its backward is a plain one: unscaled float16 preheat gradients could underflow to zero unnoticed.
+            raise HRPConfigurationError(
+                "HRPInit preheats without gradient scaling, so under a precision with a gradient scaler "
+                "(precision='16-mixed' on CUDA) small preheat gradients would underflow to zero; use precision="
+                "'bf16-mixed' or '32-true', or HRPPreheatCallback (no rank_budget), which scales through the strategy."
             )
         main_lr = configured_learning_rate(pl_module) if self.options.needs_main_lr else None
         entry = _SetupEntry(trainer, pl_module, main_lr)
