@@ -18,10 +18,12 @@ from lightning.fabric.utilities.logger import _add_prefix
 from lightning.pytorch.core.optimizer import _init_optimizers_and_lr_schedulers
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins.precision import FSDPPrecision, MixedPrecision
+from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.trainer import call
 from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.trainer.connectors.logger_connector.result import _ResultCollection
 from lightning.pytorch.utilities import CombinedLoader
+from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
@@ -62,6 +64,37 @@ def training_step(trainer: pl.Trainer, batch: Any, batch_idx: int) -> Any:
         with trainer.precision_plugin.train_step_context():
             return call._call_lightning_module_hook(trainer, "training_step", batch, batch_idx)  # private
     return call._call_strategy_hook(trainer, "training_step", batch, batch_idx)  # private
+
+
+def check_preheats_through_training_step(trainer: pl.Trainer, pl_module: pl.LightningModule, entry_point: str) -> None:
+    """Refuse what feeding ``training_step`` HRP's own batches and optimizer cannot do.
+
+    Raises:
+        HRPConfigurationError: DeepSpeed, manual optimization, or a ``training_step(dataloader_iter)``.
+    """
+    if isinstance(trainer.strategy, DeepSpeedStrategy):
+        raise HRPConfigurationError(
+            f"{entry_point} does not support DeepSpeed: ZeRO partitions the LoRA weights outside "
+            "torch.distributed's DTensor/FSDP APIs that HRP writes through. Use strategy='ddp', 'fsdp' "
+            "or ModelParallelStrategy."
+        )
+    if not pl_module.automatic_optimization:
+        raise HRPConfigurationError(
+            f"{entry_point} needs automatic optimization: with manual optimization the training_step would step "
+            f"the main optimizers during preheating. Set self.automatic_optimization = True or drop {entry_point}."
+        )
+    if is_param_in_hook_signature(pl_module.training_step, "dataloader_iter", explicit=True):
+        raise HRPConfigurationError(
+            f"{entry_point} feeds training_step one batch at a time; a training_step(dataloader_iter) would draw "
+            f"the main run's batches itself. Take (batch, batch_idx) or drop {entry_point}."
+        )
+
+
+def preheat_loss(trainer: pl.Trainer, batch: Any, batch_idx: int) -> Tensor | None:
+    """The loss of ``training_step`` on a preheat batch; ``None`` skips the batch (a ``None`` batch, as Lightning's loop does)."""
+    if batch is None:
+        return None
+    return loss_of(training_step(trainer, batch, batch_idx), "HRP")
 
 
 def loss_of(output: Any, who: str) -> Tensor | None:

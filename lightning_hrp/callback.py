@@ -12,14 +12,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
+from functools import partial
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy, ParallelStrategy
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, ParallelStrategy
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
-from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
@@ -28,11 +28,11 @@ from tqdm.auto import tqdm
 from lightning_hrp._lightning import (
     MainRunBatches,
     batch_to_device,
+    check_preheats_through_training_step,
     define_preheat_step_axis,
     isolated_from_main_run,
     log_metrics,
-    loss_of,
-    training_step,
+    preheat_loss,
 )
 from lightning_hrp.engine.preheat_loop import BatchSteps, PreheatStopped
 from lightning_hrp.errors import HRPConfigurationError
@@ -141,23 +141,7 @@ class HRPPreheatCallback(HRPArguments, Callback):
                 f"which HRP supports on unsharded parameters only; {type(trainer.strategy).__name__} shards them. Use "
                 "other_params='frozen' (the head then preheats as it is), or DDP."
             )
-        if isinstance(trainer.strategy, DeepSpeedStrategy):
-            raise HRPConfigurationError(
-                "HRPPreheatCallback does not support DeepSpeed: ZeRO partitions the LoRA weights outside "
-                "torch.distributed's DTensor/FSDP APIs that HRP writes through. Use strategy='ddp', 'fsdp' "
-                "or ModelParallelStrategy."
-            )
-        if not pl_module.automatic_optimization:
-            raise HRPConfigurationError(
-                "HRPPreheatCallback needs automatic optimization: with manual optimization the "
-                "training_step would step the main optimizer during preheating. Set "
-                "self.automatic_optimization = True or drop the callback."
-            )
-        if is_param_in_hook_signature(pl_module.training_step, "dataloader_iter", explicit=True):
-            raise HRPConfigurationError(
-                "HRPPreheatCallback feeds training_step one batch at a time; a training_step(dataloader_iter) "
-                "would draw the main run's batches itself. Take (batch, batch_idx) or drop the callback."
-            )
+        check_preheats_through_training_step(trainer, pl_module, "HRPPreheatCallback")
         if 0 <= trainer.max_steps < self.options.preheat_steps and not trainer.fast_dev_run:
             rank_zero_warn(
                 f"max_steps={trainer.max_steps} is smaller than preheat_steps={self.options.preheat_steps}: preheating "
@@ -227,16 +211,15 @@ class _TrainerEntry(EntryPoint):
             batch, batch_idx = next(batches)
             return batch_to_device(trainer, batch), batch_idx
 
-        def loss(batch: Any, batch_idx: int) -> Tensor | None:
-            if batch is None:  # Lightning's loop skips a None batch too
-                return None
-            return loss_of(training_step(trainer, batch, batch_idx), "HRP")
-
         show_progress = trainer.is_global_zero and trainer.progress_bar_callback is not None
         with closing(data), isolated_from_main_run(trainer, self.pl_module), tqdm(
             total=steps, desc="HRP preheat", disable=not show_progress, leave=False, dynamic_ncols=True
         ) as self._progress:
-            yield BatchSteps(fetch=fetch, loss=loss, backward=lambda value: trainer.strategy.backward(value, optimizer))
+            yield BatchSteps(
+                fetch=fetch,
+                loss=partial(preheat_loss, trainer),
+                backward=lambda value: trainer.strategy.backward(value, optimizer),
+            )
 
     def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Tensor | None]) -> None:
         self.trainer.strategy.optimizer_step(optimizer, closure=closure, model=self.pl_module)

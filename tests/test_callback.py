@@ -319,6 +319,12 @@ class ManualOptimization(TinyCausalLM):
         self.automatic_optimization = False
 
 
+class DataloaderIterStep(TinyCausalLM):
+    def training_step(self, dataloader_iter):
+        batch, batch_idx, _ = next(dataloader_iter)
+        return super().training_step(batch, batch_idx)
+
+
 @pytest.mark.parametrize(
     ("module_class", "callback_kwargs", "argument"),
     [
@@ -328,6 +334,7 @@ class ManualOptimization(TinyCausalLM):
         (TwoAdapters, dict(adapter_name="third"), "adapter_name"),
         (FrozenAdapter, {}, "trainable"),
         (ManualOptimization, {}, "automatic"),
+        (DataloaderIterStep, {}, "dataloader_iter"),
     ],
 )
 def test_bad_setups_are_refused_before_anything_changes(module_class, callback_kwargs, argument):

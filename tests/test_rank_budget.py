@@ -305,6 +305,29 @@ class _StartProbe(pl.Callback):
             self.starts = [t.lora_A.detach().clone() for t in find_lora_targets(pl_module)]
 
 
+class _ManualOptimization(MultiLayerRegressionModule):
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.automatic_optimization = False
+
+
+class _DataloaderIterStep(MultiLayerRegressionModule):
+    def training_step(self, dataloader_iter):
+        batch, batch_idx, _ = next(dataloader_iter)
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize(("module_class", "argument"), [(_ManualOptimization, "automatic"), (_DataloaderIterStep, "dataloader_iter")])
+def test_hrpinit_refuses_what_the_callback_refuses_before_anything_changes(module_class, argument):
+    # Both feed training_step HRP's own batches and optimizer: the same checks, in _lightning.py.
+    pl.seed_everything(0, verbose=False)
+    module = module_class(**TASK, heads=2, lora_rank=2, init_method="hrp", init_options={**HRP_OPTIONS, "rank_budget": 4})
+    before = all_weights(module)
+    with pytest.raises(HRPConfigurationError, match=argument):
+        cpu_trainer(max_steps=1, num_sanity_val_steps=0, limit_val_batches=0).fit(module, _RegressionData())
+    assert_bitwise_equal(before, all_weights(module))
+
+
 def test_hrpinit_refuses_a_gradient_scaler_before_anything_changes():
     # Its plain backward would leave float16 preheat gradients unscaled: small ones underflow to zero.
     pl.seed_everything(0, verbose=False)

@@ -12,23 +12,22 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
+from functools import partial
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
-from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_hrp._lightning import (
     batch_to_device,
+    check_preheats_through_training_step,
     configured_learning_rate,
     generators_restored,
     grad_scaler,
     log_metrics,
-    loss_of,
+    preheat_loss,
     train_dataloader_sharded_at_setup,
-    training_step,
 )
 from lightning_hrp.engine.batches import CycledBatches, with_own_workers
 from lightning_hrp.engine.lora import LoraTarget, find_lora_targets
@@ -98,13 +97,7 @@ class HRPInit(HRPArguments, SetupTimeInit):
         super().setup(trainer, pl_module, stage)
 
     def initialise(self, trainer: pl.Trainer, pl_module: pl.LightningModule, targets: list[LoraTarget], report: InitReport) -> None:
-        if isinstance(trainer.strategy, DeepSpeedStrategy):
-            raise HRPConfigurationError("HRPInit does not support DeepSpeed; use strategy='ddp', 'fsdp' or ModelParallelStrategy.")
-        if not pl_module.automatic_optimization:
-            raise HRPConfigurationError(
-                "HRPInit preheats through training_step, which with manual optimization would step optimizers that "
-                "do not exist yet; use automatic optimization."
-            )
+        check_preheats_through_training_step(trainer, pl_module, "HRPInit")
         if grad_scaler(trainer) is not None:
             # Its backward is a plain one: unscaled float16 preheat gradients could underflow to zero unnoticed.
             raise HRPConfigurationError(
@@ -150,12 +143,9 @@ class _SetupEntry(EntryPoint):
             self.batches_fetched += 1
             return batch_to_device(self.trainer, batch, device=device), batch_idx
 
-        def loss(batch: Any, batch_idx: int) -> Tensor | None:
-            return loss_of(training_step(self.trainer, batch, batch_idx), "HRP")
-
         # The RNGs and logged values are isolated by SetupTimeInit for the whole init.
         with generators_restored([loader]), closing(data):
-            yield BatchSteps(fetch=fetch, loss=loss, backward=lambda value: value.backward())
+            yield BatchSteps(fetch=fetch, loss=partial(preheat_loss, self.trainer), backward=lambda value: value.backward())
 
     def warn(self, message: str) -> None:
         rank_zero_warn(message)
