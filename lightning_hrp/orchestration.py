@@ -303,7 +303,9 @@ def _check_memory(entry: EntryPoint, adapters: PreheatAdapters, others: list[Ten
     ``others``: the module's other parameters trained while preheating (``other_params``): their gradients count too.
     """
     trained = [*adapters.trainable(), *others]
-    memory = estimate_preheat_memory(adapters.A, adapters.B, trained, optimizer, [t.rank for t in adapters.targets], rank_and_world_size()[1])
+    left_out = {id(t) for t in adapters.left_out}
+    skipped = [t.rank if id(t) in left_out else 0 for t in adapters.targets]
+    memory = estimate_preheat_memory(adapters.A, adapters.B, trained, optimizer, skipped, rank_and_world_size()[1])
     device = adapters.B[0].device
     entry.info(f"HRP: preheating will hold {memory.describe()} per process on {device}.")
     free = free_memory(device)

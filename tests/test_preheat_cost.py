@@ -1,5 +1,6 @@
 """What a preheat step computes and holds: zero rank-r adapters left out of the forward, the preheat dtype, the memory estimate."""
 
+import logging
 import warnings
 
 import pytest
@@ -179,3 +180,18 @@ def test_factored_rms_steps_by_the_sign_of_a_rank_one_gradient_and_not_at_all_wi
     vector.grad = torch.tensor([0.5, -1.0, 2.0])
     FactoredRMS([vector], lr=0.1).step()
     assert torch.equal(vector.grad, torch.tensor([0.5, -1.0, 2.0]))
+
+
+@pytest.mark.parametrize("trained_before", [False, True])
+def test_the_activations_estimate_subtracts_only_the_adapters_left_out_of_the_forward(caplog, trained_before):
+    # Per token a preheat forward keeps R values per layer; a rank-r adapter left out (B = 0) saves its r.
+    model = lora_llama()
+    if trained_before:  # B != 0: every adapter stays in the forward
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=1e-3)
+    with caplog.at_level(logging.INFO, logger="lightning_hrp"):
+        run_hrp_with(model, preheat_lr=1e-2)
+    r = 4  # lora_llama's rank
+    expected = 4 * len(SHAPES) * (R if trained_before else R - r)
+    assert f"activations: {expected} bytes per token" in caplog.text

@@ -61,13 +61,17 @@ class PreheatMemory:
 
 
 def estimate_preheat_memory(
-    A: list[Tensor], B: list[Tensor], trainable: list[Tensor], optimizer: Optimizer, lora_ranks: list[int], world_size: int
+    A: list[Tensor], B: list[Tensor], trainable: list[Tensor], optimizer: Optimizer, skipped_ranks: list[int], world_size: int
 ) -> PreheatMemory:
-    """The memory of preheat adapters ``A`` and ``B`` trained as ``trainable`` by ``optimizer`` (not stepped yet)."""
+    """The memory of preheat adapters ``A`` and ``B`` trained as ``trainable`` by ``optimizer`` (not stepped yet).
+
+    ``skipped_ranks``: per layer, the rank of its own adapter if preheating leaves it out of the forward
+    (``B = 0``, plain LoRA: its ``r`` activations are not kept), else 0.
+    """
     adapters = sum(_bytes(t) for t in (*A, *B))
     gradients = sum(_bytes(t) for t in trainable)
     state, known = _optimizer_state(optimizer)
-    activations = sum((a.shape[0] - r) * a.element_size() for a, r in zip(A, lora_ranks))
+    activations = sum((a.shape[0] - r) * a.element_size() for a, r in zip(A, skipped_ranks))
     return PreheatMemory(
         adapters=adapters,
         gradients=gradients,
