@@ -187,13 +187,12 @@ def test_a_fresh_model_loads_an_allocated_state_dict_once_it_resizes_on_load():
     fresh = lora_llama()
     with pytest.raises(RuntimeError, match="size mismatch"):
         fresh.load_state_dict(allocated.state_dict())
-    handles = resize_on_load(fresh, find_lora_targets(fresh))
+    handle = resize_on_load(fresh, find_lora_targets(fresh))
     fresh.load_state_dict(allocated.state_dict())
     assert [t.rank for t in find_lora_targets(fresh)] == [d.rank for d in report.layers]
     assert fresh.peft_config["default"].rank_pattern == allocated.peft_config["default"].rank_pattern
     assert_bitwise_equal(all_weights(allocated), all_weights(fresh))
-    for handle in handles:
-        handle.remove()
+    handle.remove()
 
 
 def test_frozen_factors_stay_frozen_after_the_resize():

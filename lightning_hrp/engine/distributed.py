@@ -44,11 +44,7 @@ def _communication_device(fallback: torch.device) -> torch.device:
 
 def broadcast_int(value: int, src: int = 0) -> int:
     """``value`` as held by rank ``src``, on every rank."""
-    if not is_distributed():
-        return value
-    buffer = torch.tensor([value], dtype=torch.int64, device=_communication_device(torch.device("cpu")))
-    dist.broadcast(buffer, src=src)
-    return int(buffer.item())
+    return broadcast_ints([value], src)[0]
 
 
 def broadcast_ints(values: Sequence[int], src: int = 0) -> list[int]:

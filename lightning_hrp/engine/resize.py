@@ -233,32 +233,34 @@ def _refuse_replaced_parameters(optimizer: Optimizer, args: Any, kwargs: Any) ->
         )
 
 
-def resize_on_load(root: nn.Module, targets: Sequence[LoraTarget]) -> list[RemovableHandle]:
+def resize_on_load(root: nn.Module, targets: Sequence[LoraTarget]) -> RemovableHandle:
     """Make ``root.load_state_dict`` first give each target the rank the incoming state dict holds.
 
     A checkpoint of a run that allocated a rank budget holds other adapter shapes than a model built
-    afresh from the same config; with these hooks it loads (the peft config records the ranks, as
+    afresh from the same config; with this hook it loads (the peft config records the ranks, as
     after the allocation). On a model already wrapped or sharded the load is refused
-    (``HRPConfigurationError``) instead of failing on a size mismatch.
+    (``HRPConfigurationError``) instead of failing on a size mismatch. One hook on ``root`` resizes
+    every changed adapter at once, before any child loads.
 
     Returns:
-        The hooks' handles (``handle.remove()`` unregisters them).
+        The hook's handle (``handle.remove()`` unregisters it).
     """
+    names = {id(m): name for name, m in root.named_modules()}
+    keys = [(target, ".".join(filter(None, [names[id(target.layer)], "lora_A", target.adapter_name, "weight"]))) for target in targets]
 
-    def hook_for(target: LoraTarget):
-        def take_incoming_rank(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-            incoming = state_dict.get(f"{prefix}lora_A.{target.adapter_name}.weight")
-            if incoming is None or incoming.shape[0] == target.rank:
-                return
-            try:
-                check_resizable(root, [target])
-            except HRPConfigurationError as error:
-                raise HRPConfigurationError(
-                    f"The state dict being loaded gives {target.name} rank {incoming.shape[0]} (the model has "
-                    f"{target.rank}), as after a rank_budget allocation, and the adapter cannot be resized: {error}"
-                ) from None
-            guard_against_stale_optimizers(resize_adapters(root, [target], [incoming.shape[0]]).replaced_parameters())
+    def take_incoming_ranks(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        incoming = {id(target): state_dict.get(prefix + key) for target, key in keys}
+        changed = [t for t, _ in keys if incoming[id(t)] is not None and incoming[id(t)].shape[0] != t.rank]
+        if not changed:
+            return
+        ranks = [incoming[id(t)].shape[0] for t in changed]
+        try:
+            check_resizable(root, changed)
+        except HRPConfigurationError as error:
+            raise HRPConfigurationError(
+                f"The state dict being loaded gives {changed[0].name} rank {ranks[0]} (the model has "
+                f"{changed[0].rank}), as after a rank_budget allocation, and the adapter cannot be resized: {error}"
+            ) from None
+        guard_against_stale_optimizers(resize_adapters(root, changed, ranks).replaced_parameters())
 
-        return take_incoming_rank
-
-    return [target.layer.register_load_state_dict_pre_hook(hook_for(target)) for target in targets]
+    return root.register_load_state_dict_pre_hook(take_incoming_ranks)
