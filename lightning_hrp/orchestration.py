@@ -27,7 +27,7 @@ from lightning_hrp.engine.decompose import energy_kept
 from lightning_hrp.engine.distributed import broadcast_int, rank_and_world_size, read_lora_weights
 from lightning_hrp.engine.isolation import RestoreFailedError, restore_values, restored_on_failure
 from lightning_hrp.engine.lora import LoraTarget, find_lora_targets
-from lightning_hrp.engine.preheat import PreheatAdapters
+from lightning_hrp.engine.preheat import PreheatAdapters, layer_preheat_rank
 from lightning_hrp.engine.preheat_memory import FREE_MEMORY_SHARE, PreheatMemory, estimate_preheat_memory, free_memory
 from lightning_hrp.engine.preheat_loop import BatchSteps, decompose_and_initialise, run_preheat
 from lightning_hrp.engine.quantized import cpu_inference_packed_layers
@@ -249,7 +249,7 @@ def other_trainable_params(
 
 def check_rank_budget(options: HRPOptions, root: nn.Module, targets: list[LoraTarget]) -> None:
     """Refuse a ``rank_budget`` that cannot be placed, or a model whose adapters cannot change shape."""
-    most = sum(min(options.preheat_rank, t.in_features, t.out_features) for t in targets)
+    most = sum(layer_preheat_rank(t, options.preheat_rank) for t in targets)
     if not len(targets) <= options.rank_budget <= most:
         raise HRPConfigurationError(
             f"rank_budget={options.rank_budget} must lie between the number of trainable LoRA layers ({len(targets)}: "

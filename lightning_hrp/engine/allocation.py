@@ -45,7 +45,6 @@ class RankBudget:
 
     total: int
     rule: AllocationRule = "energy"
-    min_rank: int = 1
 
 
 def direction_values(singular_values: Sequence[float], rule: AllocationRule) -> list[float]:
@@ -114,7 +113,7 @@ def agreed_ranks(
             fewer ranks than their preheat rank.
     """
     try:
-        ranks = allocate_ranks(spectra, budget.total, max_ranks=max_ranks, min_rank=budget.min_rank, rule=budget.rule)
+        ranks = allocate_ranks(spectra, budget.total, max_ranks=max_ranks, rule=budget.rule)
     except ValueError as error:
         raise PreheatFailedError(
             f"the rank budget cannot be placed: {error} ({layers_without_update} layer(s) learned nothing and take at "

@@ -27,6 +27,11 @@ from lightning_hrp.engine.lora import LoraTarget
 PreheatMode = Literal["classic", "asymmetric"]
 
 
+def layer_preheat_rank(target: LoraTarget, preheat_rank: int) -> int:
+    """The rank of ``target``'s preheat adapter: ``preheat_rank``, at most the layer's smaller dimension."""
+    return min(preheat_rank, target.in_features, target.out_features)
+
+
 class PreheatAdapters:
     """One rank-R adapter ``s_p * B_p @ A_p`` per LoRA target, ``A_p`` random, ``B_p = 0``.
 
@@ -65,7 +70,7 @@ class PreheatAdapters:
         # other variant, no LoRA bias), which B = 0 makes exactly zero.
         self.left_out = [t for t, is_zero in zip(self.targets, zero) if is_zero and _plain_lora(t)]
         generator = torch.Generator().manual_seed(seed)
-        self.ranks = [min(preheat_rank, t.in_features, t.out_features) for t in self.targets]
+        self.ranks = [layer_preheat_rank(t, preheat_rank) for t in self.targets]
         self.scalings = [t.scaling_for_rank(rank) for t, rank in zip(self.targets, self.ranks)]
         self.A: list[Tensor] = []
         self.B: list[Tensor] = []
