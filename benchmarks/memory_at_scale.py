@@ -29,13 +29,14 @@ if not __package__:
 import torch
 
 from benchmarks.harness import markdown_table
+from benchmarks.svd_layers import LAYER_SETS
 from lightning_hrp.engine.lean_optimizer import FactoredRMS
 from lightning_hrp.engine.preheat_memory import estimate_preheat_memory
 
 GIB = 2**30
-# (in, out) of LLaMA-7B's LoRA targets in one block.
-BLOCK = [(4096, 4096)] * 4 + [(4096, 11008)] * 2 + [(11008, 4096)]
-BLOCKS = 32
+LLAMA_7B = LAYER_SETS["llama-7b"]
+# (in, out) of every LoRA target of LLaMA-7B, block after block.
+LAYERS = [(shape.in_features, shape.out_features) for shape in LLAMA_7B.layer_shapes()]
 VOCAB = 32000
 HIDDEN = 4096
 LORA_RANK = 8
@@ -52,9 +53,8 @@ SETTINGS = {
 
 
 def factors(rank: int, dtype: torch.dtype) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    shapes = BLOCK * BLOCKS
-    A = [torch.empty(rank, i, device="meta", dtype=dtype, requires_grad=True) for i, _ in shapes]
-    B = [torch.empty(o, rank, device="meta", dtype=dtype, requires_grad=True) for _, o in shapes]
+    A = [torch.empty(rank, i, device="meta", dtype=dtype, requires_grad=True) for i, _ in LAYERS]
+    B = [torch.empty(o, rank, device="meta", dtype=dtype, requires_grad=True) for _, o in LAYERS]
     return A, B
 
 
@@ -66,8 +66,8 @@ def main_adapters() -> tuple[float, float]:
 
 
 def bases() -> dict[str, float]:
-    linear = sum(i * o for i, o in BLOCK) * BLOCKS
-    other = 2 * VOCAB * HIDDEN + (2 * BLOCKS + 1) * HIDDEN  # embeddings, head, norms
+    linear = sum(i * o for i, o in LAYERS)
+    other = 2 * VOCAB * HIDDEN + (2 * LLAMA_7B.blocks + 1) * HIDDEN  # embeddings, head, norms
     return {"4-bit NF4": (linear * NF4_BITS / 8 + 2 * other) / GIB, "bf16": (2 * (linear + other)) / GIB}
 
 

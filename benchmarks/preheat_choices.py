@@ -42,6 +42,7 @@ from torch import Tensor
 from benchmarks.harness import RunClock, header_lines, machine_line, markdown_table, torch_threads
 from benchmarks.overhead_fits import RECIPES, StepPlan, fit_config, progress
 from lightning_hrp import HRPPreheatCallback
+from lightning_hrp.engine.decompose import subspace_drift
 from lightning_hrp.engine.lean_optimizer import FactoredRMS
 from lightning_hrp.engine.lora import find_lora_targets
 from lightning_hrp.recipes.runs import build_run, quiet_libraries
@@ -107,8 +108,8 @@ class DirectionsAtTrainStart(Callback):
 
 
 def subspace_overlap(left: dict[str, Tensor], right: dict[str, Tensor]) -> float:
-    """Mean over layers of ``||Q_l^T Q_r||_F^2 / r``."""
-    return statistics.mean(float((left[name].T @ right[name]).square().sum()) / left[name].shape[1] for name in left)
+    """Mean over layers of ``||Q_l^T Q_r||_F^2 / r``: one minus the subspace drift between the bases."""
+    return statistics.mean(1.0 - subspace_drift(left[name].T, right[name].T) for name in left)
 
 
 def oracle_bases(datamodule: pl.LightningDataModule, bases: dict[str, Tensor]) -> dict[str, Tensor] | None:
