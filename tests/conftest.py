@@ -73,6 +73,21 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(folder)
 
 
+@pytest.fixture(scope="session")
+def tiny_llama_64_dir(tiny_llama_dir: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """``tiny_llama_dir``'s model with 64-wide layers, whose in_features are multiples of bitsandbytes' CPU
+    quantization block (64), so that quantizing and repacking happen as for SmolLM2 (576 = 9 x 64)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig.from_pretrained(tiny_llama_dir)
+    config.hidden_size, config.intermediate_size, config.head_dim = 64, 128, 16
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-llama-64")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(folder)
+    return str(folder)
+
+
 @pytest.fixture
 def one_process_group(tmp_path):
     """A gloo process group of one: HRP takes its distributed paths (all-reduces, broadcasts) in one process."""

@@ -34,6 +34,18 @@ def token_dataset(n: int = 64, seed: int = 0) -> TensorDataset:
     return TensorDataset((start + step * torch.arange(SEQ_LEN)) % VOCAB)
 
 
+def lora_llama(rank: int = 4):
+    """``tiny_llama`` with LoRA rank ``rank`` on q, v, gate and down projections (seeded), for ``hrp_init`` tests."""
+    torch.manual_seed(0)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"])
+    return get_peft_model(tiny_llama(), config)
+
+
+def causal_lm_loss(model, batch):
+    (tokens,) = batch
+    return model(input_ids=tokens, labels=tokens).loss
+
+
 class TinyCausalLM(pl.LightningModule):
     """A 2-layer Llama with LoRA on attention and MLP projections."""
 

@@ -10,26 +10,24 @@ import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
-from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from lightning_hrp import HRPConfigurationError, HRPPreheatCallback, PreheatFailedError, hrp_init
-from modules import TinyCausalLM, all_weights, assert_bitwise_equal, lora_weights, tiny_llama, token_dataset, with_injected_failure
+from modules import (
+    TinyCausalLM,
+    all_weights,
+    assert_bitwise_equal,
+    causal_lm_loss,
+    lora_llama,
+    lora_weights,
+    tiny_llama,
+    token_dataset,
+    with_injected_failure,
+)
 
 PROBE_INPUT = torch.arange(24).reshape(2, 12) % 64
-
-
-def causal_lm_loss(model, batch):
-    (tokens,) = batch
-    return model(input_ids=tokens, labels=tokens).loss
-
-
-def lora_llama(rank: int = 4):
-    torch.manual_seed(0)
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"])
-    return get_peft_model(tiny_llama(), config)
 
 
 def batches(n: int = 64, **kwargs) -> DataLoader:

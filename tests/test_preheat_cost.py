@@ -5,28 +5,13 @@ import warnings
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch.utils.data import DataLoader
 
 from lightning_hrp import hrp_init, orchestration
 from lightning_hrp.engine import preheat
 from lightning_hrp.engine.lean_optimizer import FactoredRMS
-from modules import assert_bitwise_equal, lora_weights, tiny_llama, token_dataset
-
-TARGETS = ["q_proj", "v_proj", "gate_proj", "down_proj"]
-
-
-def lora_llama(dropout: float = 0.0):
-    torch.manual_seed(0)
-    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=TARGETS)
-    return get_peft_model(tiny_llama(), config).train()
-
-
-def causal_lm_loss(model, batch):
-    (tokens,) = batch
-    return model(input_ids=tokens, labels=tokens).loss
-
+from modules import assert_bitwise_equal, causal_lm_loss, lora_llama, lora_weights, token_dataset
 
 def run_hrp(model, **options):
     batches = DataLoader(token_dataset(32), batch_size=8)

@@ -20,14 +20,14 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from torch.utils.data import DataLoader
-from transformers import AutoTokenizer, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
 from lightning_hrp import HRPConfigurationError, HRPPreheatCallback, hrp_init
 from lightning_hrp.engine.quantized import cpu_inference_packed_layers, quantized_weights
 from lightning_hrp.inits import LoraGAInit, LoraInit, LoraOneInit
 from lightning_hrp.recipes.math_sft import MathSFTModule
 from lightning_hrp.recipes.math_sft_data import MathSFTDataModule
-from modules import VOCAB, cpu_trainer, lora_weights, token_dataset
+from modules import VOCAB, causal_lm_loss, cpu_trainer, lora_weights, token_dataset
 
 PROBE_INPUT = torch.arange(24).reshape(2, 12) % VOCAB
 QUANTIZATION = {
@@ -70,11 +70,6 @@ def logits_with_and_without_adapters(model) -> tuple[torch.Tensor, torch.Tensor]
 def base_weights(model) -> dict[str, torch.Tensor]:
     """The quantized weights (and every other non-LoRA parameter) as stored."""
     return {name: p.detach().clone() for name, p in model.named_parameters() if "lora_" not in name}
-
-
-def causal_lm_loss(model, batch):
-    (tokens,) = batch
-    return model(input_ids=tokens, labels=tokens).loss
 
 
 @pytest.mark.parametrize(("bits", "prepared"), [("4bit", False), ("4bit", True), ("8bit", False)])
@@ -170,20 +165,6 @@ def test_a_base_that_bitsandbytes_repacked_for_cpu_inference_is_refused(checkpoi
 # ---------------------------------------------------------------------------------------------
 # The math SFT recipe on a quantized base
 # ---------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny_llama_64_dir(tiny_llama_dir: str, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A tiny LLaMA with SmolLM2's tokenizer whose layers' in_features are multiples of 64, bitsandbytes' CPU
-    repacking block, so that the repacking happens here as it would for SmolLM2 (576 = 9 x 64)."""
-    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    config = LlamaConfig.from_pretrained(tiny_llama_dir)
-    config.hidden_size, config.intermediate_size, config.head_dim = 64, 128, 16
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny-llama-64")
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
 
 
 def fit_math_sft(folder: str, quantization: str | None, validate_every_step: bool, **module_options) -> MathSFTModule:

@@ -20,8 +20,8 @@ from lightning_hrp.engine.resize import resize_adapters, resize_on_load
 from lightning_hrp.inits import HRPInit, LoraInit
 from lightning_hrp.report import allocation_summary, summary_metrics
 from lightning_hrp.recipes.multi_layer_regression import MultiLayerRegressionDataModule, MultiLayerRegressionModule
-from modules import all_weights, assert_bitwise_equal, cpu_trainer, tiny_llama, token_dataset
-from test_hrp_init import PROBE_INPUT, batches, causal_lm_loss, lora_llama
+from modules import all_weights, assert_bitwise_equal, causal_lm_loss, cpu_trainer, lora_llama, tiny_llama, token_dataset
+from test_hrp_init import PROBE_INPUT, batches
 
 OPTIONS = dict(preheat_rank=16, preheat_steps=4, preheat_lr=1e-2, seed=0)
 

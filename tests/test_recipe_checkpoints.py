@@ -131,18 +131,6 @@ def test_a_classification_checkpoint_holds_the_adapters_and_the_head(tiny_bert_d
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def llama_64_dir(tiny_llama_dir: str, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A tiny LLaMA with SmolLM2's tokenizer and 64-wide layers (bitsandbytes quantizes in blocks of 64)."""
-    config = LlamaConfig.from_pretrained(tiny_llama_dir)
-    config.hidden_size, config.intermediate_size, config.head_dim = 64, 128, 16
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("llama-64")
-    LlamaForCausalLM(config).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(folder)
-    return str(folder)
-
-
 def math_sft(folder: str, quantization: str | None) -> tuple[MathSFTModule, MathSFTDataModule]:
     pl.seed_everything(0)
     module = MathSFTModule(model_name_or_path=folder, quantization=quantization, lora_rank=4, lora_alpha=8, max_new_tokens=2)
@@ -151,10 +139,10 @@ def math_sft(folder: str, quantization: str | None) -> tuple[MathSFTModule, Math
 
 
 @pytest.mark.parametrize("quantization", [None, "4bit"])
-def test_math_sft_checkpoints_leave_the_base_out_and_resume(llama_64_dir, tmp_path, quantization):
+def test_math_sft_checkpoints_leave_the_base_out_and_resume(tiny_llama_64_dir, tmp_path, quantization):
     """A 4-bit base's own state dict cannot even be loaded back (bitsandbytes' quantization statistics are
     unexpected keys to load_state_dict); a checkpoint without it resumes and tests."""
-    module, data = math_sft(llama_64_dir, quantization)
+    module, data = math_sft(tiny_llama_64_dir, quantization)
     trainer = checkpointing_trainer(tmp_path, max_steps=1, limit_val_batches=0)
     trainer.fit(module, data)
     state = saved(tmp_path)["state_dict"]
@@ -162,10 +150,10 @@ def test_math_sft_checkpoints_leave_the_base_out_and_resume(llama_64_dir, tmp_pa
     expected = trainer.test(module, data, verbose=False)[0]
     trained = {name: p.detach().clone() for name, p in module.named_parameters() if p.requires_grad}
 
-    fresh, data = math_sft(llama_64_dir, quantization)
+    fresh, data = math_sft(tiny_llama_64_dir, quantization)
     assert cpu_trainer().test(fresh, data, ckpt_path=tmp_path / "last.ckpt", verbose=False)[0] == expected
     assert all(torch.equal(trained[name], p) for name, p in fresh.named_parameters() if p.requires_grad)
-    resumed, data = math_sft(llama_64_dir, quantization)
+    resumed, data = math_sft(tiny_llama_64_dir, quantization)
     trainer = cpu_trainer(max_steps=2, limit_val_batches=0)
     trainer.fit(resumed, data, ckpt_path=tmp_path / "last.ckpt")
     assert trainer.global_step == 2

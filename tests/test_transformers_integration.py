@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 from accelerate.state import GradientState
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -14,7 +13,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 import lightning_hrp
 from lightning_hrp import HRPConfigurationError
 from lightning_hrp.integrations.transformers import HRPTrainerCallback
-from modules import lora_weights, tiny_llama, token_dataset
+from modules import lora_llama, lora_weights, token_dataset
 
 PROBE_INPUT = torch.arange(24).reshape(2, 12) % 64
 PREHEAT_STEPS = 3
@@ -63,12 +62,6 @@ class Probe(TrainerCallback):
             model.train(training)
 
 
-def lora_model():
-    torch.manual_seed(0)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"])
-    return get_peft_model(tiny_llama(), config)
-
-
 def make_trainer(tmp_path: Path, model=None, dataset_size: int = 64, **overrides) -> RecordingTrainer:
     args = dict(
         output_dir=str(tmp_path), max_steps=MAIN_STEPS, per_device_train_batch_size=8, gradient_accumulation_steps=ACCUMULATE,
@@ -77,7 +70,7 @@ def make_trainer(tmp_path: Path, model=None, dataset_size: int = 64, **overrides
     )  # fmt: skip
     args.update(overrides)
     # Eval mode, as from_pretrained leaves a model: the Trainer's training_step switches to train mode.
-    model = (model or lora_model()).eval()
+    model = (model or lora_llama()).eval()
     return RecordingTrainer(model=model, args=TrainingArguments(**args), train_dataset=TokenDataset(dataset_size))
 
 
@@ -97,7 +90,7 @@ def train(tmp_path: Path, with_hrp: bool, **overrides):
 )
 def test_preheats_with_the_trainers_loss_and_leaves_the_main_run_as_it_was(tmp_path, seedable_sampler, dataset_size):
     overrides = dict(accelerator_config={"use_seedable_sampler": seedable_sampler}, dataset_size=dataset_size)
-    base = lora_model()
+    base = lora_llama()
     with torch.no_grad():
         base_logits = base.eval()(input_ids=PROBE_INPUT).logits
     initial = lora_weights(base)

@@ -37,8 +37,8 @@ from hrp_dist_toy import (
     toy_trainer,
     write_json,
 )
+from hrp_init_toy import whole_adapters
 from lightning_hrp import hrp_init
-from lightning_hrp.engine.lora import find_lora_targets
 from lightning_hrp.inits import HRPInit
 
 # The toy has 4 LoRA layers of rank 2: the same rank everywhere would be a budget of 8.
@@ -109,12 +109,12 @@ def hrp_init_with_budget(out_dir: Path, batch_size: int) -> None:
     data = regression_data()
     loader = DataLoader(data, batch_size=batch_size, sampler=DistributedSampler(data, world_size, rank, shuffle=False))
     report = hrp_init(network, loader, toy_loss, accumulate_grad_batches=ACCUMULATE, **BUDGET_OPTIONS)
-    start = {f"{t.name}.lora_{f}": getattr(t, f"lora_{f}").detach().clone() for t in find_lora_targets(network) for f in "AB"}
+    start = whole_adapters(network)
     model = DistributedDataParallel(network) if world_size > 1 else network
     optimizer = torch.optim.AdamW([p for p in network.parameters() if p.requires_grad], lr=1e-2)
     toy_loss(model, next(iter(loader))).backward()
     optimizer.step()
-    final = {f"{t.name}.lora_{f}": getattr(t, f"lora_{f}").detach().clone() for t in find_lora_targets(network) for f in "AB"}
+    final = whole_adapters(network)
     write_json(
         out_dir / f"hrp_init_rank{rank}.json",
         {
