@@ -79,7 +79,8 @@ def test_cpu_clock_counts_the_whole_hrp_phase_as_preheating_with_the_lean_settin
     hrp = row.per_repeat[0]["hrp"]
     assert hrp["preheat_seconds"] == hrp["hrp_phase_seconds"] > 0 and hrp["decompose_seconds"] == 0
     assert 0 < hrp["hrp_phase_seconds"] + hrp["main_seconds"] < hrp["fit_seconds"]
-    assert "preheat dtype bfloat16, preheat optimizer FactoredRMS; clock cpu;" in capsys.readouterr().out
+    printed = capsys.readouterr().out  # the settings measured are said with the figures
+    assert all(setting in printed for setting in ("bfloat16", "FactoredRMS", "clock cpu"))
 
 
 @pytest.mark.parametrize(

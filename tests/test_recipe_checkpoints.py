@@ -187,7 +187,7 @@ def test_a_checkpoint_whose_source_now_holds_other_weights_is_refused(tiny_llama
     revised, data = math_sft(str(folder), None)
     with pytest.raises(ValueError, match="ckpt_path") as refused:
         cpu_trainer().test(revised, data, ckpt_path=tmp_path / "checkpoints" / "last.ckpt", verbose=False)
-    assert str(refused.value).count(str(folder)) == 2  # both identities are shown, with their fingerprints
+    assert str(refused.value).count(str(folder)) >= 2  # both identities are shown, with their fingerprints
 
 
 def test_a_state_dict_without_a_trained_weight_or_with_a_foreign_key_is_refused():
