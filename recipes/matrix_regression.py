@@ -15,7 +15,7 @@ Run: ``lightning-hrp fit --config recipes/configs/matrix_regression_lora.yaml`` 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,16 +50,38 @@ class RegressionTask:
     input_covariance_sqrt: Tensor
 
 
+def make_base_weights(in_features: int, out_features: int, heads: int, task_seed: int) -> list[Tensor]:
+    """``heads`` weights ``W0_i ~ N(0, 1/in)``, the same for a given seed wherever they are built (module and data)."""
+    generator = torch.Generator().manual_seed(task_seed)
+    return [torch.randn(out_features, in_features, generator=generator) / in_features**0.5 for _ in range(heads)]
+
+
 def make_base_weight(in_features: int, out_features: int, task_seed: int) -> Tensor:
     """``W0 ~ N(0, 1/in)``, the same for a given seed wherever it is built (module and data)."""
-    generator = torch.Generator().manual_seed(task_seed)
-    return torch.randn(out_features, in_features, generator=generator) / in_features**0.5
+    return make_base_weights(in_features, out_features, 1, task_seed)[0]
 
 
 def _random_orthonormal(rows: int, cols: int, generator: torch.Generator) -> Tensor:
     q, r = torch.linalg.qr(torch.randn(rows, cols, generator=generator))
     # Fix QR's sign ambiguity so the result depends on the seed only, not on the LAPACK build.
     return q * torch.sign(torch.diagonal(r)).unsqueeze(0)
+
+
+def random_update(
+    in_features: int, out_features: int, rank: int, update_scale: float, spectrum_decay: float, generator: torch.Generator
+) -> Tensor:
+    """A rank-``rank`` update ``(out, in)`` with random singular vectors and singular values ``update_scale * j**-spectrum_decay``."""
+    left = _random_orthonormal(out_features, rank, generator)
+    right = _random_orthonormal(in_features, rank, generator)
+    singular_values = update_scale * torch.arange(1, rank + 1, dtype=torch.float32) ** -spectrum_decay
+    return left @ torch.diag(singular_values) @ right.T
+
+
+def random_input_covariance_sqrt(in_features: int, input_condition: float, generator: torch.Generator) -> Tensor:
+    """``Sigma**0.5`` of a randomly rotated covariance whose variances are log-spaced from 1 down to 1/input_condition."""
+    rotation = _random_orthonormal(in_features, in_features, generator)
+    variances = input_condition ** -torch.linspace(0.0, 1.0, in_features)
+    return rotation @ torch.diag(variances.sqrt()) @ rotation.T
 
 
 def make_task(
@@ -75,15 +97,8 @@ def make_task(
     # A second stream, so that W0 does not depend on the other task parameters.
     generator = torch.Generator().manual_seed(task_seed + 1)
     full_rank = min(in_features, out_features)
-    left = _random_orthonormal(out_features, full_rank, generator)
-    right = _random_orthonormal(in_features, full_rank, generator)
-    singular_values = update_scale * torch.arange(1, full_rank + 1, dtype=torch.float32) ** -spectrum_decay
-    target_update = left @ torch.diag(singular_values) @ right.T
-    rotation = _random_orthonormal(in_features, in_features, generator)
-    # Variances log-spaced from 1 down to 1/input_condition.
-    variances = input_condition ** -torch.linspace(0.0, 1.0, in_features)
-    input_covariance_sqrt = rotation @ torch.diag(variances.sqrt()) @ rotation.T
-    return RegressionTask(base_weight, target_update, input_covariance_sqrt)
+    target_update = random_update(in_features, out_features, full_rank, update_scale, spectrum_decay, generator)
+    return RegressionTask(base_weight, target_update, random_input_covariance_sqrt(in_features, input_condition, generator))
 
 
 # --------------------------------------------------------------------------------------------
@@ -91,12 +106,40 @@ def make_task(
 # --------------------------------------------------------------------------------------------
 
 
+def check_regression_data(sizes: Mapping[str, int], input_condition: float, noise_std: float) -> None:
+    """Refuse a size below 1, an ``input_condition`` below 1 or a negative ``noise_std``, naming the argument."""
+    for name, value in sizes.items():
+        check_int(name, value, minimum=1)
+    if input_condition < 1.0:
+        raise ValueError(f"input_condition is a ratio of variances, largest over smallest: >= 1, got {input_condition}.")
+    if noise_std < 0.0:
+        raise ValueError(f"noise_std must be >= 0, got {noise_std}.")
+
+
 class RegressionSamples(pl.LightningDataModule):
-    """Train, validation and test sets drawn in ``__init__`` (subclasses set them and save ``task_seed``, ``batch_size``)."""
+    """Train, validation and test sets of ``y = W x + noise``, drawn in ``__init__`` by :meth:`draw_samples`.
+
+    Subclasses save ``task_seed`` and ``batch_size`` as hyperparameters.
+    """
 
     train_set: TensorDataset
     val_set: TensorDataset
     test_set: TensorDataset
+
+    def draw_samples(
+        self, weight: Tensor, input_covariance_sqrt: Tensor, noise_std: float, sizes: Sequence[int], task_seed: int
+    ) -> None:
+        """Draw the train, validation and test sets (``sizes``) of ``y = weight x + noise``, ``x = z @ Sigma**0.5``.
+
+        Drawn here, not in ``setup``, so every process and every stage sees the same data.
+        """
+        generator = torch.Generator().manual_seed(task_seed + 2)
+        sets = []
+        for size in sizes:
+            inputs = torch.randn(size, weight.shape[1], generator=generator) @ input_covariance_sqrt
+            noise = noise_std * torch.randn(size, weight.shape[0], generator=generator)
+            sets.append(TensorDataset(inputs, inputs @ weight.T + noise))
+        self.train_set, self.val_set, self.test_set = sets
 
     def train_dataloader(self) -> DataLoader:
         # Shuffled with its own seeded generator: the data order does not depend on global RNG use.
@@ -142,27 +185,13 @@ class MatrixRegressionDataModule(RegressionSamples, KnownTargetUpdates, ModelReq
         batch_size: int = 32,
     ) -> None:
         super().__init__()
-        sizes = {"in_features": in_features, "out_features": out_features, "train_size": train_size, "val_size": val_size}
-        for name, value in {**sizes, "test_size": test_size, "batch_size": batch_size}.items():
-            check_int(name, value, minimum=1)
-        if input_condition < 1.0:
-            raise ValueError(f"input_condition is a ratio of variances, largest over smallest: >= 1, got {input_condition}.")
-        if noise_std < 0.0:
-            raise ValueError(f"noise_std must be >= 0, got {noise_std}.")
+        sizes = {"in_features": in_features, "out_features": out_features, "train_size": train_size, "val_size": val_size,
+                 "test_size": test_size, "batch_size": batch_size}  # fmt: skip
+        check_regression_data(sizes, input_condition, noise_std)
         self.save_hyperparameters()
         self.task = make_task(in_features, out_features, task_seed, update_scale, spectrum_decay, input_condition)
-        # Samples are drawn here, not in setup, so every process and every stage sees the same data.
-        generator = torch.Generator().manual_seed(task_seed + 2)
-        self.train_set = self._sample(train_size, generator)
-        self.val_set = self._sample(val_size, generator)
-        self.test_set = self._sample(test_size, generator)
-
-    def _sample(self, size: int, generator: torch.Generator) -> TensorDataset:
-        task = self.task
-        inputs = torch.randn(size, self.hparams.in_features, generator=generator) @ task.input_covariance_sqrt
-        noise = self.hparams.noise_std * torch.randn(size, self.hparams.out_features, generator=generator)
-        targets = inputs @ (task.base_weight + task.target_update).T + noise
-        return TensorDataset(inputs, targets)
+        weight = self.task.base_weight + self.task.target_update
+        self.draw_samples(weight, self.task.input_covariance_sqrt, noise_std, [train_size, val_size, test_size], task_seed)
 
     def model_requirements(self) -> dict[str, Any]:
         """Module and data each build ``W0`` from these: another value would train towards another target."""
@@ -183,7 +212,6 @@ class MatrixRegressionDataModule(RegressionSamples, KnownTargetUpdates, ModelReq
     def input_covariance(self) -> Tensor:
         """The input covariance ``Sigma``, ``(in, in)``."""
         return self.task.input_covariance_sqrt @ self.task.input_covariance_sqrt
-
 
 
 # --------------------------------------------------------------------------------------------

@@ -26,12 +26,18 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import TensorDataset
 
 from lightning_hrp._validation import check_int
 from lightning_hrp.inits import KnownTargetUpdates
 from lightning_hrp.recipes.lora_module import ModelRequirements
-from lightning_hrp.recipes.matrix_regression import RegressionModule, RegressionSamples, _random_orthonormal
+from lightning_hrp.recipes.matrix_regression import (
+    RegressionModule,
+    RegressionSamples,
+    check_regression_data,
+    make_base_weights,
+    random_input_covariance_sqrt,
+    random_update,
+)
 
 
 @dataclass(frozen=True)
@@ -41,12 +47,6 @@ class MultiLayerTask:
     base_weights: list[Tensor]
     target_updates: list[Tensor]
     input_covariance_sqrt: Tensor
-
-
-def make_base_weights(in_features: int, out_features: int, heads: int, task_seed: int) -> list[Tensor]:
-    """``W0_i ~ N(0, 1/in)`` for every head, the same for a given seed wherever it is built (module and data)."""
-    generator = torch.Generator().manual_seed(task_seed)
-    return [torch.randn(out_features, in_features, generator=generator) / in_features**0.5 for _ in range(heads)]
 
 
 def make_multi_layer_task(
@@ -61,15 +61,8 @@ def make_multi_layer_task(
     """Build the ``W0_i``, the rank-``update_ranks[i]`` updates ``M_i`` and an anisotropic input covariance from one seed."""
     base_weights = make_base_weights(in_features, out_features, len(update_ranks), task_seed)
     generator = torch.Generator().manual_seed(task_seed + 1)  # a second stream: W0 does not depend on the rest
-    updates = []
-    for rank in update_ranks:
-        left = _random_orthonormal(out_features, rank, generator)
-        right = _random_orthonormal(in_features, rank, generator)
-        singular_values = update_scale * torch.arange(1, rank + 1, dtype=torch.float32) ** -spectrum_decay
-        updates.append(left @ torch.diag(singular_values) @ right.T)
-    rotation = _random_orthonormal(in_features, in_features, generator)
-    variances = input_condition ** -torch.linspace(0.0, 1.0, in_features)
-    return MultiLayerTask(base_weights, updates, rotation @ torch.diag(variances.sqrt()) @ rotation.T)
+    updates = [random_update(in_features, out_features, rank, update_scale, spectrum_decay, generator) for rank in update_ranks]
+    return MultiLayerTask(base_weights, updates, random_input_covariance_sqrt(in_features, input_condition, generator))
 
 
 class MultiLayerRegressionDataModule(RegressionSamples, KnownTargetUpdates, ModelRequirements):
@@ -107,28 +100,16 @@ class MultiLayerRegressionDataModule(RegressionSamples, KnownTargetUpdates, Mode
     ) -> None:
         super().__init__()
         update_ranks = list(update_ranks if update_ranks is not None else [1, 2, 4, 8])
-        for name, value in {"in_features": in_features, "out_features": out_features, "train_size": train_size,
-                            "val_size": val_size, "test_size": test_size, "batch_size": batch_size}.items():
-            check_int(name, value, minimum=1)
+        sizes = {"in_features": in_features, "out_features": out_features, "train_size": train_size, "val_size": val_size,
+                 "test_size": test_size, "batch_size": batch_size}  # fmt: skip
+        check_regression_data(sizes, input_condition, noise_std)
         if not update_ranks or any(isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= min(in_features, out_features) for r in update_ranks):
             raise ValueError(f"update_ranks must be a non-empty list of ranks in [1, min(in, out)], got {update_ranks}.")
-        if input_condition < 1.0 or noise_std < 0.0:
-            raise ValueError(f"input_condition must be >= 1 and noise_std >= 0, got {input_condition} and {noise_std}.")
         self.save_hyperparameters()
         self.hparams.update_ranks = update_ranks
         self.task = make_multi_layer_task(in_features, out_features, update_ranks, task_seed, update_scale, spectrum_decay, input_condition)
-        # Samples are drawn here, not in setup, so every process and every stage sees the same data.
-        generator = torch.Generator().manual_seed(task_seed + 2)
-        self.train_set = self._sample(train_size, generator)
-        self.val_set = self._sample(val_size, generator)
-        self.test_set = self._sample(test_size, generator)
-
-    def _sample(self, size: int, generator: torch.Generator) -> TensorDataset:
-        task, hp = self.task, self.hparams
-        inputs = torch.randn(size, hp.in_features, generator=generator) @ task.input_covariance_sqrt
-        weights = torch.cat([w + m for w, m in zip(task.base_weights, task.target_updates)])
-        noise = hp.noise_std * torch.randn(size, weights.shape[0], generator=generator)
-        return TensorDataset(inputs, inputs @ weights.T + noise)
+        weight = torch.cat([w + m for w, m in zip(self.task.base_weights, self.task.target_updates)])  # the heads stacked
+        self.draw_samples(weight, self.task.input_covariance_sqrt, noise_std, [train_size, val_size, test_size], task_seed)
 
     def model_requirements(self) -> dict[str, Any]:
         """Module and data each build the ``W0_i`` from these: another value would train towards another target."""
