@@ -109,9 +109,12 @@ def test_a_file_reads_top_to_bottom(relative):
     )
 
 
+ARCHITECTURE = REPO / "docs" / "architecture.md"
+
+
 def readme_layout() -> str:
-    """The README's layout tree (the code block under ``## Layout``)."""
-    section = (REPO / "README.md").read_text().split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
+    """The documentation's layout tree (the code block under ``## Layout`` of docs/architecture.md)."""
+    section = ARCHITECTURE.read_text().split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
     return section.split("```", 2)[1]
 
 
@@ -120,4 +123,4 @@ def test_the_readme_layout_names_every_module():
     tree = readme_layout()
     files = [p for p in MODULES.values() if p.name != "__init__.py"] + sorted((REPO / "benchmarks").glob("*.py"))
     missing = sorted(str(p.relative_to(REPO)) for p in files if not re.search(rf"(?<![\w.]){re.escape(p.name)}\b", tree))
-    assert not missing, f"README.md's Layout tree does not name: {missing}"
+    assert not missing, f"docs/architecture.md's Layout tree does not name: {missing}"

@@ -50,4 +50,4 @@ def test_wheel_installs_one_top_level_package_with_configs_and_the_command(tmp_p
     core = {re.match(r"[A-Za-z0-9_.-]+", spec).group(0).lower() for spec in requires if "extra ==" not in spec}
     assert core == CORE
     extras = {re.search(r'extra == "([^"]+)"', spec).group(1) for spec in requires if "extra ==" in spec}
-    assert {"recipes", "wandb", "plots", "quantization", "all", "dev"} <= extras
+    assert {"recipes", "wandb", "plots", "quantization", "docs", "all", "dev"} <= extras

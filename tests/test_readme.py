@@ -1,4 +1,12 @@
-"""The README's examples run as printed: the Python example, and every ``lightning-hrp`` command."""
+"""The README's and the documentation pages' examples run as printed: every Python example, and every
+``lightning-hrp`` command.
+
+The convention, for README.md and every page of the site (``docs/``, the results' per-run folders aside):
+**every ```python block runs as printed**, as a script in a fresh folder, and prints the line
+:data:`EXAMPLES` expects for it (a page section holds at most one). A fragment that is not meant to
+run is fenced as ```py (highlighted the same, not run). Every ``lightning-hrp ...`` line of a ```bash block is parsed (and the fast
+recipe's commands are run, in order).
+"""
 
 import re
 import shlex
@@ -16,40 +24,70 @@ from test_cli import CONFIGS, header_commands
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
+DOCS = REPO / "docs"
 
 
-# Each README section with a Python example, and what its run prints.
+def doc_pages() -> list[Path]:
+    """README.md and the site's pages, without the results' generated per-run reports (docs/results/*/)."""
+    pages = [p for p in sorted(DOCS.rglob("*.md")) if not p.relative_to(DOCS).parts[:1] == ("results",) or p.parent == DOCS / "results"]
+    return [README, *pages]
+
+
+# Each page section (``page: heading``) with a Python example, and what its run prints.
 EXAMPLES = {
-    "Use it in your own Lightning Trainer": "top-r energy of layer 0",
-    "A plain PyTorch loop: `hrp_init`": "main loss",
-    "Lightning Fabric": "on 2 processes",
-    "transformers `Trainer`": "transformers: preheat loss",
-    "QLoRA: 4-bit and 8-bit bases": "4-bit base: preheated 4 layers",
-    "Rank budgets: ranks where the preheated updates need them": "allocated ranks sum to 64; reloaded with peft alone, max difference 0.0e+00",
+    "README.md: Add it to your Lightning Trainer": "preheat loss",
+    "docs/entry-points/lightning-trainer.md: Example": "top-r energy of layer 0",
+    "docs/entry-points/hrp-init.md: Example": "main loss",
+    "docs/entry-points/fabric.md: Example": "on 2 processes",
+    "docs/entry-points/transformers.md: Example": "transformers: preheat loss",
+    "docs/entry-points/qlora.md: Example": "4-bit base: preheated 4 layers",
+    "docs/entry-points/rank-budgets.md: Example": "allocated ranks sum to 64; reloaded with peft alone, max difference 0.0e+00",
 }
 
 
-def readme_examples() -> dict[str, str]:
-    """Every ```python block of the README, by the heading of its section."""
+def fenced(text: str, language: str) -> list[str]:
+    """The bodies of the ```language blocks of a markdown text (a title or other attributes may follow)."""
+    return re.findall(rf"^```{language}(?:[ \t][^\n]*)?\n(.*?)^```", text, flags=re.DOTALL | re.MULTILINE)
+
+
+def sections(text: str) -> list[tuple[str, str]]:
+    """A markdown text's sections as (heading, body), at every heading level; a ``#`` line inside a fenced
+    block (a Python comment) is not a heading."""
+    found: list[tuple[str, list[str]]] = [("", [])]
+    in_fence = False
+    for line in text.splitlines(keepends=True):
+        if line.startswith("```"):
+            in_fence = not in_fence
+        heading = None if in_fence else re.match(r"#+ (.*)", line)
+        if heading:
+            found.append((heading.group(1).strip(), []))
+        else:
+            found[-1][1].append(line)
+    return [(heading, "".join(lines)) for heading, lines in found]
+
+
+def page_examples() -> dict[str, str]:
+    """Every ```python block of README.md and the site's pages, by ``page: heading`` of its section."""
     examples = {}
-    for section in re.split(r"^## ", README.read_text(), flags=re.MULTILINE)[1:]:
-        heading, _, body = section.partition("\n")
-        blocks = re.findall(r"```python\n(.*?)```", body, flags=re.DOTALL)
-        assert len(blocks) <= 1, heading
-        if blocks:
-            examples[heading.strip()] = blocks[0]
+    for page in doc_pages():
+        for heading, body in sections(page.read_text()):
+            blocks = fenced(body, "python")
+            key = f"{page.relative_to(REPO)}: {heading}"
+            assert len(blocks) <= 1, key
+            if blocks:
+                examples[key] = blocks[0]
     return examples
 
 
-def test_every_readme_example_is_run():
-    assert set(readme_examples()) == set(EXAMPLES)
+def test_every_page_example_is_run():
+    assert set(page_examples()) == set(EXAMPLES)
 
 
 @pytest.mark.parametrize("section", EXAMPLES)
-def test_readme_example_runs_as_printed(section, tmp_path):
+def test_page_example_runs_as_printed(section, tmp_path):
     # As a script: Lightning Fabric starts its second process by running the script again.
     script = tmp_path / "example.py"
-    script.write_text(readme_examples()[section])
+    script.write_text(page_examples()[section])
     result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert EXAMPLES[section] in result.stdout
@@ -64,13 +102,17 @@ def test_readme_quickstart_is_the_ci_test_command():
 
 
 def readme_commands() -> list[list[str]]:
-    """Every ``lightning-hrp ...`` command of the README's bash blocks (continuations joined), as argv lists."""
+    """Every ``lightning-hrp ...`` command of the bash blocks of README.md and the site's pages (continuations
+    joined, leading ``NAME=value`` environment settings dropped), as argv lists, page by page."""
     commands = []
-    for block in re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.DOTALL):
-        for line in block.replace("\\\n", " ").splitlines():
-            argv = shlex.split(line, comments=True)
-            if argv[:1] == ["lightning-hrp"]:
-                commands.append(argv[1:])
+    for page in doc_pages():
+        for block in fenced(page.read_text(), "bash"):
+            for line in block.replace("\\\n", " ").splitlines():
+                argv = shlex.split(line, comments=True)
+                while argv and re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", argv[0]):
+                    argv = argv[1:]
+                if argv[:1] == ["lightning-hrp"]:
+                    commands.append(argv[1:])
     return commands
 
 
@@ -120,6 +162,10 @@ def test_every_readme_command_parses(monkeypatch, capsys):
             from lightning_hrp.recipes.compare import build_parser
 
             build_parser().parse_args(argv[1:])
+        elif argv[0] == "compare-grid":
+            from lightning_hrp.recipes.compare_grid import build_parser
+
+            build_parser().parse_args(argv[1:])
         else:
             assert argv[0] in ("fit", "validate", "test"), argv
             parse(argv)
@@ -129,7 +175,7 @@ def test_readme_matrix_regression_commands_run_as_printed(tmp_path, monkeypatch,
     """The fast recipe's README commands, in order; the test command reads the HRP run's checkpoint."""
     (tmp_path / "recipes").symlink_to(REPO / "recipes")
     monkeypatch.chdir(tmp_path)
-    commands = [argv for argv in readme_commands() if argv[0] != "compare" and "matrix_regression" in " ".join(argv)]
+    commands = [argv for argv in readme_commands() if argv[0] in ("fit", "validate", "test") and "matrix_regression" in " ".join(argv)]
     assert [argv[0] for argv in commands] == ["fit", "fit", "test", "fit"]
     for argv in commands:
         with warnings.catch_warnings():
