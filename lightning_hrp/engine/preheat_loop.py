@@ -164,6 +164,15 @@ def run_preheat(
             outcome: list[Tensor | None] = []
 
             def closure() -> Tensor | None:
+                if outcome:
+                    # A second evaluation would read the next batches into gradients not zeroed in between
+                    # and report the first evaluation's loss: refused, on every rank alike (same optimizer).
+                    raise HRPConfigurationError(
+                        f"preheat_optimizer: {type(optimizer).__name__} evaluated the loss more than once in one step "
+                        "(a line search or a re-evaluating optimizer), which preheating does not support: each preheat "
+                        "step reads its own batches once. Use a single-evaluation optimizer (the default AdamW, "
+                        "lightning_hrp.FactoredRMS, SGD)."
+                    )
                 outcome.append(_accumulate_and_reduce(params, batch_steps, accumulate, agreement, history, carried))
                 return outcome[0]
 
