@@ -21,7 +21,7 @@ from lightning_hrp._validation import check_bool, check_choice, check_int, is_po
 from lightning_hrp.engine.allocation import AllocationRule, RankBudget
 from lightning_hrp.engine.init_rules import DirectionScale, InitRule
 from lightning_hrp.engine.preheat import PreheatMode
-from lightning_hrp.errors import HRPConfigurationError
+from lightning_hrp.errors import HRPConfigurationError, reevaluating_optimizer_refused
 
 OnFailure = Literal["raise", "continue"]
 OtherParams = Literal["frozen", "train_and_discard", "train_and_keep"]
@@ -159,7 +159,7 @@ def _check_optimizer_factory(factory: Any) -> None:
                 f"functools.partial({factory.__name__}, {needed[0]}=...) (or a lambda params: {factory.__name__}(params, ...))."
             )
     if factory is LBFGS:
-        _refuse_reevaluating(factory.__name__)
+        raise reevaluating_optimizer_refused(factory.__name__)
 
 
 def _checked_optimizer(optimizer: Any, factory: Any) -> Optimizer:
@@ -170,16 +170,8 @@ def _checked_optimizer(optimizer: Any, factory: Any) -> Optimizer:
             f"it must build one optimizer over the tensors it is given ({_FACTORY_HINT})."
         )
     if isinstance(optimizer, LBFGS):
-        _refuse_reevaluating(type(optimizer).__name__)
+        raise reevaluating_optimizer_refused(type(optimizer).__name__)
     return optimizer
-
-
-def _refuse_reevaluating(name: str) -> None:
-    raise HRPConfigurationError(
-        f"preheat_optimizer: {name} evaluates the loss several times per step (a line search), which preheating does "
-        "not support: each preheat step reads its own batches once. Use a single-evaluation optimizer (the default "
-        "AdamW, lightning_hrp.FactoredRMS, SGD)."
-    )
 
 
 def initial_learning_rate(optimizer: Optimizer) -> float:
