@@ -195,9 +195,13 @@ class MainRunBatches:
 
     def __iter__(self) -> Iterator[tuple[Any, int]]:
         """``(batch, batch_idx)`` pairs, ``batch_idx`` counting from 0 in each pass, as in an epoch."""
+        first_pass = True
         while True:
             produced = 0
-            for batch, batch_idx, _ in self._combined:
+            # CombinedLoader.__iter__ returns the loader itself and a second iter() starts it over: step it with next().
+            iterator = self._first_epochs_iterator() if first_pass else iter(self._combined)
+            first_pass = False
+            for batch, batch_idx, _ in _stepped(iterator):
                 yield batch, batch_idx
                 produced += 1
                 if produced >= self.per_pass:
@@ -205,10 +209,34 @@ class MainRunBatches:
             if produced == 0:
                 raise HRPConfigurationError("The train dataloader is empty; HRP has nothing to preheat on.")
 
+    def _first_epochs_iterator(self) -> Iterator[Any]:
+        """An iterator whose random sampler draws the permutation the main run's first epoch will draw.
+
+        The fit loop created the main run's iterator before ``on_train_start`` (``setup_data``): that drew the
+        workers' base seed from the global RNG (or the loader's generator), while its ``RandomSampler`` draws
+        its seed at the first batch, after HRP. Creating this iterator draws a base seed too; putting those
+        RNG states back before its first batch lets its sampler draw the very seed the main run's will.
+        """
+        global_state = torch.get_rng_state()
+        loader_states = generator_states(self._combined.flattened)
+        iterator = iter(self._combined)
+        torch.set_rng_state(global_state)
+        restore_generator_states(loader_states)
+        return iterator
+
     def close(self) -> None:
         """Shut down the worker processes HRP started; give the shuffling generators back their state."""
         self._combined.reset()
         restore_generator_states(self._generator_states)
+
+
+def _stepped(iterator: Iterator[Any]) -> Iterator[Any]:
+    """``iterator``'s items by ``next`` alone (a ``for`` loop would call ``iter`` on it once more)."""
+    while True:
+        try:
+            yield next(iterator)
+        except StopIteration:
+            return
 
 
 def define_preheat_step_axis(trainer: pl.Trainer, metrics: Sequence[str]) -> None:

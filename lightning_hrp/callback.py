@@ -104,6 +104,12 @@ class HRPPreheatCallback(HRPArguments, Callback):
             ``setup``, before the wrap (a recipe's ``init_method: hrp`` with ``init_options.rank_budget``).
         allocation_rule: Taken for the same signature as every entry point; without ``rank_budget``
             it has no effect.
+        reinitialise_trained: HRP refuses (``HRPConfigurationError``, nothing changed) adapters that are not
+            at their untrained start: ``lora_B`` not zero (trained, or started by PiSSA, OLoRA, LoRA-GA,
+            LoRA-One, ``keep_progress``), ``lora_A`` already written by HRP in this process, or moments for
+            them in the main optimizer. ``True`` re-initialises them anyway: their current update is
+            discarded, the main optimizer's state for them is cleared, and where the base weights hold a
+            residual (PiSSA, OLoRA, ...) the model's output becomes the residual's (a warning says so).
     """
 
     def _start(self) -> None:
@@ -223,6 +229,9 @@ class _TrainerEntry(EntryPoint):
 
     def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Tensor | None]) -> None:
         self.trainer.strategy.optimizer_step(optimizer, closure=closure, model=self.pl_module)
+
+    def main_optimizers(self) -> list[Optimizer]:
+        return list(self.trainer.optimizers)
 
     def stop_requested(self) -> bool:
         return self.trainer.received_sigterm

@@ -53,6 +53,7 @@ def hrp_init(
     other_params: OtherParams = "frozen",
     rank_budget: int | None = None,
     allocation_rule: AllocationRule = "energy",
+    reinitialise_trained: bool = False,
 ) -> HRPReport | None:
     """Start the rank-r LoRA adapters of ``model`` from High-Rank Preheating (arXiv 2502.07739), in place.
 
@@ -87,7 +88,9 @@ def hrp_init(
             is a good start); needed unless ``preheat_optimizer`` is given.
         accumulate_grad_batches: Batches per preheat optimizer step.
         mode, init_rule, direction_scale, preheat_optimizer, adapter_name, seed, svd_dtype, on_failure,
-            track_subspace_drift, drift_tolerance, preheat_dtype, other_params: As for :class:`lightning_hrp.HRPPreheatCallback`.
+            track_subspace_drift, drift_tolerance, preheat_dtype, other_params, reinitialise_trained: As for
+            :class:`lightning_hrp.HRPPreheatCallback`. Build your optimizer after ``hrp_init``: HRP cannot see
+            one built before, nor clear the moments it may hold.
         rank_budget: The total rank of the trainable LoRA layers, allocated after preheating from the
             preheated spectra (``allocation_rule``) instead of the same r everywhere; each layer gets at
             least 1 and at most its preheat rank, and is resized (new ``lora_A``/``lora_B`` Parameters, the

@@ -8,19 +8,20 @@ with its type), and each builds one of these from it.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
-from torch.optim import AdamW, Optimizer
+from torch.optim import LBFGS, AdamW, Optimizer
 
-from lightning_hrp._validation import check_bool, check_choice, check_int, is_positive_number
+from lightning_hrp._validation import check_bool, check_choice, check_int, is_positive_number, is_real_number
 from lightning_hrp.engine.allocation import AllocationRule, RankBudget
 from lightning_hrp.engine.init_rules import DirectionScale, InitRule
 from lightning_hrp.engine.preheat import PreheatMode
-from lightning_hrp.errors import HRPConfigurationError
+from lightning_hrp.errors import HRPConfigurationError, reevaluating_optimizer_refused
 
 OnFailure = Literal["raise", "continue"]
 OtherParams = Literal["frozen", "train_and_discard", "train_and_keep"]
@@ -53,6 +54,7 @@ class HRPOptions:
     other_params: OtherParams = "frozen"
     rank_budget: int | None = None
     allocation_rule: AllocationRule = "energy"
+    reinitialise_trained: bool = False
 
     def __post_init__(self) -> None:
         check_int("preheat_rank", self.preheat_rank, minimum=2)
@@ -64,32 +66,39 @@ class HRPOptions:
         check_choice("on_failure", self.on_failure, OnFailure)
         check_choice("other_params", self.other_params, OtherParams)
         check_bool("track_subspace_drift", self.track_subspace_drift)
+        check_bool("reinitialise_trained", self.reinitialise_trained)
         if self.preheat_dtype is not None:
             check_choice("preheat_dtype", self.preheat_dtype, PreheatDtype)
         if self.preheat_lr is not None and not is_positive_number(self.preheat_lr):
             raise HRPConfigurationError(
                 f"preheat_lr must be a positive number or None (the main optimizer's), got {self.preheat_lr!r}."
             )
-        if self.preheat_optimizer is not None and not callable(self.preheat_optimizer):
-            raise HRPConfigurationError(
-                f"preheat_optimizer must be a callable params -> Optimizer (e.g. functools.partial(torch.optim.SGD, "
-                f"lr=0.1)) or None, got {self.preheat_optimizer!r}."
-            )
+        if self.preheat_optimizer is not None:
+            _check_optimizer_factory(self.preheat_optimizer)
         if self.preheat_lr is not None and self.preheat_optimizer is not None:
             raise HRPConfigurationError(
                 "Give either preheat_lr (for the default AdamW) or preheat_optimizer (which sets its own "
                 "learning rate), not both."
             )
-        if self.drift_tolerance is not None and not (isinstance(self.drift_tolerance, float) and 0 < self.drift_tolerance < 1):
-            raise HRPConfigurationError(f"drift_tolerance must be a float in (0, 1) or None, got {self.drift_tolerance!r}.")
+        if self.drift_tolerance is not None and not (is_real_number(self.drift_tolerance) and 0 < self.drift_tolerance < 1):
+            raise HRPConfigurationError(f"drift_tolerance must be a number in (0, 1) or None, got {self.drift_tolerance!r}.")
         seed = self.seed
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
-            raise HRPConfigurationError(f"seed must be an int in [0, 2**63) or None (seed_everything's), got {seed!r}.")
+        if seed is not None:
+            check_int("seed", seed, minimum=0)
+            if seed >= 2**63:
+                raise HRPConfigurationError(f"seed must be an int in [0, 2**63) or None (seed_everything's), got {seed!r}.")
         if self.adapter_name is not None and not isinstance(self.adapter_name, str):
             raise HRPConfigurationError(f"adapter_name must be a str or None, got {self.adapter_name!r}.")
         if self.rank_budget is not None:
             check_int("rank_budget", self.rank_budget, minimum=1)
         check_choice("allocation_rule", self.allocation_rule, AllocationRule)
+        # NumPy scalars are accepted above; stored as Python numbers, so that every later use sees one type.
+        for name, kind in (("preheat_lr", float), ("drift_tolerance", float), ("seed", int), ("rank_budget", int)):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, kind(value))
+        for name in ("preheat_rank", "preheat_steps"):
+            object.__setattr__(self, name, int(getattr(self, name)))
 
     @classmethod
     def from_arguments(cls, arguments: Mapping[str, Any]) -> HRPOptions:
@@ -127,8 +136,42 @@ class HRPOptions:
     def make_optimizer(self, params: list[Tensor], main_lr: float | None) -> Optimizer:
         """The preheat optimizer: ``preheat_optimizer``'s, or AdamW (no weight decay) at ``preheat_lr``, else at ``main_lr``."""
         if self.preheat_optimizer is not None:
-            return self.preheat_optimizer(params)
+            return _checked_optimizer(self.preheat_optimizer(params), self.preheat_optimizer)
         return AdamW(params, lr=self.preheat_lr if self.preheat_lr is not None else main_lr, weight_decay=0.0)
+
+
+_FACTORY_HINT = "e.g. functools.partial(torch.optim.SGD, lr=0.1) or lambda params: torch.optim.SGD(params, lr=0.1)"
+
+
+def _check_optimizer_factory(factory: Any) -> None:
+    """``factory`` is a callable ``params -> Optimizer``: not an optimizer class that still needs arguments."""
+    if not callable(factory):
+        raise HRPConfigurationError(f"preheat_optimizer must be a callable params -> Optimizer ({_FACTORY_HINT}) or None, got {factory!r}.")
+    if isinstance(factory, type) and issubclass(factory, Optimizer):
+        signature = inspect.signature(factory)
+        needed = [
+            name for name, parameter in list(signature.parameters.items())[1:]
+            if parameter.default is inspect.Parameter.empty and parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
+        ]  # fmt: skip
+        if needed:
+            raise HRPConfigurationError(
+                f"preheat_optimizer={factory.__name__} is an optimizer class that also needs {', '.join(needed)}; give "
+                f"functools.partial({factory.__name__}, {needed[0]}=...) (or a lambda params: {factory.__name__}(params, ...))."
+            )
+    if factory is LBFGS:
+        raise reevaluating_optimizer_refused(factory.__name__)
+
+
+def _checked_optimizer(optimizer: Any, factory: Any) -> Optimizer:
+    """What ``preheat_optimizer`` built, refused unless it is one ``torch.optim.Optimizer`` that evaluates once a step."""
+    if not isinstance(optimizer, Optimizer):
+        raise HRPConfigurationError(
+            f"preheat_optimizer={factory!r} returned {type(optimizer).__name__} ({optimizer!r:.80}), not a torch.optim.Optimizer; "
+            f"it must build one optimizer over the tensors it is given ({_FACTORY_HINT})."
+        )
+    if isinstance(optimizer, LBFGS):
+        raise reevaluating_optimizer_refused(type(optimizer).__name__)
+    return optimizer
 
 
 def initial_learning_rate(optimizer: Optimizer) -> float:
@@ -172,6 +215,7 @@ class HRPArguments:
         other_params: OtherParams = "frozen",
         rank_budget: int | None = None,
         allocation_rule: AllocationRule = "energy",
+        reinitialise_trained: bool = False,
     ) -> None:
         self.options = HRPOptions.from_arguments(locals())
         check_bool("log_layer_metrics", log_layer_metrics)

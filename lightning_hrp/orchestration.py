@@ -32,6 +32,7 @@ from lightning_hrp.engine.preheat_memory import FREE_MEMORY_SHARE, PreheatMemory
 from lightning_hrp.engine.preheat_loop import BatchSteps, decompose_and_initialise, run_preheat
 from lightning_hrp.engine.quantized import cpu_inference_packed_layers
 from lightning_hrp.engine.resize import check_resizable
+from lightning_hrp.engine.untrained import TrainedAdapters, find_trained_adapters, mark_initialised_by_hrp, residual_init
 from lightning_hrp.errors import HRPConfigurationError
 from lightning_hrp.options import HRPOptions
 from lightning_hrp.report import HRPReport, LayerDiagnostics, allocation_summary, summary_metrics
@@ -86,6 +87,10 @@ class EntryPoint(ABC):
     def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Tensor | None]) -> None:
         """Step the preheat optimizer once, calling ``closure`` for the step's forward and backward passes."""
         optimizer.step(closure)
+
+    def main_optimizers(self) -> list[Optimizer]:
+        """The main run's optimizers, already built (their state for the adapters is checked and, on re-initialising, cleared)."""
+        return []
 
     def stop_requested(self) -> bool:
         """Whether this process was asked to stop (e.g. SIGTERM); polled before each batch."""
@@ -150,6 +155,20 @@ def preheat_and_initialise(options: HRPOptions, entry: EntryPoint) -> HRPReport 
     # Whole copies, read through the wrapped model: under FSDP1 with use_orig_params=False the weights
     # have no valid local view outside summon_full_params.
     originals = read_lora_weights(entry.root, targets)
+    trained = _trained_adapters(entry, targets, originals)
+    if trained and not options.reinitialise_trained:
+        raise HRPConfigurationError(
+            f"HRP would overwrite adapters that are not at their untrained start: {trained.describe()}. Nothing was "
+            "changed. HRP initialises fresh adapters (peft's default start, B = 0): build the peft model anew (and the "
+            "optimizer after HRP), or resume from the checkpoint that holds the run; to re-initialise these adapters "
+            "anyway, discarding their current update, pass reinitialise_trained=True."
+        )
+    if trained.residual_init is not None:
+        entry.warn(
+            f"reinitialise_trained=True on adapters built with init_lora_weights={trained.residual_init!r}: the base "
+            "weights hold the residual W0 - B A, so after HRP writes B = 0 the model's output is the residual's, not "
+            "the original model's."
+        )
     saved_others = [(p, p.detach().clone()) for p in others]
     seed = options.seed if options.seed is not None else broadcast_int(torch.initial_seed() % 2**62)
     adapters = PreheatAdapters(
@@ -175,6 +194,9 @@ def preheat_and_initialise(options: HRPOptions, entry: EntryPoint) -> HRPReport 
         )
         warnings.warn(f"[rank: {rank}] {message}" if world_size > 1 else message, UserWarning, stacklevel=2)
         return None
+    initialised = [t for t in targets if t.name not in report.learned_nothing]
+    mark_initialised_by_hrp(t.lora_A for t in initialised)
+    _clear_optimizer_state(entry, initialised)
     mean_energy = summary_metrics(report, layer_metrics=False)["hrp/energy_kept_mean"]
     entry.info(
         f"HRP: preheated {len(report.layers)} LoRA layers for {len(report.preheat_losses)} steps in "
@@ -184,6 +206,25 @@ def preheat_and_initialise(options: HRPOptions, entry: EntryPoint) -> HRPReport 
     if options.rank_budget is not None:
         entry.info(allocation_summary(report))
     return report
+
+
+def _trained_adapters(entry: EntryPoint, targets: list[LoraTarget], originals: list[tuple[Tensor, Tensor]]) -> TrainedAdapters:
+    with_state = [t.name for t in targets if any(_has_state(opt, t) for opt in entry.main_optimizers())]
+    return find_trained_adapters(
+        targets, originals, residual=residual_init(entry.model, targets[0].adapter_name), optimizer_state=with_state
+    )
+
+
+def _has_state(optimizer: Optimizer, target: LoraTarget) -> bool:
+    return bool(optimizer.state.get(target.lora_A)) or bool(optimizer.state.get(target.lora_B))
+
+
+def _clear_optimizer_state(entry: EntryPoint, targets: list[LoraTarget]) -> None:
+    """Drop the main optimizers' state of the re-initialised weights: old moments do not fit the new start."""
+    for optimizer in entry.main_optimizers():
+        for t in targets:
+            optimizer.state.pop(t.lora_A, None)
+            optimizer.state.pop(t.lora_B, None)
 
 
 def check_targets(

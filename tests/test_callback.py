@@ -1001,3 +1001,31 @@ def test_wandb_charts_preheat_metrics_against_the_preheat_step(tmp_path, monkeyp
         partial = [r.SerializeToString() for r in _wandb_records(partial_dir)]
         assert 0 < len(partial) < len(records)
         assert partial == [r.SerializeToString() for r in records[: len(partial)]]
+
+
+class ShardedShuffled(RecordsMainBatches):
+    """A DistributedSampler over one replica, shuffled (what Lightning builds on several processes)."""
+
+    def train_dataloader(self) -> DataLoader:
+        data = token_dataset(self.hparams.dataset_size)
+        sampler = torch.utils.data.DistributedSampler(data, num_replicas=1, rank=0, shuffle=True, seed=7)
+        return DataLoader(data, batch_size=self.hparams.batch_size, sampler=sampler)
+
+
+@pytest.mark.parametrize(
+    ("module", "loader_kwargs"),
+    [
+        pytest.param(RecordsMainBatches, lambda: {}, id="RandomSampler"),
+        pytest.param(RecordsMainBatches, lambda: dict(generator=torch.Generator().manual_seed(3)), id="loader_generator"),
+        pytest.param(ShardedShuffled, lambda: {}, id="DistributedSampler"),
+    ],
+)
+def test_with_shuffling_preheating_reads_the_main_runs_first_epoch(module, loader_kwargs):
+    # Two batches an epoch and two epochs: the preheat's two batches are the first epoch's, not the second's.
+    pl.seed_everything(0)
+    module = module(loader_kwargs(), shuffle=True)
+    make_trainer(callbacks=[HRPPreheatCallback(8, 2)], max_steps=4, limit_train_batches=2).fit(module)
+    preheat = module.seen_batches[:2]
+    first_epoch, second_epoch = module.main_batches[:2], module.main_batches[2:]
+    assert len(second_epoch) == 2 and not all(torch.equal(a, b) for a, b in zip(preheat, second_epoch))
+    assert all(torch.equal(a, b) for a, b in zip(preheat, first_epoch))

@@ -42,7 +42,7 @@ def test_rank_r_adapters_with_B_zero_are_left_out_of_the_preheat_forward_and_com
         layer.lora_B["default"].weight.fill_(1e-3)  # this adapter adds something: it must be computed
     calls = count_calls(modules)
     before = active_adapters(model)
-    run_hrp(model)
+    run_hrp(model, reinitialise_trained=True)  # B != 0 on purpose
     assert calls[nonzero] == 3  # one forward per preheat step
     assert all(count == 0 for name, count in calls.items() if name != nonzero)
     assert active_adapters(model) == before
@@ -176,7 +176,7 @@ def test_the_activations_estimate_subtracts_only_the_adapters_left_out_of_the_fo
             if "lora_B" in name:
                 torch.nn.init.normal_(p, std=1e-3)
     with caplog.at_level(logging.INFO, logger="lightning_hrp"):
-        run_hrp_with(model, preheat_lr=1e-2)
+        run_hrp_with(model, preheat_lr=1e-2, reinitialise_trained=trained_before)
     r = 4  # lora_llama's rank
     expected = 4 * len(SHAPES) * (R if trained_before else R - r)
     assert f"activations: {expected} bytes per token" in caplog.text

@@ -14,11 +14,14 @@ Parameters of any floating dtype: the step is computed in float32 and rounded in
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+
+from lightning_hrp._validation import is_positive_number, is_real_number
 
 
 class FactoredRMS(Optimizer):
@@ -32,11 +35,13 @@ class FactoredRMS(Optimizer):
     """
 
     def __init__(self, params: Iterable[Tensor], lr: float, beta2: float = 0.999, eps: float = 1e-30) -> None:
-        if not lr > 0:
-            raise ValueError(f"lr must be positive, got {lr}.")
-        if not 0 <= beta2 < 1:
-            raise ValueError(f"beta2 must be in [0, 1), got {beta2}.")
-        super().__init__(params, {"lr": lr, "beta2": beta2, "eps": eps})
+        if not is_positive_number(lr):
+            raise ValueError(f"FactoredRMS: lr must be a positive, finite number (e.g. lr=1e-3), got {lr!r}.")
+        if not (is_real_number(beta2) and 0 <= beta2 < 1):
+            raise ValueError(f"FactoredRMS: beta2 must be a number in [0, 1), got {beta2!r}.")
+        if not (is_real_number(eps) and math.isfinite(eps) and eps >= 0):
+            raise ValueError(f"FactoredRMS: eps must be a finite number >= 0, got {eps!r}.")
+        super().__init__(params, {"lr": float(lr), "beta2": float(beta2), "eps": float(eps)})
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor | None] | None = None) -> Tensor | None:  # type: ignore[override]

@@ -47,7 +47,7 @@ from lightning_hrp.engine.isolation import main_run_untouched
 from lightning_hrp.engine.lora import LoraTarget
 from lightning_hrp.engine.preheat import PreheatAdapters
 from lightning_hrp.engine.resize import guard_against_stale_optimizers, resize_adapters
-from lightning_hrp.errors import HRPConfigurationError, PreheatFailedError
+from lightning_hrp.errors import HRPConfigurationError, PreheatFailedError, reevaluating_optimizer_refused
 
 # A layer whose preheated update has a singular value r below this share of its largest has fewer
 # than r directions of its own.
@@ -164,6 +164,8 @@ def run_preheat(
             outcome: list[Tensor | None] = []
 
             def closure() -> Tensor | None:
+                if outcome:  # refused on every rank alike: they run the same optimizer
+                    raise reevaluating_optimizer_refused(type(optimizer).__name__)
                 outcome.append(_accumulate_and_reduce(params, batch_steps, accumulate, agreement, history, carried))
                 return outcome[0]
 

@@ -157,6 +157,10 @@ class _TrainerEntry(EntryPoint):
         self.trainer = trainer
         self.train_dataloader = train_dataloader
 
+    def main_optimizers(self) -> list[Optimizer]:
+        # A second train() without resume reuses the optimizer it built the first time, moments included.
+        return [] if self.trainer.optimizer is None else [self.trainer.optimizer]
+
     def main_learning_rate(self) -> float:
         return initial_learning_rate(self.trainer.optimizer)
 
