@@ -17,6 +17,10 @@ or init diagnostics); a second invocation skips every run whose ``result.json`` 
 same configuration. A run whose ``result.json``, CSV log or diagnostics are unreadable or changed
 since it finished (``result.json`` holds their SHA-256) is reported with its path and run again,
 never half-used. Method labels name folders, so they must be plain names (no ``/``, no ``..``).
+``output_dir`` is the tool's own: a folder it creates gets a marker (``.lightning-hrp-compare.json``),
+and an existing one is used only with that marker (resumed) or empty; a run folder is deleted to
+run it again only with its own marker. ``--adopt_output_dir=true`` takes over a comparison started
+before the markers.
 Logging goes to a CSV logger and, unless ``wandb.mode=disabled``, to Weights & Biases: offline by
 default (a run folder under ``<output_dir>/wandb`` that ``wandb sync`` uploads later), online with
 ``--wandb.mode=online``; one W&B group per comparison, run names ``label/lr/seed``, and a
@@ -42,6 +46,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lightning_hrp.recipes.compare_folders import check_output_dir, claim_output_dir
 from lightning_hrp.recipes.compare_report import comparison_arms, log_summary_to_wandb, write_report
 from lightning_hrp.recipes.compare_running import DamagedRunError, execute_run, finished_result, load_recipe_config, run_config
 from lightning_hrp.recipes.compare_settings import CompareSettings, MethodSpec, WandbSettings, check_settings, run_dir
@@ -56,7 +61,7 @@ def compare(settings: CompareSettings, command: str = "") -> list[dict[str, Any]
     base = load_recipe_config(settings.recipe_config)
     arms, _ = comparison_arms(settings, base)  # refuses a budget compute matching cannot read, before anything runs
     output = Path(settings.output_dir)
-    output.mkdir(parents=True, exist_ok=True)
+    claim_output_dir(output, "comparison", adopt=settings.adopt_output_dir, report_only=settings.report_only)
     if settings.wandb.mode != "disabled":
         os.environ["WANDB_MODE"] = settings.wandb.mode
         os.environ["WANDB_DIR"] = str(output)
@@ -115,10 +120,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         check_settings(settings)
         comparison_arms(settings, load_recipe_config(settings.recipe_config))
+        check_output_dir(Path(settings.output_dir), "comparison", adopt=settings.adopt_output_dir, report_only=settings.report_only)
     except ValueError as error:  # a bad grid, method or step budget is a usage error, as a malformed option is
         parser.error(str(error))
     # The report shows the command that runs the comparison, also when only the report was rebuilt.
-    command = " ".join(["lightning-hrp compare", *(a for a in args if not a.startswith("--report_only"))])
+    command = " ".join(["lightning-hrp compare", *(a for a in args if not a.startswith(("--report_only", "--adopt_output_dir")))])
     with quiet_libraries():
         compare(settings, command=command)
     return 0
