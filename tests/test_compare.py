@@ -16,9 +16,9 @@ import yaml
 from lightning_hrp.inits import InitMethod
 from lightning_hrp.recipes import compare as compare_module
 from lightning_hrp.recipes.compare import CompareSettings, MethodSpec, WandbSettings, compare, main
-from lightning_hrp.recipes.compare_analysis import summarise
-from lightning_hrp.recipes.compare_report import comparison_arms
-from lightning_hrp.recipes.compare_running import load_recipe_config, read_learning_curve
+from lightning_hrp.recipes.compare.analysis import summarise
+from lightning_hrp.recipes.compare.report import comparison_arms
+from lightning_hrp.recipes.compare.running import load_recipe_config, read_learning_curve
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = str(ROOT / "recipes" / "configs" / "matrix_regression_lora.yaml")
@@ -324,7 +324,7 @@ def test_logging_to_wandb_without_wandb_installed_is_refused_before_any_run(tmp_
 
 
 def test_the_bundled_grids_plan_every_cell_before_running(monkeypatch: pytest.MonkeyPatch) -> None:
-    from lightning_hrp.recipes.compare_grid import GridSettings, build_parser, cell_settings
+    from lightning_hrp.recipes.compare.grid import GridSettings, build_parser, cell_settings
     from lightning_hrp.recipes.runs import settings_from_command_line
 
     monkeypatch.chdir(ROOT)  # the configs name their files relative to the repository root
@@ -337,7 +337,7 @@ def test_the_bundled_grids_plan_every_cell_before_running(monkeypatch: pytest.Mo
 
 
 def test_a_grid_runs_one_comparison_per_cell_and_tabulates_the_paired_gains(tmp_path: Path) -> None:
-    from lightning_hrp.recipes.compare_grid import GridSettings, run_grid
+    from lightning_hrp.recipes.compare.grid import GridSettings, run_grid
 
     settings = _settings(tmp_path / "unused", wandb_mode="disabled")
     settings.learning_rates = [0.03]
@@ -479,7 +479,7 @@ def test_a_comparison_from_before_the_markers_is_adopted_only_when_asked(tmp_pat
     ids=["value up", "value with slash", "axis up"],
 )
 def test_unsafe_axis_names_are_refused_before_any_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, axes: dict) -> None:
-    from lightning_hrp.recipes.compare_grid import GridSettings, run_grid
+    from lightning_hrp.recipes.compare.grid import GridSettings, run_grid
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("a cell ran on a grid that should have been refused")

@@ -12,12 +12,12 @@ from typing import Any
 
 import pandas as pd
 
-from lightning_hrp.recipes.compare_analysis import paired_table, reach_step, runs_frame, summarise, validation_means
-from lightning_hrp.recipes.compare_folders import require_marker
-from lightning_hrp.recipes.compare_matching import MatchingPlan, is_plain_lora, plan_matching, recipe_overrides
-from lightning_hrp.recipes.compare_plots import write_plots
-from lightning_hrp.recipes.compare_running import read_learning_curve, work_before_training
-from lightning_hrp.recipes.compare_settings import CompareSettings, Direction, MethodSpec, run_dir
+from lightning_hrp.recipes.compare.analysis import paired_table, reach_step, runs_frame, summarise, validation_means
+from lightning_hrp.recipes.compare.folders import require_marker
+from lightning_hrp.recipes.compare.matching import MatchingPlan, is_plain_lora, plan_matching, recipe_overrides
+from lightning_hrp.recipes.compare.plots import write_plots
+from lightning_hrp.recipes.compare.running import read_learning_curve, work_before_training
+from lightning_hrp.recipes.compare.settings import CompareSettings, Direction, MethodSpec, run_dir
 
 SUMMARY_COLUMNS = ["method", "chosen_lr", "val_mean", "val_std", "test_mean", "test_std", "seeds"]
 

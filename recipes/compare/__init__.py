@@ -7,9 +7,9 @@ with only ``model.init_args.init_method`` / ``init_options``, ``learning_rate`` 
 only, so every method gets the same tuning budget ("Learning Rate Matters", arXiv 2602.04998).
 With ``compute_matched`` (on by default) every method that computes on training batches before
 its main run gets a plain-LoRA arm with as many more optimizer steps
-(:mod:`~lightning_hrp.recipes.compare_matching`), and each method is judged against it and the
+(:mod:`~lightning_hrp.recipes.compare.matching`), and each method is judged against it and the
 ``references`` seed by seed: paired differences with a 95% t-interval
-(:mod:`~lightning_hrp.recipes.compare_analysis`).
+(:mod:`~lightning_hrp.recipes.compare.analysis`).
 
 Resumable: each run writes ``result.json`` last, into its own folder
 ``<output_dir>/runs/<label>/lr=<lr>/seed=<seed>/`` (with ``config.yaml``, the CSV log and any HRP
@@ -30,10 +30,10 @@ The report (``report.md``, ``runs.csv``, ``summary.csv`` and PNG plots in ``<out
 no W&B; ``--report_only=true`` rebuilds it from finished runs.
 
 This module runs the comparison; its parts: the settings and where runs go
-(:mod:`~lightning_hrp.recipes.compare_settings`), running and reading back one run
-(:mod:`~lightning_hrp.recipes.compare_running`), the statistics (:mod:`~lightning_hrp.recipes.compare_analysis`),
-the report and W&B summary (:mod:`~lightning_hrp.recipes.compare_report`) and the figures
-(:mod:`~lightning_hrp.recipes.compare_plots`).
+(:mod:`~lightning_hrp.recipes.compare.settings`), running and reading back one run
+(:mod:`~lightning_hrp.recipes.compare.running`), the statistics (:mod:`~lightning_hrp.recipes.compare.analysis`),
+the report and W&B summary (:mod:`~lightning_hrp.recipes.compare.report`) and the figures
+(:mod:`~lightning_hrp.recipes.compare.plots`).
 
 Run: ``lightning-hrp compare --config recipes/configs/compare_matrix_regression.yaml``.
 """
@@ -46,10 +46,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lightning_hrp.recipes.compare_folders import check_output_dir, claim_output_dir
-from lightning_hrp.recipes.compare_report import comparison_arms, log_summary_to_wandb, write_report
-from lightning_hrp.recipes.compare_running import DamagedRunError, execute_run, finished_result, load_recipe_config, run_config
-from lightning_hrp.recipes.compare_settings import CompareSettings, MethodSpec, WandbSettings, check_settings, run_dir
+from lightning_hrp.recipes.compare.folders import check_output_dir, claim_output_dir
+from lightning_hrp.recipes.compare.report import comparison_arms, log_summary_to_wandb, write_report
+from lightning_hrp.recipes.compare.running import DamagedRunError, execute_run, finished_result, load_recipe_config, run_config
+from lightning_hrp.recipes.compare.settings import CompareSettings, MethodSpec, WandbSettings, check_settings, run_dir
 from lightning_hrp.recipes.runs import quiet_libraries, settings_from_command_line, settings_parser
 
 __all__ = ["CompareSettings", "MethodSpec", "WandbSettings", "build_parser", "compare", "execute_run", "main", "run_dir"]

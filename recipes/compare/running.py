@@ -18,8 +18,8 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from lightning_hrp.recipes.compare_folders import MARKER, marker_kind, write_marker
-from lightning_hrp.recipes.compare_settings import CompareSettings, MethodSpec, run_dir
+from lightning_hrp.recipes.compare.folders import MARKER, marker_kind, write_marker
+from lightning_hrp.recipes.compare.settings import CompareSettings, MethodSpec, run_dir
 from lightning_hrp.recipes.runs import build_run, load_config, set_dotted, with_overrides, without_outputs
 
 def load_recipe_config(path: str | Path) -> dict[str, Any]:

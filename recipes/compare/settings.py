@@ -81,7 +81,7 @@ class CompareSettings:
             ``{"test/acc": "max"}`` beside a cross-entropy endpoint); the test metric is the primary one.
         compute_matched: Give every method that computes on training batches before the main run
             (HRP's preheat, LoRA-GA's and LoRA-One's gradients) a plain-LoRA arm of the same total
-            optimizer steps, added automatically (:mod:`~lightning_hrp.recipes.compare_matching`), and
+            optimizer steps, added automatically (:mod:`~lightning_hrp.recipes.compare.matching`), and
             judge each method against its own. The step budget is then ``trainer.max_steps`` for every
             arm (``trainer.max_epochs`` is lifted to -1).
         seed_keys: Dotted keys that take the run's seed too, besides ``seed_everything``; e.g. the

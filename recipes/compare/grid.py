@@ -33,11 +33,11 @@ import pandas as pd
 
 from lightning_hrp.recipes.compare import build_parser as compare_parser
 from lightning_hrp.recipes.compare import compare
-from lightning_hrp.recipes.compare_plots import _pyplot, _save
-from lightning_hrp.recipes.compare_report import comparison_arms
-from lightning_hrp.recipes.compare_running import load_recipe_config
-from lightning_hrp.recipes.compare_folders import check_output_dir, claim_output_dir
-from lightning_hrp.recipes.compare_settings import CompareSettings, check_label, check_settings
+from lightning_hrp.recipes.compare.plots import _pyplot, _save
+from lightning_hrp.recipes.compare.report import comparison_arms
+from lightning_hrp.recipes.compare.running import load_recipe_config
+from lightning_hrp.recipes.compare.folders import check_output_dir, claim_output_dir
+from lightning_hrp.recipes.compare.settings import CompareSettings, check_label, check_settings
 from lightning_hrp.recipes.runs import quiet_libraries, settings_from_command_line, settings_parser
 
 
