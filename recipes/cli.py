@@ -3,7 +3,7 @@
 ``lightning-hrp demo [options]`` runs the LoRA-versus-HRP demo (:mod:`lightning_hrp.recipes.demo`);
 ``lightning-hrp compare --config recipes/configs/compare_*.yaml`` compares LoRA initialisations
 over learning rates and seeds (:mod:`lightning_hrp.recipes.compare`), ``lightning-hrp compare-grid``
-one such comparison per cell of a grid (:mod:`lightning_hrp.recipes.compare_grid`). Everything
+one such comparison per cell of a grid (:mod:`lightning_hrp.recipes.compare.grid`). Everything
 else goes to a ``LightningCLI`` in subclass mode, so a config picks its recipe by ``class_path``::
 
     lightning-hrp fit --config recipes/configs/matrix_regression_hrp.yaml
@@ -90,7 +90,7 @@ def _dispatch(args: list[str], from_sys_argv: bool) -> int:
 
         return compare_main(args[1:])
     if args[0] == "compare-grid":
-        from lightning_hrp.recipes.compare_grid import main as grid_main
+        from lightning_hrp.recipes.compare.grid import main as grid_main
 
         return grid_main(args[1:])
     from lightning_hrp.recipes.runs import LightningHRPCLI

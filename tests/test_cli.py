@@ -54,7 +54,7 @@ def test_config_header_command_parses(config, monkeypatch):
             build_parser().parse_args(argv[1:])
             continue
         if argv[0] == "compare-grid":  # one sweep per cell of a grid, with its own parser
-            from lightning_hrp.recipes.compare_grid import build_parser as build_grid_parser
+            from lightning_hrp.recipes.compare.grid import build_parser as build_grid_parser
 
             build_grid_parser().parse_args(argv[1:])
             continue

@@ -16,9 +16,9 @@ import yaml
 from lightning_hrp.inits import InitMethod
 from lightning_hrp.recipes import compare as compare_module
 from lightning_hrp.recipes.compare import CompareSettings, MethodSpec, WandbSettings, compare, main
-from lightning_hrp.recipes.compare_analysis import summarise
-from lightning_hrp.recipes.compare_report import comparison_arms
-from lightning_hrp.recipes.compare_running import load_recipe_config, read_learning_curve
+from lightning_hrp.recipes.compare.analysis import summarise
+from lightning_hrp.recipes.compare.report import comparison_arms
+from lightning_hrp.recipes.compare.running import load_recipe_config, read_learning_curve
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = str(ROOT / "recipes" / "configs" / "matrix_regression_lora.yaml")
@@ -324,7 +324,7 @@ def test_logging_to_wandb_without_wandb_installed_is_refused_before_any_run(tmp_
 
 
 def test_the_bundled_grids_plan_every_cell_before_running(monkeypatch: pytest.MonkeyPatch) -> None:
-    from lightning_hrp.recipes.compare_grid import GridSettings, build_parser, cell_settings
+    from lightning_hrp.recipes.compare.grid import GridSettings, build_parser, cell_settings
     from lightning_hrp.recipes.runs import settings_from_command_line
 
     monkeypatch.chdir(ROOT)  # the configs name their files relative to the repository root
@@ -337,7 +337,7 @@ def test_the_bundled_grids_plan_every_cell_before_running(monkeypatch: pytest.Mo
 
 
 def test_a_grid_runs_one_comparison_per_cell_and_tabulates_the_paired_gains(tmp_path: Path) -> None:
-    from lightning_hrp.recipes.compare_grid import GridSettings, run_grid
+    from lightning_hrp.recipes.compare.grid import GridSettings, run_grid
 
     settings = _settings(tmp_path / "unused", wandb_mode="disabled")
     settings.learning_rates = [0.03]
@@ -383,3 +383,114 @@ def test_a_method_with_its_own_rates_runs_at_those_only(tmp_path: Path, monkeypa
     settings.methods[1].learning_rates = [0.01, -1.0]
     with pytest.raises(ValueError, match="learning_rates"):
         compare_module.check_settings(settings)
+
+
+# ---------------------------------------------------------------------------------------------
+# compare and compare-grid own their output folder (issue 20, item 4)
+# ---------------------------------------------------------------------------------------------
+
+
+def _one_lora_run(output: Path) -> CompareSettings:
+    settings = _settings(output, wandb_mode="disabled")
+    settings.methods, settings.references = settings.methods[:1], []
+    settings.learning_rates, settings.seeds = [0.03], [0, 1]
+    settings.compute_matched = False
+    return settings
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def test_a_folder_of_the_users_files_is_refused_and_left_as_it_was(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    output = tmp_path / "mine"
+    # The user's files, one where compare would take a folder for an unfinished run and delete it.
+    (output / "runs" / "lora" / "lr=0.03" / "seed=0").mkdir(parents=True)
+    (output / "runs" / "lora" / "lr=0.03" / "seed=0" / "notes.txt").write_text("the user's")
+    (output / "report.md").write_text("the user's report")
+    (output / "runs.csv").write_text("the user's table")
+    before = _files(output)
+    settings = _one_lora_run(output)
+    with pytest.raises(ValueError, match="output_dir") as refused:
+        compare(settings)
+    assert str(output) in str(refused.value) and "report.md" in str(refused.value)
+    settings.report_only = True
+    with pytest.raises(ValueError, match="output_dir"):
+        compare(settings)
+    # The command line: a usage error naming output_dir.
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(Path(RECIPE).with_name("compare_matrix_regression.yaml")), f"--output_dir={output}"])
+    assert exit_info.value.code == 2 and "output_dir" in capsys.readouterr().err
+    assert _files(output) == before
+
+
+def test_only_a_run_folder_the_tool_created_is_deleted_to_run_it_again(tmp_path: Path) -> None:
+    output = tmp_path / "comparison"
+    settings = _one_lora_run(output)
+    compare(settings)
+    assert (output / ".lightning-hrp-compare.json").is_file()
+    assert (compare_module.run_dir(settings, "lora", 0.03, 0) / ".lightning-hrp-compare.json").is_file()
+    # An unfinished run of its own is run again ...
+    (compare_module.run_dir(settings, "lora", 0.03, 0) / "result.json").unlink()
+    compare(settings)
+    assert (compare_module.run_dir(settings, "lora", 0.03, 0) / "result.json").is_file()
+    # ... a folder put in a run's place by someone else is not deleted.
+    stranger = compare_module.run_dir(settings, "lora", 0.03, 1)
+    shutil.rmtree(stranger)
+    stranger.mkdir()
+    (stranger / "notes.txt").write_text("the user's")
+    with pytest.raises(ValueError, match="did not create"):
+        compare(settings)
+    assert (stranger / "notes.txt").read_text() == "the user's"
+
+
+def test_a_comparison_from_before_the_markers_is_adopted_only_when_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    output = tmp_path / "comparison"
+    settings = _one_lora_run(output)
+    results = compare(settings)
+    # As the code before markers left it: no markers, and one run interrupted before its result.
+    for marker in output.rglob(".lightning-hrp-compare.json"):
+        marker.unlink()
+    (compare_module.run_dir(settings, "lora", 0.03, 1) / "result.json").unlink()
+    with pytest.raises(ValueError, match="adopt_output_dir"):
+        compare(settings)
+    executed = []
+    real = compare_module.execute_run
+
+    def counting(*args, **kwargs):
+        executed.append(args[3])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(compare_module, "execute_run", counting)
+    settings.adopt_output_dir = True
+    again = compare(settings)
+    assert executed == [1] and again[0] == results[0]  # the finished run is reused, the unfinished one run again
+    settings.adopt_output_dir = False
+    assert compare(settings) == again and executed == [1]  # adopted once: resumed like any of its own
+
+
+@pytest.mark.parametrize(
+    "axes",
+    [
+        {"rank": {"../../escaped": {"model.init_args.lora_rank": 1}}, "steps": {"4": {}}},
+        {"rank": {"1": {}}, "steps": {"a/b": {}}},
+        {"../rank": {"1": {}}, "steps": {"4": {}}},
+    ],
+    ids=["value up", "value with slash", "axis up"],
+)
+def test_unsafe_axis_names_are_refused_before_any_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, axes: dict) -> None:
+    from lightning_hrp.recipes.compare.grid import GridSettings, run_grid
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a cell ran on a grid that should have been refused")
+
+    monkeypatch.setattr(compare_module, "execute_run", must_not_run)
+    compare_yaml = tmp_path / "compare.yaml"
+    compare_yaml.write_text(yaml.safe_dump({
+        "recipe_config": RECIPE, "output_dir": "replaced", "learning_rates": [0.03], "seeds": [0],
+        "overrides": TINY, "wandb": {"mode": "disabled"}, "methods": [{"label": "lora", "method": "lora"}],
+    }))  # fmt: skip
+    output = tmp_path / "deep" / "er" / "grid"
+    with pytest.raises(ValueError, match="axes"):
+        run_grid(GridSettings(compare=str(compare_yaml), output_dir=str(output), axes=axes))
+    assert sorted(path.name for path in tmp_path.rglob("*")) == ["compare.yaml"]

@@ -8,10 +8,10 @@ import pandas as pd
 import pytest
 
 from lightning_hrp.inits import InitMethod
-from lightning_hrp.recipes import compare_matching
-from lightning_hrp.recipes.compare_analysis import paired_comparison, reach_step
-from lightning_hrp.recipes.compare_matching import extra_compute, plan_matching
-from lightning_hrp.recipes.compare_settings import CompareSettings, MethodSpec, check_settings
+from lightning_hrp.recipes.compare import matching as compare_matching
+from lightning_hrp.recipes.compare.analysis import paired_comparison, reach_step
+from lightning_hrp.recipes.compare.matching import extra_compute, plan_matching
+from lightning_hrp.recipes.compare.settings import CompareSettings, MethodSpec, check_settings
 
 # Two-sided 95% quantiles of Student's t, from tables: t(0.975; 2 df) and t(0.975; 4 df).
 T_2_DF = 4.302652729911275

@@ -163,7 +163,7 @@ def test_every_readme_command_parses(monkeypatch, capsys):
 
             build_parser().parse_args(argv[1:])
         elif argv[0] == "compare-grid":
-            from lightning_hrp.recipes.compare_grid import build_parser
+            from lightning_hrp.recipes.compare.grid import build_parser
 
             build_parser().parse_args(argv[1:])
         else:

@@ -222,7 +222,7 @@ def test_the_minilm_overhead_step_reaches_the_recipe_and_the_benchmark_keeps_its
 
 def test_the_evidence_config_parses_with_the_payloads_paths_and_one_seed_per_process(tmp_path: Path) -> None:
     from lightning_hrp.recipes.compare import build_parser
-    from lightning_hrp.recipes.compare_settings import check_settings
+    from lightning_hrp.recipes.compare.settings import check_settings
 
     ctx = run_on_gpu.Context(run_on_gpu.parse_args(["--out", str(tmp_path)]), work=tmp_path, model_dir=tmp_path / "minilm")
     settings, overrides = run_on_gpu.compare_settings(ctx)

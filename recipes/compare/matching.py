@@ -39,7 +39,7 @@ from lightning_hrp.inits import HRPInit, InitMethod, LoraInit
 from lightning_hrp.inits.eva import EvaInit
 from lightning_hrp.inits.gradient_inits import GradientInit
 from lightning_hrp.inits.oracle import OracleInit
-from lightning_hrp.recipes.compare_settings import MATCHED_PREFIX, CompareSettings, MethodSpec
+from lightning_hrp.recipes.compare.settings import MATCHED_PREFIX, CompareSettings, MethodSpec
 from lightning_hrp.recipes.runs import with_overrides, without_outputs
 
 
@@ -87,7 +87,7 @@ def extra_compute(spec: MethodSpec, accumulate: int) -> ExtraCompute:
     if init.info.data_driven:
         raise ValueError(
             f"compute_matched: there is no rule for counting the batches init_method={spec.method.value!r} computes on "
-            "before training; add one to lightning_hrp.recipes.compare_matching, or set compute_matched=false."
+            "before training; add one to lightning_hrp.recipes.compare.matching, or set compute_matched=false."
         )
     return ExtraCompute(0, False, "none")
 

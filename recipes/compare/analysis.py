@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from lightning_hrp.recipes.compare_settings import CompareSettings, Direction, MethodSpec
+from lightning_hrp.recipes.compare.settings import CompareSettings, Direction, MethodSpec
 
 RUN_COLUMNS = ["label", "method", "options", "learning_rate", "seed", "fit_seconds"]
 

@@ -12,11 +12,12 @@ from typing import Any
 
 import pandas as pd
 
-from lightning_hrp.recipes.compare_analysis import paired_table, reach_step, runs_frame, summarise, validation_means
-from lightning_hrp.recipes.compare_matching import MatchingPlan, is_plain_lora, plan_matching, recipe_overrides
-from lightning_hrp.recipes.compare_plots import write_plots
-from lightning_hrp.recipes.compare_running import read_learning_curve, work_before_training
-from lightning_hrp.recipes.compare_settings import CompareSettings, Direction, MethodSpec, run_dir
+from lightning_hrp.recipes.compare.analysis import paired_table, reach_step, runs_frame, summarise, validation_means
+from lightning_hrp.recipes.compare.folders import require_marker
+from lightning_hrp.recipes.compare.matching import MatchingPlan, is_plain_lora, plan_matching, recipe_overrides
+from lightning_hrp.recipes.compare.plots import write_plots
+from lightning_hrp.recipes.compare.running import read_learning_curve, work_before_training
+from lightning_hrp.recipes.compare.settings import CompareSettings, Direction, MethodSpec, run_dir
 
 SUMMARY_COLUMNS = ["method", "chosen_lr", "val_mean", "val_std", "test_mean", "test_std", "seeds"]
 
@@ -61,7 +62,7 @@ def write_report(results: Sequence[dict[str, Any]], settings: CompareSettings, c
         base: The recipe config (for the step budget of compute matching).
     """
     output = Path(settings.output_dir)
-    output.mkdir(parents=True, exist_ok=True)
+    require_marker(output, "comparison")  # never report.md or runs.csv over a user's own files
     arms, plan = comparison_arms(settings, base)
     runs = runs_frame(results)
     summary = summarise(results, settings, arms)

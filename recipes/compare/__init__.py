@@ -7,9 +7,9 @@ with only ``model.init_args.init_method`` / ``init_options``, ``learning_rate`` 
 only, so every method gets the same tuning budget ("Learning Rate Matters", arXiv 2602.04998).
 With ``compute_matched`` (on by default) every method that computes on training batches before
 its main run gets a plain-LoRA arm with as many more optimizer steps
-(:mod:`~lightning_hrp.recipes.compare_matching`), and each method is judged against it and the
+(:mod:`~lightning_hrp.recipes.compare.matching`), and each method is judged against it and the
 ``references`` seed by seed: paired differences with a 95% t-interval
-(:mod:`~lightning_hrp.recipes.compare_analysis`).
+(:mod:`~lightning_hrp.recipes.compare.analysis`).
 
 Resumable: each run writes ``result.json`` last, into its own folder
 ``<output_dir>/runs/<label>/lr=<lr>/seed=<seed>/`` (with ``config.yaml``, the CSV log and any HRP
@@ -17,6 +17,10 @@ or init diagnostics); a second invocation skips every run whose ``result.json`` 
 same configuration. A run whose ``result.json``, CSV log or diagnostics are unreadable or changed
 since it finished (``result.json`` holds their SHA-256) is reported with its path and run again,
 never half-used. Method labels name folders, so they must be plain names (no ``/``, no ``..``).
+``output_dir`` is the tool's own: a folder it creates gets a marker (``.lightning-hrp-compare.json``),
+and an existing one is used only with that marker (resumed) or empty; a run folder is deleted to
+run it again only with its own marker. ``--adopt_output_dir=true`` takes over a comparison started
+before the markers.
 Logging goes to a CSV logger and, unless ``wandb.mode=disabled``, to Weights & Biases: offline by
 default (a run folder under ``<output_dir>/wandb`` that ``wandb sync`` uploads later), online with
 ``--wandb.mode=online``; one W&B group per comparison, run names ``label/lr/seed``, and a
@@ -26,10 +30,10 @@ The report (``report.md``, ``runs.csv``, ``summary.csv`` and PNG plots in ``<out
 no W&B; ``--report_only=true`` rebuilds it from finished runs.
 
 This module runs the comparison; its parts: the settings and where runs go
-(:mod:`~lightning_hrp.recipes.compare_settings`), running and reading back one run
-(:mod:`~lightning_hrp.recipes.compare_running`), the statistics (:mod:`~lightning_hrp.recipes.compare_analysis`),
-the report and W&B summary (:mod:`~lightning_hrp.recipes.compare_report`) and the figures
-(:mod:`~lightning_hrp.recipes.compare_plots`).
+(:mod:`~lightning_hrp.recipes.compare.settings`), running and reading back one run
+(:mod:`~lightning_hrp.recipes.compare.running`), the statistics (:mod:`~lightning_hrp.recipes.compare.analysis`),
+the report and W&B summary (:mod:`~lightning_hrp.recipes.compare.report`) and the figures
+(:mod:`~lightning_hrp.recipes.compare.plots`).
 
 Run: ``lightning-hrp compare --config recipes/configs/compare_matrix_regression.yaml``.
 """
@@ -42,9 +46,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lightning_hrp.recipes.compare_report import comparison_arms, log_summary_to_wandb, write_report
-from lightning_hrp.recipes.compare_running import DamagedRunError, execute_run, finished_result, load_recipe_config, run_config
-from lightning_hrp.recipes.compare_settings import CompareSettings, MethodSpec, WandbSettings, check_settings, run_dir
+from lightning_hrp.recipes.compare.folders import check_output_dir, claim_output_dir
+from lightning_hrp.recipes.compare.report import comparison_arms, log_summary_to_wandb, write_report
+from lightning_hrp.recipes.compare.running import DamagedRunError, execute_run, finished_result, load_recipe_config, run_config
+from lightning_hrp.recipes.compare.settings import CompareSettings, MethodSpec, WandbSettings, check_settings, run_dir
 from lightning_hrp.recipes.runs import quiet_libraries, settings_from_command_line, settings_parser
 
 __all__ = ["CompareSettings", "MethodSpec", "WandbSettings", "build_parser", "compare", "execute_run", "main", "run_dir"]
@@ -56,7 +61,7 @@ def compare(settings: CompareSettings, command: str = "") -> list[dict[str, Any]
     base = load_recipe_config(settings.recipe_config)
     arms, _ = comparison_arms(settings, base)  # refuses a budget compute matching cannot read, before anything runs
     output = Path(settings.output_dir)
-    output.mkdir(parents=True, exist_ok=True)
+    claim_output_dir(output, "comparison", adopt=settings.adopt_output_dir, report_only=settings.report_only)
     if settings.wandb.mode != "disabled":
         os.environ["WANDB_MODE"] = settings.wandb.mode
         os.environ["WANDB_DIR"] = str(output)
@@ -115,10 +120,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         check_settings(settings)
         comparison_arms(settings, load_recipe_config(settings.recipe_config))
+        check_output_dir(Path(settings.output_dir), "comparison", adopt=settings.adopt_output_dir, report_only=settings.report_only)
     except ValueError as error:  # a bad grid, method or step budget is a usage error, as a malformed option is
         parser.error(str(error))
     # The report shows the command that runs the comparison, also when only the report was rebuilt.
-    command = " ".join(["lightning-hrp compare", *(a for a in args if not a.startswith("--report_only"))])
+    command = " ".join(["lightning-hrp compare", *(a for a in args if not a.startswith(("--report_only", "--adopt_output_dir")))])
     with quiet_libraries():
         compare(settings, command=command)
     return 0

@@ -18,7 +18,8 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from lightning_hrp.recipes.compare_settings import CompareSettings, MethodSpec, run_dir
+from lightning_hrp.recipes.compare.folders import MARKER, marker_kind, write_marker
+from lightning_hrp.recipes.compare.settings import CompareSettings, MethodSpec, run_dir
 from lightning_hrp.recipes.runs import build_run, load_config, set_dotted, with_overrides, without_outputs
 
 def load_recipe_config(path: str | Path) -> dict[str, Any]:
@@ -129,8 +130,13 @@ def execute_run(settings: CompareSettings, spec: MethodSpec, lr: float, seed: in
 
     directory = run_dir(settings, spec.label, lr, seed)
     if directory.exists():
-        shutil.rmtree(directory)  # an unfinished run from before: start it again
-    directory.mkdir(parents=True)
+        if marker_kind(directory) != "run":
+            raise ValueError(
+                f"{directory} is in the place of an unfinished or damaged run, but lightning-hrp did not create it (no {MARKER}); "
+                "it is not deleted. Move it away to run this run again, or use a new output_dir."
+            )
+        shutil.rmtree(directory)  # an unfinished or damaged run of this comparison: start it again
+    write_marker(directory, "run")
     (directory / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     name = f"{spec.label}/{lr:g}/{seed}"
 

@@ -81,13 +81,17 @@ class CompareSettings:
             ``{"test/acc": "max"}`` beside a cross-entropy endpoint); the test metric is the primary one.
         compute_matched: Give every method that computes on training batches before the main run
             (HRP's preheat, LoRA-GA's and LoRA-One's gradients) a plain-LoRA arm of the same total
-            optimizer steps, added automatically (:mod:`~lightning_hrp.recipes.compare_matching`), and
+            optimizer steps, added automatically (:mod:`~lightning_hrp.recipes.compare.matching`), and
             judge each method against its own. The step budget is then ``trainer.max_steps`` for every
             arm (``trainer.max_epochs`` is lifted to -1).
         seed_keys: Dotted keys that take the run's seed too, besides ``seed_everything``; e.g. the
             matrix-regression task seed, so that each seed is a new task, not only a new adapter start.
         wandb: W&B settings.
         report_only: Do not run anything; rebuild the report from finished runs.
+        adopt_output_dir: Take over ``output_dir``, a comparison that lightning-hrp started before it
+            marked its folders (it holds ``runs/`` but no ``.lightning-hrp-compare.json``); its run
+            folders become the tool's too (an unfinished one is run again). Without it such a folder,
+            like any non-empty folder the tool did not create, is refused.
     """
 
     recipe_config: str
@@ -105,6 +109,7 @@ class CompareSettings:
     compute_matched: bool = True
     wandb: WandbSettings = field(default_factory=WandbSettings)
     report_only: bool = False
+    adopt_output_dir: bool = False
 
     @property
     def reported_test_metric(self) -> str:
@@ -145,11 +150,17 @@ def _check_rates(rates: list[float]) -> None:
         raise ValueError(f"learning_rates: must differ within 6 significant digits (each names a folder lr=<value>), got {rates}.")
 
 
-def check_label(label: Any) -> str:
-    """``label`` if it is a safe folder name; raises ``ValueError`` otherwise."""
+def check_label(label: Any, argument: str = "methods: label", folder: str = "each method's runs go to <output_dir>/runs/<label>/") -> str:
+    """``label`` if it is a safe folder name; raises ``ValueError`` otherwise.
+
+    Args:
+        label: The name.
+        argument: Where it was given, for the message (``axes: value name``, ...).
+        folder: Which folder it names, for the message.
+    """
     if not (isinstance(label, str) and _SAFE_LABEL.fullmatch(label)):
         raise ValueError(
-            f"methods: label {label!r} is not a safe folder name (each method's runs go to <output_dir>/runs/<label>/). "
+            f"{argument} {label!r} is not a safe folder name ({folder}). "
             "Use up to 100 letters, digits, '_', '-' and '.', starting with a letter or digit, e.g. 'hrp_r32'."
         )
     return label

@@ -11,7 +11,8 @@ overrides that value sets (several keys may move together, e.g. the LoRA rank an
 
 Each cell is a whole comparison (learning rates tuned per method and cell, compute-matched arms,
 paired statistics) in ``<output_dir>/<axis>=<value>/<axis>=<value>/``, resumable like ``compare``.
-The grid's own outputs: ``grid.csv`` (every cell's paired comparisons) and ``grid.png`` (each
+Axis names and value names name folders, so they are checked as method labels are (no ``/``,
+no ``..``); the grid's folder is the tool's own, marked like a comparison's (``compare``). The grid's own outputs: ``grid.csv`` (every cell's paired comparisons) and ``grid.png`` (each
 method's paired gain over its compute-matched arm on the test metric, with 95% t-intervals).
 ``--seeds`` runs a subset of the seeds (e.g. two processes on disjoint seeds); a final
 ``--report_only=true`` with every seed rebuilds all reports.
@@ -32,10 +33,11 @@ import pandas as pd
 
 from lightning_hrp.recipes.compare import build_parser as compare_parser
 from lightning_hrp.recipes.compare import compare
-from lightning_hrp.recipes.compare_plots import _pyplot, _save
-from lightning_hrp.recipes.compare_report import comparison_arms
-from lightning_hrp.recipes.compare_running import load_recipe_config
-from lightning_hrp.recipes.compare_settings import CompareSettings, check_settings
+from lightning_hrp.recipes.compare.plots import _pyplot, _save
+from lightning_hrp.recipes.compare.report import comparison_arms
+from lightning_hrp.recipes.compare.running import load_recipe_config
+from lightning_hrp.recipes.compare.folders import check_output_dir, claim_output_dir
+from lightning_hrp.recipes.compare.settings import CompareSettings, check_label, check_settings
 from lightning_hrp.recipes.runs import quiet_libraries, settings_from_command_line, settings_parser
 
 
@@ -50,6 +52,8 @@ class GridSettings:
             axis gives the lines, the second the x positions.
         seeds: Run these seeds only (default: the compare YAML's).
         report_only: Run nothing; rebuild every cell's report and the grid's.
+        adopt_output_dir: Take over ``output_dir``, a grid that lightning-hrp started before it marked
+            its folders, with every cell in it (as ``compare``'s ``adopt_output_dir``).
     """
 
     compare: str
@@ -57,6 +61,7 @@ class GridSettings:
     axes: dict[str, dict[str, dict[str, Any]]]
     seeds: list[int] | None = None
     report_only: bool = False
+    adopt_output_dir: bool = False
 
 
 def cell_settings(grid: GridSettings) -> list[tuple[dict[str, str], CompareSettings]]:
@@ -65,6 +70,10 @@ def cell_settings(grid: GridSettings) -> list[tuple[dict[str, str], CompareSetti
         raise ValueError(f"axes: give exactly two axes, each with at least one value, got {list(grid.axes)}.")
     base = settings_from_command_line(compare_parser(), CompareSettings, ["--config", grid.compare])
     (first, first_values), (second, second_values) = grid.axes.items()
+    for axis, values in grid.axes.items():  # each names a folder <axis>=<value>, checked as method labels are
+        check_label(axis, "axes: axis", "it names the cells' folders <output_dir>/<axis>=<value>/")
+        for name in values:
+            check_label(name, f"axes: {axis}: value name", f"it names the cells' folders <output_dir>/{axis}=<value>/")
     cells = []
     for name_a, overrides_a in first_values.items():
         for name_b, overrides_b in second_values.items():
@@ -74,6 +83,7 @@ def cell_settings(grid: GridSettings) -> list[tuple[dict[str, str], CompareSetti
                 overrides={**base.overrides, **overrides_a, **overrides_b},
                 seeds=list(grid.seeds) if grid.seeds is not None else base.seeds,
                 report_only=grid.report_only,
+                adopt_output_dir=grid.adopt_output_dir,
             )
             check_settings(cell)
             comparison_arms(cell, load_recipe_config(cell.recipe_config))
@@ -84,6 +94,8 @@ def cell_settings(grid: GridSettings) -> list[tuple[dict[str, str], CompareSetti
 def run_grid(grid: GridSettings, command: str = "") -> pd.DataFrame:
     """Run (or reuse) every cell's comparison; write ``grid.csv`` and ``grid.png``; return the grid table."""
     cells = cell_settings(grid)
+    output = Path(grid.output_dir)
+    claim_output_dir(output, "grid", adopt=grid.adopt_output_dir, report_only=grid.report_only)
     frames = []
     for values, cell in cells:
         where = ", ".join(f"{axis}={value}" for axis, value in values.items())
@@ -92,7 +104,6 @@ def run_grid(grid: GridSettings, command: str = "") -> pd.DataFrame:
         paired = pd.read_csv(Path(cell.output_dir) / "paired.csv")
         frames.append(paired.assign(**values))
     table = pd.concat(frames, ignore_index=True)
-    output = Path(grid.output_dir)
     table.to_csv(output / "grid.csv", index=False)
     first_cell = cells[0][1]
     _save(plot_grid_gains(table, grid, first_cell), output / "grid.png")
@@ -141,9 +152,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     grid = settings_from_command_line(parser, GridSettings, args)
     try:
         cell_settings(grid)
+        check_output_dir(Path(grid.output_dir), "grid", adopt=grid.adopt_output_dir, report_only=grid.report_only)
     except ValueError as error:
         parser.error(str(error))
-    command = " ".join(["lightning-hrp compare-grid", *(a for a in args if not a.startswith(("--report_only", "--seeds")))])
+    command = " ".join(["lightning-hrp compare-grid", *(a for a in args if not a.startswith(("--report_only", "--seeds", "--adopt_output_dir")))])
     with quiet_libraries():
         run_grid(grid, command=command)
     return 0

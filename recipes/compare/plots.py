@@ -9,9 +9,9 @@ from typing import Any
 
 import pandas as pd
 
-from lightning_hrp.recipes.compare_analysis import runs_frame, validation_means, values_at_chosen_rate
-from lightning_hrp.recipes.compare_running import read_json, read_learning_curve
-from lightning_hrp.recipes.compare_settings import CompareSettings, run_dir
+from lightning_hrp.recipes.compare.analysis import runs_frame, validation_means, values_at_chosen_rate
+from lightning_hrp.recipes.compare.running import read_json, read_learning_curve
+from lightning_hrp.recipes.compare.settings import CompareSettings, run_dir
 
 
 def write_plots(
@@ -21,9 +21,9 @@ def write_plots(
 
     Args:
         results: The finished runs.
-        summary: :func:`~lightning_hrp.recipes.compare_analysis.summarise` of them.
+        summary: :func:`~lightning_hrp.recipes.compare.analysis.summarise` of them.
         settings: The comparison.
-        paired: :func:`~lightning_hrp.recipes.compare_analysis.paired_table` of them, for the paired-differences figure.
+        paired: :func:`~lightning_hrp.recipes.compare.analysis.paired_table` of them, for the paired-differences figure.
     """
     plt = _pyplot()
     # One colour per method; past ten the colours repeat and the line style tells those apart.
