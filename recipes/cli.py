@@ -38,6 +38,7 @@ SUBCOMMAND_HELP = {
     "demo": "plain LoRA vs HRP on MiniLM-L6 / Rotten Tomatoes, offline, minutes on a CPU",
     "compare": "compare LoRA initialisations (lora, pissa, eva, lora_one, hrp, ...) over learning rates and seeds",
     "compare-grid": "one compare per cell of a two-axis grid (e.g. rank x steps), paired gains across it",
+    "configs": "list the packaged configs (any --config takes one by name); configs cp NAME DEST copies one",
 }
 # The extra that brings each module the command imports beyond the core install.
 _EXTRAS = {
@@ -81,6 +82,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(args: list[str], from_sys_argv: bool) -> int:
+    from lightning_hrp.recipes import packaged_configs
+
+    if args[0] == "configs":
+        return packaged_configs.main(args[1:])
+    args = [args[0], *packaged_configs.command_line_with_configs(args[1:])]  # --config NAME: a packaged config
     if args[0] == "demo":
         from lightning_hrp.recipes.demo import main as demo_main
 
@@ -96,6 +102,8 @@ def _dispatch(args: list[str], from_sys_argv: bool) -> int:
     from lightning_hrp.recipes.runs import LightningHRPCLI
 
     # With args=None LightningCLI reads sys.argv itself (passing both makes it warn).
+    if from_sys_argv:
+        sys.argv[1:] = args
     LightningHRPCLI(args=None if from_sys_argv else args)
     return 0
 

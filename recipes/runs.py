@@ -31,6 +31,7 @@ from lightning.pytorch.loggers import Logger
 # `--trainer.callbacks+=HRPPreheatCallback` among the Callback subclasses imported so far.
 from lightning_hrp import HRPPreheatCallback  # noqa: F401
 from lightning_hrp.recipes import DESCRIPTION
+from lightning_hrp.recipes.packaged_configs import resolve_config, resolve_config_arguments
 
 SUBCOMMANDS = ("fit", "validate", "test")
 # What a recipe's module must agree on with its data, set once (on the source side) and copied to
@@ -182,7 +183,8 @@ def bundled_config(name: str) -> dict[str, Any]:
 
 def load_config(path: str | Path, argument: str = "config") -> dict[str, Any]:
     """A ``lightning-hrp fit`` YAML as a dict; ``argument`` names the option in error messages."""
-    path = Path(path)
+    # recipes/configs/<name>.yaml, as configs name each other, is the packaged one outside a checkout.
+    path = Path(resolve_config(str(path), argument=argument))
     if not path.is_file():
         raise FileNotFoundError(
             f"{argument}: no file at {path}; expected a lightning-hrp fit YAML such as recipes/configs/matrix_regression_lora.yaml."
@@ -245,7 +247,14 @@ def settings_parser(prog: str, description: str, settings_class: type, config_he
 
 
 def settings_from_command_line(parser: ArgumentParser, settings_class: type[Settings], args: Sequence[str]) -> Settings:
-    """Parse ``args`` with a :func:`settings_parser` of ``settings_class`` into a ``settings_class``."""
+    """Parse ``args`` with a :func:`settings_parser` of ``settings_class`` into a ``settings_class``.
+
+    ``--config NAME`` reads the packaged config ``NAME`` (:mod:`lightning_hrp.recipes.packaged_configs`).
+    """
+    try:
+        args = resolve_config_arguments(args)
+    except FileNotFoundError as error:
+        parser.error(str(error))
     fields = vars(parser.instantiate(parser.parse_args(args)))
     return settings_class(**{k: v for k, v in fields.items() if k in settings_class.__dataclass_fields__})
 

@@ -355,6 +355,15 @@ def test_two_adapters_work_with_adapter_name():
     assert len(hrp.report.layers) == 14
 
 
+def test_a_main_run_shorter_than_the_preheat_warns():
+    """pyproject.toml hides this warning in the tests' tiny runs; here it must still be raised."""
+    pl.seed_everything(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(callbacks=[HRPPreheatCallback(8, 2)], max_steps=1).fit(TinyCausalLM(dataset_size=16))
+    assert len([w for w in caught if "max_steps=1 is smaller than preheat_steps=2" in str(w.message)]) == 1
+
+
 def test_short_dataloader_is_cycled_with_one_warning():
     pl.seed_everything(0)
     module = TinyCausalLM(dataset_size=16)  # 2 batches

@@ -1,7 +1,8 @@
 """Every GPU check of lightning-hrp in one go, in under 9 minutes, on a machine where nothing can be installed.
 
 Run it through ``tests/gpu/run_on_gpu.sh`` (which picks the Python). With the machine's own Python
-and this checkout, no install: the checkout goes first on ``PYTHONPATH``; the few pure-Python
+and this checkout, no install: the checkout goes first on ``PYTHONPATH`` (its package laid out by links in the
+scratch folder, recipes/ as lightning_hrp/recipes, as an install lays it out); the few pure-Python
 packages that machine lacks come as wheels from the payload folder (``tools/gpu_payload.py pack``
 fills it here), installed into a scratch folder only where missing. Steps, in order (caps in
 :data:`CAPS_S`, all within ``--budget-s``):
@@ -36,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tarfile
 import tempfile
@@ -360,6 +362,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def checkout_package(work: Path) -> Path:
+    """A folder holding the checkout's ``lightning_hrp`` as an install lays it out, made of links into the checkout.
+
+    pyproject.toml installs the top-level recipes/ as ``lightning_hrp.recipes`` (package-dir); without an
+    install, this is the same layout: every entry of lightning_hrp/ linked, and recipes/ linked beside them.
+    """
+    root = work / "package"
+    shutil.rmtree(root, ignore_errors=True)  # links only: nothing in the checkout is touched
+    package = root / "lightning_hrp"
+    package.mkdir(parents=True)
+    for entry in (REPO / "lightning_hrp").iterdir():
+        if entry.name != "__pycache__":
+            (package / entry.name).symlink_to(entry)
+    (package / "recipes").symlink_to(REPO / "recipes")
+    return root
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.monotonic()
@@ -373,8 +392,10 @@ def main(argv: list[str] | None = None) -> int:
     results = Results(args.out, header)
     env = {
         **os.environ,
-        # The checkout first, then the wheels installed into the scratch folder: no install needed.
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), str(ctx.work / "site"), os.environ.get("PYTHONPATH")])),
+        # The checkout first (its package, then its benchmarks), then the wheels installed into the scratch folder.
+        "PYTHONPATH": os.pathsep.join(
+            filter(None, [str(checkout_package(ctx.work)), str(REPO), str(ctx.work / "site"), os.environ.get("PYTHONPATH")])
+        ),
         "PYTHONUNBUFFERED": "1", "MPLBACKEND": "Agg", "WANDB_MODE": "disabled",
         "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
     }  # fmt: skip
