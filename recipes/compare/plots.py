@@ -82,7 +82,8 @@ def plot_learning_curves(summary: pd.DataFrame, runs: pd.DataFrame, settings: Co
     if settings.selection_mode == "min":
         axis.set_yscale("log")
     axis.set_title("Validation curves at each method's chosen lr\n(mean over seeds; band: min to max)")
-    axis.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    if axis.lines:  # runs without logged validation curves leave the plot empty, and a legend without entries warns
+        axis.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return figure
 
 
