@@ -4,7 +4,8 @@ The frozen base model is rebuilt from where it was loaded whenever a recipe's mo
 checkpoint need not carry it (for SmolLM2 that was nearly the whole file; for a 7B model ~13 GB; a
 4-bit base could not even be loaded back). :class:`~lightning_hrp.recipes.lora_module.LoraRecipeModule`
 saves only :func:`keys_to_keep` (trainable weights, buffers, base weights an init rewrote) and a
-:class:`BaseIdentity`, and refuses a checkpoint whose base was another model.
+:class:`BaseIdentity`, and refuses a checkpoint whose base was another model. :func:`read_checkpoint`
+refuses a ``--ckpt_path`` that is not a checkpoint at all, in one line.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy, Strategy
@@ -94,3 +97,29 @@ def loads_through_the_module(strategy: Strategy) -> bool:
     strictly and shard by shard; their checkpoints keep the whole state.
     """
     return isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) and not isinstance(strategy, DeepSpeedStrategy)
+
+
+class DamagedCheckpointError(ValueError):
+    """A ``--ckpt_path`` that does not load as a Lightning checkpoint."""
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The checkpoint at ``path``, loaded as ``LightningCLI`` loads it for its hyper-parameters (CPU, weights only).
+
+    Raises:
+        DamagedCheckpointError: The file does not load (truncated, empty, garbage) or holds no
+            Lightning checkpoint; the message is one line with the path and what to do.
+    """
+    fix = "give the checkpoint a lightning-hrp fit wrote (e.g. runs/<run>/checkpoints/last.ckpt), or copy it again if it was cut short."
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # whatever torch.load raises on such a file (EOFError, RuntimeError, UnpicklingError, ...)
+        reason = (str(error).strip().splitlines() or [""])[0][:120]
+        raise DamagedCheckpointError(
+            f"ckpt_path: {path} is damaged or not a checkpoint ({type(error).__name__}{': ' + reason if reason else ''}); {fix}"
+        ) from error
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise DamagedCheckpointError(
+            f"ckpt_path: {path} is damaged or not a checkpoint (it holds a {type(checkpoint).__name__} without a state_dict); {fix}"
+        )
+    return checkpoint

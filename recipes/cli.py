@@ -99,12 +99,17 @@ def _dispatch(args: list[str], from_sys_argv: bool) -> int:
         from lightning_hrp.recipes.compare.grid import main as grid_main
 
         return grid_main(args[1:])
-    from lightning_hrp.recipes.runs import LightningHRPCLI
+    from lightning_hrp.recipes.checkpoints import DamagedCheckpointError
+    from lightning_hrp.recipes.runs import CheckpointConflictError, LightningHRPCLI
 
     # With args=None LightningCLI reads sys.argv itself (passing both makes it warn).
     if from_sys_argv:
         sys.argv[1:] = args
-    LightningHRPCLI(args=None if from_sys_argv else args)
+    try:
+        LightningHRPCLI(args=None if from_sys_argv else args)
+    except (DamagedCheckpointError, CheckpointConflictError) as error:  # usage errors: one line, as jsonargparse's exit 2
+        sys.stderr.write(f"lightning-hrp {args[0]}: error: {error}\n")
+        return 2
     return 0
 
 

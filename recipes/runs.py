@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import sys
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -77,10 +78,88 @@ class LightningHRPCLI(LightningCLI):
         for source, target, apply_on in RECIPE_LINKS:
             parser.link_arguments(source, target, apply_on=apply_on)
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        """Parse, then check a ``--ckpt_path`` before ``LightningCLI`` merges its hyper-parameters into the config.
+
+        Raises:
+            DamagedCheckpointError: The checkpoint does not load.
+            CheckpointConflictError: A model option given on the command line differs from the
+                checkpoint's, which would silently replace it.
+        """
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or not Path(ckpt_path).is_file():  # "last", "best" and sharded folders: Lightning's own
+            return
+        from lightning_hrp.recipes.checkpoints import read_checkpoint
+
+        checkpoint = read_checkpoint(ckpt_path)
+        command_line = sys.argv[1:] if args is None else args
+        if isinstance(command_line, (list, tuple)):
+            check_against_checkpoint(command_line, self.config[subcommand].model, checkpoint.get("hyper_parameters") or {}, ckpt_path)
+
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         # predict needs a predict_step, which no recipe has; keep the menu to what works.
         return {name: commands for name, commands in LightningCLI.subcommands().items() if name in SUBCOMMANDS}
+
+
+class CheckpointConflictError(ValueError):
+    """A command-line option that a ``--ckpt_path``'s hyper-parameters would silently replace."""
+
+
+# Model arguments that follow the data's (RECIPE_LINKS): the data's value wins over the checkpoint's anyway.
+_FOLLOW_THE_DATA = {target.removeprefix("model.init_args.") for _, target, _ in RECIPE_LINKS if target.startswith("model.init_args.")}
+
+
+def _model_options(command_line: Sequence[str]) -> dict[str, str]:
+    """The model's init arguments (and ``class_path``) set on ``command_line``, each with the option that set it."""
+    options: dict[str, str] = {}
+    for token in command_line:
+        if not isinstance(token, str) or not token.startswith("--model"):
+            continue
+        option = token[2:].split("=", 1)[0].rstrip("+")
+        keys = option.split(".")[1:]
+        if keys[:1] in (["init_args"], ["dict_kwargs"]):
+            keys = keys[1:]
+        if option == "model" or keys == ["class_path"]:
+            options["class_path"] = option
+        elif keys and option.split(".")[0] == "model":
+            options.setdefault(keys[0], option)
+    return options
+
+
+def _plain(value: Any) -> Any:
+    return value.as_dict() if isinstance(value, Namespace) else value
+
+
+def check_against_checkpoint(command_line: Sequence[str], model: Namespace, hyper_parameters: Mapping[str, Any], ckpt_path: str) -> None:
+    """Refuse a model option given on ``command_line`` that differs from the checkpoint's ``hyper_parameters``.
+
+    ``LightningCLI`` builds the model from the checkpoint's hyper-parameters, over the config: a
+    ``--model.init_args.lora_rank=8`` on a rank-4 checkpoint would train and save rank 4. Values in a
+    ``--config`` file are replaced as ``LightningCLI`` does (the config usually is the one the
+    checkpoint was trained with); equal values and arguments the checkpoint lacks pass.
+
+    Raises:
+        CheckpointConflictError: Naming each option, its value here and the checkpoint's.
+    """
+    conflicts = []
+    for name, option in _model_options(command_line).items():
+        if name == "class_path":
+            given, saved = model.get("class_path"), hyper_parameters.get("_class_path")
+        elif name in _FOLLOW_THE_DATA or name not in hyper_parameters:
+            continue
+        else:
+            given, saved = _plain((model.get("init_args") or Namespace()).get(name)), hyper_parameters[name]
+        if saved is not None and given != saved:
+            conflicts.append(f"--{option} gives {name}={given!r}, the checkpoint has {name}={saved!r}")
+    if conflicts:
+        raise CheckpointConflictError(
+            f"ckpt_path: {ckpt_path} was trained with other model options, which would silently replace those given here: "
+            f"{'; '.join(conflicts)}. Leave those options out to go on with the checkpoint as it was trained, "
+            "or start a new run without --ckpt_path."
+        )
 
 
 class _ParsedOnly(Exception):

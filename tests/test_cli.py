@@ -344,3 +344,43 @@ def test_full_demo(tmp_path, capsys):
         assert results["runs"][method]["test"]["test/acc"] > majority
     assert (tmp_path / "learning_curves.png").stat().st_size > 0
     assert "HRP's own cost in this run:" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def rank_4_checkpoint(tmp_path_factory) -> Path:
+    """A real ``lightning-hrp fit`` checkpoint of the matrix regression recipe (LoRA rank 4), in its own folder."""
+    folder = tmp_path_factory.mktemp("rank_4_run")
+    config = str(REPO / "recipes" / "configs" / "matrix_regression_lora.yaml")
+    outputs = [f"--trainer.logger.init_args.save_dir={folder}", f"--trainer.callbacks.dirpath={folder}/checkpoints"]
+    assert main(["fit", "--config", config, *outputs, "--trainer.max_steps=2", "--trainer.enable_progress_bar=false"]) == 0
+    return folder / "checkpoints" / "last.ckpt"
+
+
+def _refusal_line(capsys, code: int) -> str:
+    assert code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 1 and "Traceback" not in errors[0]
+    return errors[0]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "garbage"])
+@pytest.mark.parametrize("subcommand", ["fit", "test"])
+def test_a_damaged_checkpoint_is_one_line_naming_the_file(rank_4_checkpoint, tmp_path, capsys, damage, subcommand):
+    damaged = tmp_path / f"{damage}.ckpt"
+    whole = rank_4_checkpoint.read_bytes()
+    damaged.write_bytes({"truncated": whole[: len(whole) // 2], "empty": b"", "garbage": bytes(range(256)) * 20}[damage])
+    config = str(REPO / "recipes" / "configs" / "matrix_regression_lora.yaml")
+    line = _refusal_line(capsys, main([subcommand, "--config", config, "--ckpt_path", str(damaged)]))
+    assert str(damaged) in line and "damaged or not a checkpoint" in line
+
+
+def test_a_command_line_option_the_checkpoint_would_replace_is_refused_naming_both_values(rank_4_checkpoint, tmp_path, capsys):
+    config = str(REPO / "recipes" / "configs" / "matrix_regression_lora.yaml")
+    outputs = [f"--trainer.logger.init_args.save_dir={tmp_path}", f"--trainer.callbacks.dirpath={tmp_path}/checkpoints"]
+    resume = ["fit", "--config", config, *outputs, "--ckpt_path", str(rank_4_checkpoint), "--trainer.max_steps=3"]
+    line = _refusal_line(capsys, main([*resume, "--model.init_args.lora_rank=8"]))
+    assert "lora_rank=8" in line and "lora_rank=4" in line
+    assert not (tmp_path / "checkpoints").exists()  # refused before training
+    # The checkpoint's own value is no conflict: the run resumes.
+    assert main([*resume, "--model.init_args.lora_rank=4", "--trainer.enable_progress_bar=false"]) == 0
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
