@@ -2,17 +2,21 @@
 otherwise initialised adapters (nothing changed) unless ``reinitialise_trained=True`` says so."""
 
 import functools
+import warnings
 
 import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 from peft import LoraConfig, get_peft_model
+from torch.nn import functional as F
 from torch.utils.data import DataLoader
+from transformers import TrainerCallback
 
 from lightning_hrp import FactoredRMS, HRPConfigurationError, HRPOptions, HRPPreheatCallback, hrp_init
 from lightning_hrp.inits import HRPInit
 from lightning_hrp.integrations.transformers import HRPTrainerCallback
+from lightning_hrp.recipes.matrix_regression import MatrixRegressionDataModule, MatrixRegressionModule
 from modules import TinyCausalLM, all_weights, assert_bitwise_equal, causal_lm_loss, cpu_trainer, lora_llama, tiny_llama, token_dataset
 from test_transformers_integration import make_trainer
 
@@ -76,6 +80,41 @@ def test_reinitialise_trained_re_initialises_and_warns_on_a_residual_base():
         report = hrp_init(model, batches(), causal_lm_loss, **OPTIONS, reinitialise_trained=True)
     assert report is not None
     assert all(not p.any() for name, p in model.named_parameters() if "lora_B" in name)
+
+
+def lora_ga_regression() -> tuple[MatrixRegressionModule, DataLoader]:
+    """A regression module whose adapter LoRA-GA started (one step trained): the base holds W0 - s B A."""
+    data = MatrixRegressionDataModule(in_features=16, out_features=12, task_seed=5, train_size=64, val_size=16, test_size=16, batch_size=16)
+    module = MatrixRegressionModule(in_features=16, out_features=12, task_seed=5, lora_rank=2, init_method="lora_ga", init_options={"gradient_batches": 2})
+    cpu_trainer(max_steps=1, num_sanity_val_steps=0, limit_val_batches=0).fit(module, data)
+    return module, data.train_dataloader()
+
+
+def mse(model, batch):
+    return F.mse_loss(model(batch[0]), batch[1])
+
+
+def test_a_residual_base_left_by_this_projects_lora_ga_is_named():
+    # LoRA-GA rewrites the base outside peft's config (init_lora_weights stays True): only its record tells.
+    module, loader = lora_ga_regression()
+    message = refused_unchanged(lambda: hrp_init(module.model, loader, mse, preheat_rank=8, preheat_steps=2, preheat_lr=1e-2), module)
+    assert "'lora_ga'" in message and "residual" in message
+    with pytest.warns(UserWarning, match="residual"):
+        hrp_init(module.model, loader, mse, preheat_rank=8, preheat_steps=2, preheat_lr=1e-2, reinitialise_trained=True)
+
+
+def test_a_residual_base_with_b_zero_is_initialised_without_a_word_about_reinitialising():
+    # B = 0 on a PiSSA base (e.g. an HRP start saved and loaded into a fresh model): the output is the residual's
+    # before and after HRP, nothing is overwritten, and reinitialise_trained was not given.
+    model = pissa_llama()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.zero_()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert hrp_init(model, batches(), causal_lm_loss, **OPTIONS) is not None
+    assert not [w for w in caught if "reinitialise_trained" in str(w.message)]
 
 
 def test_reinitialise_trained_after_training_starts_again_from_hrp():
@@ -149,6 +188,26 @@ def test_a_second_train_call_without_resume_is_refused(tmp_path):
     hrp = HRPTrainerCallback(preheat_rank=16, preheat_steps=2).attach(trainer)
     refused_unchanged(trainer.train, trainer.model)
     assert hrp.report is None
+
+
+class LoraOptimizerStateAtTrainBegin(TrainerCallback):
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.lora_states: list | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        lora = {p for name, p in self.trainer.model.named_parameters() if "lora_" in name}
+        self.lora_states = [s for p, s in self.trainer.optimizer.state.items() if p in lora and s]
+
+
+def test_a_second_train_call_with_reinitialise_trained_clears_the_reused_optimizers_moments(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=2)
+    trainer.train()  # builds the optimizer; the second train() reuses it, moments included
+    hrp = HRPTrainerCallback(preheat_rank=16, preheat_steps=2, reinitialise_trained=True).attach(trainer)
+    probe = LoraOptimizerStateAtTrainBegin(trainer)
+    trainer.add_callback(probe)  # after HRP's: sees the optimizer as the main run's first step will
+    trainer.train()
+    assert hrp.report is not None and probe.lora_states == []
 
 
 # --- preheat optimizers that evaluate the loss more than once per step ------------------------------------
