@@ -9,14 +9,12 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 from peft import LoraConfig, get_peft_model
-from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from transformers import TrainerCallback
 
 from lightning_hrp import FactoredRMS, HRPConfigurationError, HRPOptions, HRPPreheatCallback, hrp_init
-from lightning_hrp.inits import HRPInit
+from lightning_hrp.inits import HRPInit, LoraGAInit
 from lightning_hrp.integrations.transformers import HRPTrainerCallback
-from lightning_hrp.recipes.matrix_regression import MatrixRegressionDataModule, MatrixRegressionModule
 from modules import TinyCausalLM, all_weights, assert_bitwise_equal, causal_lm_loss, cpu_trainer, lora_llama, tiny_llama, token_dataset
 from test_transformers_integration import make_trainer
 
@@ -82,25 +80,14 @@ def test_reinitialise_trained_re_initialises_and_warns_on_a_residual_base():
     assert all(not p.any() for name, p in model.named_parameters() if "lora_B" in name)
 
 
-def lora_ga_regression() -> tuple[MatrixRegressionModule, DataLoader]:
-    """A regression module whose adapter LoRA-GA started (one step trained): the base holds W0 - s B A."""
-    data = MatrixRegressionDataModule(in_features=16, out_features=12, task_seed=5, train_size=64, val_size=16, test_size=16, batch_size=16)
-    module = MatrixRegressionModule(in_features=16, out_features=12, task_seed=5, lora_rank=2, init_method="lora_ga", init_options={"gradient_batches": 2})
-    cpu_trainer(max_steps=1, num_sanity_val_steps=0, limit_val_batches=0).fit(module, data)
-    return module, data.train_dataloader()
-
-
-def mse(model, batch):
-    return F.mse_loss(model(batch[0]), batch[1])
-
-
 def test_a_residual_base_left_by_this_projects_lora_ga_is_named():
-    # LoRA-GA rewrites the base outside peft's config (init_lora_weights stays True): only its record tells.
-    module, loader = lora_ga_regression()
-    message = refused_unchanged(lambda: hrp_init(module.model, loader, mse, preheat_rank=8, preheat_steps=2, preheat_lr=1e-2), module)
+    # LoraGAInit rewrites the base outside peft's config (init_lora_weights stays True): only its record tells.
+    module = TinyCausalLM(target_modules=("q_proj", "v_proj"))
+    cpu_trainer(max_steps=1, callbacks=[LoraGAInit(gradient_batches=2)]).fit(module)
+    message = refused_unchanged(lambda: hrp_init(module.model, batches(), causal_lm_loss, **OPTIONS), module)
     assert "'lora_ga'" in message and "residual" in message
     with pytest.warns(UserWarning, match="residual"):
-        hrp_init(module.model, loader, mse, preheat_rank=8, preheat_steps=2, preheat_lr=1e-2, reinitialise_trained=True)
+        hrp_init(module.model, batches(), causal_lm_loss, **OPTIONS, reinitialise_trained=True)
 
 
 def test_a_residual_base_with_b_zero_is_initialised_without_a_word_about_reinitialising():
