@@ -8,7 +8,7 @@ is why ``pyproject.toml`` pins ``lightning`` to the minor series the tests run o
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -23,14 +23,17 @@ from lightning.pytorch.trainer import call
 from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.trainer.connectors.logger_connector.result import _ResultCollection
 from lightning.pytorch.utilities import CombinedLoader
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import RandomSampler
 
 from lightning_hrp.engine.batches import (  # generators_restored: for lightning_hrp.inits
     generator_states,
     generators_restored,
     restore_generator_states,
+    samplers_drawn_at_creation,
     with_own_workers,
 )
 from lightning_hrp.engine.isolation import interrupts_deferred, isolated_rng
@@ -171,7 +174,9 @@ class MainRunBatches:
             training loop refuses it too), or a one-shot iterator as the train data.
     """
 
-    def __init__(self, trainer: pl.Trainer) -> None:
+    def __init__(
+        self, trainer: pl.Trainer, rng_at_fit_start: Tensor | None = None, info: Callable[[str], None] = rank_zero_info
+    ) -> None:
         main: CombinedLoader | None = trainer.fit_loop._combined_loader  # private
         if main is None:
             raise HRPConfigurationError("HRP needs a train dataloader to preheat on; none is set for this fit.")
@@ -192,6 +197,8 @@ class MainRunBatches:
         self._combined.flattened = [with_own_workers(loader) for loader in main.flattened]
         self._combined.limits = main.limits
         self.per_pass = trainer.num_training_batches
+        self._rng_at_fit_start = rng_at_fit_start
+        self._info = info
 
     def __iter__(self) -> Iterator[tuple[Any, int]]:
         """``(batch, batch_idx)`` pairs, ``batch_idx`` counting from 0 in each pass, as in an epoch."""
@@ -219,10 +226,43 @@ class MainRunBatches:
         """
         global_state = torch.get_rng_state()
         loader_states = generator_states(self._combined.flattened)
-        iterator = iter(self._combined)
-        torch.set_rng_state(global_state)
+        drawn_at_creation = samplers_drawn_at_creation(self._combined.flattened)
+        iterator = self._replayed_iterator(global_state, drawn_at_creation) if drawn_at_creation else None
+        if iterator is None:
+            iterator = iter(self._combined)
+            torch.set_rng_state(global_state)
         restore_generator_states(loader_states)
         return iterator
+
+    def _replayed_iterator(self, global_state: Tensor, samplers: list[RandomSampler]) -> Iterator[Any] | None:
+        """With worker processes, an iterator created from the global RNG state the main run's was created from.
+
+        Such a loader's ``RandomSampler`` drew the first epoch's permutation when ``setup_data`` created the
+        main run's iterator, before ``on_train_start``. The state at ``on_fit_start`` is that state (the
+        sanity check in between runs RNG-isolated) unless user code drew in between: this iterator ending
+        at the state the main run's left proves it drew the same. ``None`` (after a message saying that
+        preheating reads another permutation) where that cannot be done.
+        """
+        reason = None
+        if any(s.generator is not None for s in samplers):
+            reason = "it shuffles with its own torch.Generator, whose earlier state HRP cannot know"
+        elif self._rng_at_fit_start is None:
+            reason = "the global RNG state before it was not recorded (on_fit_start)"
+        else:
+            torch.set_rng_state(self._rng_at_fit_start)
+            iterator = iter(self._combined)
+            if torch.equal(torch.get_rng_state(), global_state):
+                return iterator
+            self._combined.reset()  # shuts down the workers it started
+            torch.set_rng_state(global_state)
+            reason = "something drew from the global RNG between on_fit_start and the fit loop's setup_data"
+        self._info(
+            "HRP: the train dataloader shuffles in worker processes (num_workers > 0), so the main run's first-epoch "
+            f"permutation was drawn before on_train_start, and {reason}: preheating reads another permutation of the "
+            "same training data, not the first epoch's batches. num_workers=0, or a DistributedSampler (its order is "
+            "set by its seed and epoch), gives preheating the first epoch's batches."
+        )
+        return None
 
     def close(self) -> None:
         """Shut down the worker processes HRP started; give the shuffling generators back their state."""

@@ -16,6 +16,7 @@ from functools import partial
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, ParallelStrategy
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -124,6 +125,7 @@ class HRPPreheatCallback(HRPArguments, Callback):
         # Preheating is done for this fit when it ran in it, or when the checkpoint it resumes says so.
         self._preheated_in_this_fit = False
         self._restored_as_preheated = False
+        self._rng_at_fit_start: Tensor | None = None
 
     @property
     def state_key(self) -> str:
@@ -154,6 +156,11 @@ class HRPPreheatCallback(HRPArguments, Callback):
                 "takes more optimizer steps than the main run. Preheating is meant to be a few percent of the run."
             )
 
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The global RNG state the fit loop will create the main run's train iterator from (the sanity check in
+        # between is RNG-isolated): a worker-process loader's sampler draws its first-epoch permutation there.
+        self._rng_at_fit_start = torch.get_rng_state()
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._restored_as_preheated:
             rank_zero_info("HRP: preheating already finished (restored from a checkpoint); not preheating again.")
@@ -168,7 +175,7 @@ class HRPPreheatCallback(HRPArguments, Callback):
         if not trainer.optimizers:
             raise HRPConfigurationError("HRP found no optimizer: configure_optimizers must return the main optimizer.")
         try:
-            self.report = preheat_and_initialise(self.options, _TrainerEntry(trainer, pl_module))
+            self.report = preheat_and_initialise(self.options, _TrainerEntry(trainer, pl_module, self._rng_at_fit_start))
         except PreheatStopped as stop:
             # SIGTERM reached some rank: every rank restored; now exit as Lightning does on SIGTERM.
             raise SIGTERMException() from stop
@@ -186,7 +193,7 @@ class _TrainerEntry(EntryPoint):
     SIGTERM stops preheating on every rank.
     """
 
-    def __init__(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def __init__(self, trainer: pl.Trainer, pl_module: pl.LightningModule, rng_at_fit_start: Tensor | None = None) -> None:
         super().__init__(
             pl_module,
             trainer.strategy.model,
@@ -196,6 +203,7 @@ class _TrainerEntry(EntryPoint):
         )
         self.trainer = trainer
         self.pl_module = pl_module
+        self._rng_at_fit_start = rng_at_fit_start
         self._progress: tqdm | None = None
 
     def main_learning_rate(self) -> float:
@@ -204,7 +212,7 @@ class _TrainerEntry(EntryPoint):
     @contextmanager
     def preheating(self, optimizer: Optimizer, steps: int) -> Iterator[BatchSteps]:
         trainer = self.trainer
-        data = MainRunBatches(trainer)
+        data = MainRunBatches(trainer, self._rng_at_fit_start, self.info)
         needed = steps * trainer.accumulate_grad_batches
         if data.per_pass < needed:
             self.warn(

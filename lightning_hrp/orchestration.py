@@ -163,11 +163,11 @@ def preheat_and_initialise(options: HRPOptions, entry: EntryPoint) -> HRPReport 
             "optimizer after HRP), or resume from the checkpoint that holds the run; to re-initialise these adapters "
             "anyway, discarding their current update, pass reinitialise_trained=True."
         )
-    if trained.residual_init is not None:
+    if trained and trained.residual_init is not None:  # with B = 0 already, the output stays the residual's
         entry.warn(
-            f"reinitialise_trained=True on adapters built with init_lora_weights={trained.residual_init!r}: the base "
-            "weights hold the residual W0 - B A, so after HRP writes B = 0 the model's output is the residual's, not "
-            "the original model's."
+            f"reinitialise_trained=True on adapters started by the {trained.residual_init!r} init: the base weights "
+            "hold the residual W0 - s B A, so after HRP writes B = 0 the model's output is the residual's, not the "
+            "original model's."
         )
     saved_others = [(p, p.detach().clone()) for p in others]
     seed = options.seed if options.seed is not None else broadcast_int(torch.initial_seed() % 2**62)
@@ -211,7 +211,7 @@ def preheat_and_initialise(options: HRPOptions, entry: EntryPoint) -> HRPReport 
 def _trained_adapters(entry: EntryPoint, targets: list[LoraTarget], originals: list[tuple[Tensor, Tensor]]) -> TrainedAdapters:
     with_state = [t.name for t in targets if any(_has_state(opt, t) for opt in entry.main_optimizers())]
     return find_trained_adapters(
-        targets, originals, residual=residual_init(entry.model, targets[0].adapter_name), optimizer_state=with_state
+        targets, originals, residual=residual_init(entry.model, targets), optimizer_state=with_state
     )
 
 

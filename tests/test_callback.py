@@ -1012,6 +1012,15 @@ def test_wandb_charts_preheat_metrics_against_the_preheat_step(tmp_path, monkeyp
         assert partial == [r.SerializeToString() for r in records[: len(partial)]]
 
 
+def recorded_infos(monkeypatch) -> list[str]:
+    """The callback's informational messages, recorded as they are sent."""
+    from lightning_hrp.callback import _TrainerEntry
+
+    infos: list[str] = []
+    monkeypatch.setattr(_TrainerEntry, "info", lambda self, message: infos.append(message))
+    return infos
+
+
 class ShardedShuffled(RecordsMainBatches):
     """A DistributedSampler over one replica, shuffled (what Lightning builds on several processes)."""
 
@@ -1027,9 +1036,12 @@ class ShardedShuffled(RecordsMainBatches):
         pytest.param(RecordsMainBatches, lambda: {}, id="RandomSampler"),
         pytest.param(RecordsMainBatches, lambda: dict(generator=torch.Generator().manual_seed(3)), id="loader_generator"),
         pytest.param(ShardedShuffled, lambda: {}, id="DistributedSampler"),
+        pytest.param(RecordsMainBatches, lambda: dict(num_workers=2), id="RandomSampler-workers"),
+        pytest.param(RecordsMainBatches, lambda: dict(num_workers=1, persistent_workers=True), id="RandomSampler-persistent_workers"),
     ],
 )
-def test_with_shuffling_preheating_reads_the_main_runs_first_epoch(module, loader_kwargs):
+def test_with_shuffling_preheating_reads_the_main_runs_first_epoch(module, loader_kwargs, monkeypatch):
+    infos = recorded_infos(monkeypatch)
     # Two batches an epoch and two epochs: the preheat's two batches are the first epoch's, not the second's.
     pl.seed_everything(0)
     module = module(loader_kwargs(), shuffle=True)
@@ -1038,3 +1050,27 @@ def test_with_shuffling_preheating_reads_the_main_runs_first_epoch(module, loade
     first_epoch, second_epoch = module.main_batches[:2], module.main_batches[2:]
     assert len(second_epoch) == 2 and not all(torch.equal(a, b) for a, b in zip(preheat, second_epoch))
     assert all(torch.equal(a, b) for a, b in zip(preheat, first_epoch))
+    assert not [m for m in infos if "another permutation" in m]
+
+
+class DrawsInTrainDataloader(RecordsMainBatches):
+    """Draws from the global RNG in ``train_dataloader``, after ``on_fit_start``."""
+
+    def train_dataloader(self) -> DataLoader:
+        torch.rand(())
+        return super().train_dataloader()
+
+
+@pytest.mark.parametrize(
+    ("module", "loader_kwargs"),
+    [
+        pytest.param(RecordsMainBatches, lambda: dict(num_workers=1, generator=torch.Generator().manual_seed(3)), id="loader_generator"),
+        pytest.param(DrawsInTrainDataloader, lambda: dict(num_workers=1), id="train_dataloader_draws"),
+    ],
+)
+def test_shuffling_workers_whose_first_epoch_cannot_be_replayed_are_named(module, loader_kwargs, monkeypatch):
+    # The permutation was drawn in setup_data from a state HRP cannot recover: it says that it reads another one.
+    infos = recorded_infos(monkeypatch)
+    pl.seed_everything(0)
+    make_trainer(callbacks=[HRPPreheatCallback(8, 2)], max_steps=2, limit_train_batches=2).fit(module(loader_kwargs(), shuffle=True))
+    assert [m for m in infos if "num_workers" in m and "another permutation" in m]

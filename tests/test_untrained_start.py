@@ -2,6 +2,7 @@
 otherwise initialised adapters (nothing changed) unless ``reinitialise_trained=True`` says so."""
 
 import functools
+import warnings
 
 import numpy as np
 import pytest
@@ -9,9 +10,10 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from peft import LoraConfig, get_peft_model
 from torch.utils.data import DataLoader
+from transformers import TrainerCallback
 
 from lightning_hrp import FactoredRMS, HRPConfigurationError, HRPOptions, HRPPreheatCallback, hrp_init
-from lightning_hrp.inits import HRPInit
+from lightning_hrp.inits import HRPInit, LoraGAInit
 from lightning_hrp.integrations.transformers import HRPTrainerCallback
 from modules import TinyCausalLM, all_weights, assert_bitwise_equal, causal_lm_loss, cpu_trainer, lora_llama, tiny_llama, token_dataset
 from test_transformers_integration import make_trainer
@@ -76,6 +78,30 @@ def test_reinitialise_trained_re_initialises_and_warns_on_a_residual_base():
         report = hrp_init(model, batches(), causal_lm_loss, **OPTIONS, reinitialise_trained=True)
     assert report is not None
     assert all(not p.any() for name, p in model.named_parameters() if "lora_B" in name)
+
+
+def test_a_residual_base_left_by_this_projects_lora_ga_is_named():
+    # LoraGAInit rewrites the base outside peft's config (init_lora_weights stays True): only its record tells.
+    module = TinyCausalLM(target_modules=("q_proj", "v_proj"))
+    cpu_trainer(max_steps=1, callbacks=[LoraGAInit(gradient_batches=2)]).fit(module)
+    message = refused_unchanged(lambda: hrp_init(module.model, batches(), causal_lm_loss, **OPTIONS), module)
+    assert "'lora_ga'" in message and "residual" in message
+    with pytest.warns(UserWarning, match="residual"):
+        hrp_init(module.model, batches(), causal_lm_loss, **OPTIONS, reinitialise_trained=True)
+
+
+def test_a_residual_base_with_b_zero_is_initialised_without_a_word_about_reinitialising():
+    # B = 0 on a PiSSA base (e.g. an HRP start saved and loaded into a fresh model): the output is the residual's
+    # before and after HRP, nothing is overwritten, and reinitialise_trained was not given.
+    model = pissa_llama()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.zero_()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert hrp_init(model, batches(), causal_lm_loss, **OPTIONS) is not None
+    assert not [w for w in caught if "reinitialise_trained" in str(w.message)]
 
 
 def test_reinitialise_trained_after_training_starts_again_from_hrp():
@@ -149,6 +175,26 @@ def test_a_second_train_call_without_resume_is_refused(tmp_path):
     hrp = HRPTrainerCallback(preheat_rank=16, preheat_steps=2).attach(trainer)
     refused_unchanged(trainer.train, trainer.model)
     assert hrp.report is None
+
+
+class LoraOptimizerStateAtTrainBegin(TrainerCallback):
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.lora_states: list | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        lora = {p for name, p in self.trainer.model.named_parameters() if "lora_" in name}
+        self.lora_states = [s for p, s in self.trainer.optimizer.state.items() if p in lora and s]
+
+
+def test_a_second_train_call_with_reinitialise_trained_clears_the_reused_optimizers_moments(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=2)
+    trainer.train()  # builds the optimizer; the second train() reuses it, moments included
+    hrp = HRPTrainerCallback(preheat_rank=16, preheat_steps=2, reinitialise_trained=True).attach(trainer)
+    probe = LoraOptimizerStateAtTrainBegin(trainer)
+    trainer.add_callback(probe)  # after HRP's: sees the optimizer as the main run's first step will
+    trainer.train()
+    assert hrp.report is not None and probe.lora_states == []
 
 
 # --- preheat optimizers that evaluate the loss more than once per step ------------------------------------

@@ -48,6 +48,21 @@ def generators_restored(loaders: Sequence[Any]) -> Iterator[None]:
         restore_generator_states(states)
 
 
+def samplers_drawn_at_creation(loaders: Sequence[Any]) -> list[RandomSampler]:
+    """The RandomSamplers whose epoch permutation is drawn when their loader's iterator is created.
+
+    A DataLoader with worker processes sends its first index batches to the workers as its iterator is
+    created, so its RandomSampler draws the epoch's permutation then, not at the first batch.
+    """
+    samplers: list[RandomSampler] = []
+    for loader in loaders:
+        if isinstance(loader, DataLoader) and loader.num_workers > 0:
+            sampler = loader.batch_sampler.sampler if isinstance(loader.batch_sampler, BatchSampler) else loader.sampler
+            if isinstance(sampler, RandomSampler):
+                samplers.append(sampler)
+    return samplers
+
+
 def with_own_workers(loader: Any) -> Any:
     """``loader``, or for a DataLoader with persistent workers a copy that starts workers of its own.
 

@@ -4,9 +4,11 @@ HRP's direction rule writes ``B = 0`` and a new ``A``: on an adapter that was tr
 init (PiSSA, OLoRA, LoRA-GA, LoRA-One, ``keep_progress``) started with ``B != 0``, that silently throws
 work away and, where the base weights hold a residual ``W0 - B A``, changes the model's output. An
 adapter is taken as untrained when its ``B`` is exactly zero (peft's default start) and HRP has not
-already written its ``A`` in this process. The record of what HRP wrote is a registry of weak
-references keyed by the Parameter objects, not an attribute on the modules: it ends with the
-parameters, and it does not travel with a ``state_dict`` (a saved, HRP-initialised but untrained
+already written its ``A`` in this process. A residual base is told by peft's ``init_lora_weights``
+or, for an init that rewrites the base itself (this project's LoRA-GA, through ``lora_ga_init``), by
+its record. The records (what HRP wrote, which base weights hold a residual) are registries of weak
+references keyed by the Parameter objects, not attributes on the modules: they end with the
+parameters, and they do not travel with a ``state_dict`` (a saved, HRP-initialised but untrained
 adapter loaded into a fresh model is taken as untrained; nothing trained is lost there).
 """
 
@@ -21,33 +23,59 @@ from torch import Tensor, nn
 
 from lightning_hrp.engine.lora import LoraTarget
 
-# peft's init_lora_weights values that rewrite the base weights to a residual W0 - B A.
-_RESIDUAL_INITS = ("pissa", "olora", "corda", "loftq")
+# peft's init_lora_weights values that rewrite the base weights to a residual W0 - B A (with "pissa_niter_*").
+_RESIDUAL_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
-_written_by_hrp: dict[int, weakref.ref[Tensor]] = {}
+
+class _ParameterRecord:
+    """A value per Parameter object, kept while the Parameter lives (keyed by identity, not by an equal value)."""
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[weakref.ref[Tensor], str]] = {}
+
+    def add(self, param: Tensor, value: str) -> None:
+        key = id(param)
+        self._entries[key] = (weakref.ref(param, lambda _, key=key: self._entries.pop(key, None)), value)
+
+    def get(self, param: Tensor) -> str | None:
+        ref, value = self._entries.get(id(param), (None, None))
+        return value if ref is not None and ref() is param else None
+
+
+_written_by_hrp = _ParameterRecord()
+_residual_bases = _ParameterRecord()
 
 
 def mark_initialised_by_hrp(params: Iterable[Tensor]) -> None:
     """Record that HRP wrote these ``lora_A`` weights (until the parameters are freed)."""
     for param in params:
-        key = id(param)
-        _written_by_hrp[key] = weakref.ref(param, lambda _, key=key: _written_by_hrp.pop(key, None))
+        _written_by_hrp.add(param, "hrp")
 
 
 def initialised_by_hrp(param: Tensor) -> bool:
     """Whether HRP wrote ``param`` in this process (the very Parameter object, not an equal value)."""
-    ref = _written_by_hrp.get(id(param))
-    return ref is not None and ref() is param
+    return _written_by_hrp.get(param) is not None
 
 
-def residual_init(model: nn.Module, adapter_name: str) -> str | None:
-    """peft's ``init_lora_weights`` of ``adapter_name`` when it leaves a residual in the base weights, else ``None``."""
+def mark_residual_base(base_weights: Iterable[Tensor], init: str) -> None:
+    """Record that ``init`` rewrote these base weights to a residual ``W0 - s B A`` outside peft's config."""
+    for weight in base_weights:
+        _residual_bases.add(weight, init)
+
+
+def residual_init(model: nn.Module, targets: Sequence[LoraTarget]) -> str | None:
+    """The init that left a residual in the base weights of ``targets``, else ``None``.
+
+    peft's ``init_lora_weights`` of their adapter when it names a residual init, else the init recorded
+    by :func:`mark_residual_base` for one of their base weights.
+    """
+    adapter_name = targets[0].adapter_name
     for module in model.modules():
         if isinstance(module, LoraModel) and adapter_name in module.peft_config:
             init = module.peft_config[adapter_name].init_lora_weights
             if isinstance(init, str) and init.lower().startswith(_RESIDUAL_INITS):
                 return init
-    return None
+    return next((init for t in targets if (init := _residual_bases.get(t.layer.get_base_layer().weight))), None)
 
 
 @dataclass(frozen=True)
@@ -59,7 +87,8 @@ class TrainedAdapters:
         initialised_by_hrp: Layers whose ``lora_A`` HRP already wrote in this process.
         optimizer_state: Layers whose weights already have state in the main run's optimizer (moments of
             steps taken).
-        residual_init: peft's ``init_lora_weights`` when it left a residual in the base weights.
+        residual_init: The init that left a residual in the base weights (peft's ``init_lora_weights``, or
+            one recorded by :func:`mark_residual_base`).
     """
 
     nonzero_B: list[str]
@@ -77,8 +106,8 @@ class TrainedAdapters:
             found.append(f"lora_B is not zero in {_layers(self.nonzero_B)} (trained, or started by another init)")
         if self.residual_init is not None:
             found.append(
-                f"the base weights hold a residual: the adapter was built with init_lora_weights={self.residual_init!r}, "
-                "so B = 0 would change the model's output"
+                f"the base weights hold a residual W0 - s B A left by the {self.residual_init!r} init, so B = 0 would "
+                "change the model's output"
             )
         if self.initialised_by_hrp:
             found.append(f"HRP already initialised {_layers(self.initialised_by_hrp)}")

@@ -12,6 +12,7 @@ from lightning_hrp.engine.baselines import lora_one_init
 from lightning_hrp.engine.distributed import all_reduce_mean_
 from lightning_hrp.engine.lora import LoraTarget
 from lightning_hrp.engine.quantized import quantized_weights
+from lightning_hrp.engine.untrained import mark_residual_base
 from lightning_hrp.errors import HRPConfigurationError
 from lightning_hrp.inits.setup_time import InitReport, SetupTimeInit, missing_peft_feature, only_trainable, training_batches
 
@@ -164,4 +165,6 @@ class LoraGAInit(GradientInit):
             if hasattr(base, "_peft_loraga_grad"):
                 del base._peft_loraga_grad
                 raise HRPConfigurationError(f"peft's lora_ga_init did not use the gradient of {target.name}.")
+            # peft's config still says init_lora_weights=True: the record tells HRP the base is now a residual.
+            mark_residual_base([base.weight], self.name)
             report.singular_values[target.name] = torch.linalg.svdvals(gradient).tolist()
