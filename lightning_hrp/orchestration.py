@@ -196,7 +196,8 @@ def preheat_and_initialise(options: HRPOptions, entry: EntryPoint) -> HRPReport 
         return None
     initialised = [t for t in targets if t.name not in report.learned_nothing]
     mark_initialised_by_hrp(t.lora_A for t in initialised)
-    _clear_optimizer_state(entry, initialised)
+    if options.reinitialise_trained:  # without it the check above found no state to clear
+        _clear_optimizer_state(entry, initialised)
     mean_energy = summary_metrics(report, layer_metrics=False)["hrp/energy_kept_mean"]
     entry.info(
         f"HRP: preheated {len(report.layers)} LoRA layers for {len(report.preheat_losses)} steps in "
