@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import shutil
 import statistics
@@ -494,3 +495,77 @@ def test_unsafe_axis_names_are_refused_before_any_run(tmp_path: Path, monkeypatc
     with pytest.raises(ValueError, match="axes"):
         run_grid(GridSettings(compare=str(compare_yaml), output_dir=str(output), axes=axes))
     assert sorted(path.name for path in tmp_path.rglob("*")) == ["compare.yaml"]
+
+
+# ---------------------------------------------------------------------------------------------
+# tuning_seeds: the rate is chosen on some seeds, the others run at the chosen rate only (issue 22)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_the_rate_is_chosen_on_the_tuning_seeds_only() -> None:
+    """A rate run by more seeds than the tuning seeds must not win or lose by them: seed 1, at 0.1 only, is bad."""
+    settings = _settings(Path("unused"), wandb_mode="disabled")
+    settings.methods, settings.seeds, settings.tuning_seeds = [MethodSpec("lora", InitMethod.lora)], [0, 1], [0]
+    results = [_result(0.01, 0, 0.5, 0.5), _result(0.1, 0, 0.4, 0.4), _result(0.1, 1, 0.9, 0.8)]
+    lora = summarise(results, settings).loc["lora"]
+    assert lora["chosen_lr"] == 0.1 and lora["seeds"] == 2
+    assert lora["val_mean"] == pytest.approx(0.65) and lora["test_mean"] == pytest.approx(0.6)
+    settings.tuning_seeds = None  # every seed chooses: the same runs choose 0.01 then
+    assert summarise(results, settings).loc["lora", "chosen_lr"] == 0.01
+
+
+def test_with_tuning_seeds_the_other_seeds_run_at_the_chosen_rate_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    executed = []
+
+    def fake_run(settings, spec, lr, seed, config):
+        executed.append((spec.label, lr, seed))
+        loss = 1.0 - lr if seed == 0 else 1.0 + lr  # the tuning seed prefers the larger rate, the others would not
+        return {**_result(lr, seed, loss, loss), "label": spec.label, "method": spec.method.value, "options": spec.options}
+
+    monkeypatch.setattr(compare_module, "execute_run", fake_run)
+    settings = _settings(tmp_path, wandb_mode="disabled")
+    settings.seeds, settings.tuning_seeds = [0, 1, 2], [0]
+    results = compare(settings)
+    arms = ["hrp", "lora", "lora_matched_6"]
+    assert sorted(executed) == sorted([(a, lr, 0) for a in arms for lr in (0.001, 0.03)] + [(a, 0.03, s) for a in arms for s in (1, 2)])
+    assert len(results) == len(executed) == 12  # 3 arms x (2 rates + 2 seeds), not 3 x 2 x 3 = 18
+    summary = summarise(results, settings, comparison_arms(settings, load_recipe_config(RECIPE))[0])
+    assert set(summary["chosen_lr"]) == {0.03} and set(summary["seeds"]) == {3}
+    report = (tmp_path / "report.md").read_text()
+    assert "tuning seeds [0]" in report
+    # 0.03 is the grid's largest rate: the report says these methods may be under-tuned.
+    edge = next(line for line in report.splitlines() if line.startswith("**Chosen at the edge of the grid:**"))
+    assert all(f"`{arm}`" in edge for arm in arms)
+
+
+def test_a_process_on_other_seeds_waits_for_the_tuning_runs_then_reads_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two processes: one on the tuning seed, one on another seed; the second runs only the chosen rate, from the first's runs."""
+    settings = _settings(tmp_path, wandb_mode="disabled")
+    settings.methods, settings.compute_matched, settings.references = settings.methods[:1], False, []
+    settings.tuning_seeds = [0]
+    executed = []
+    real_run = compare_module.execute_run
+
+    def recording_run(settings, spec, lr, seed, config):
+        executed.append((lr, seed))
+        return real_run(settings, spec, lr, seed, config)
+
+    monkeypatch.setattr(compare_module, "execute_run", recording_run)
+    other = dataclasses.replace(settings, seeds=[1])
+    assert compare(other) == [] and executed == []  # the tuning runs have not finished: nothing runs yet
+    compare(dataclasses.replace(settings, seeds=[0]))
+    assert sorted(executed) == [(0.001, 0), (0.03, 0)]
+    results = compare(other)
+    chosen = summarise(results, other).loc["lora", "chosen_lr"]
+    tuning = {r["learning_rate"]: r["val"]["val/loss"] for r in results if r["seed"] == 0}
+    assert chosen == min(tuning, key=tuning.get)
+    assert executed[2:] == [(chosen, 1)] and len(results) == 3
+
+
+@pytest.mark.parametrize("tuning_seeds", [[], [0, 0], [-1], [True]])
+def test_bad_tuning_seeds_are_refused_naming_the_option(tmp_path: Path, tuning_seeds: list) -> None:
+    settings = _settings(tmp_path, wandb_mode="disabled")
+    settings.tuning_seeds = tuning_seeds
+    with pytest.raises(ValueError, match="tuning_seeds"):
+        compare(settings)
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())

@@ -46,6 +46,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lightning_hrp.recipes.compare.analysis import choose_rate, runs_frame, selection_means
 from lightning_hrp.recipes.compare.folders import check_output_dir, claim_output_dir
 from lightning_hrp.recipes.compare.report import comparison_arms, log_summary_to_wandb, write_report
 from lightning_hrp.recipes.compare.running import DamagedRunError, execute_run, finished_result, load_recipe_config, run_config
@@ -66,11 +67,58 @@ def compare(settings: CompareSettings, command: str = "") -> list[dict[str, Any]
         os.environ["WANDB_MODE"] = settings.wandb.mode
         os.environ["WANDB_DIR"] = str(output)
         os.environ.setdefault("WANDB_SILENT", "true")
-    results = []
-    plan = [(spec, lr, seed) for spec in arms for lr in spec.rates(settings.learning_rates) for seed in settings.seeds]
-    for index, (spec, lr, seed) in enumerate(plan, start=1):
-        config = run_config(base, settings, spec, lr, seed)
-        tag = f"[{index}/{len(plan)}] {spec.label} lr={lr:g} seed={seed}"
+    runner = _Runner(settings, base, total=_planned_runs(settings, arms))
+    tuning = settings.rate_choosing_seeds
+    later_seeds = [seed for seed in settings.seeds if seed not in tuning]
+    waiting = []
+    # Arm by arm (the YAML's priority order): its rate-choosing runs, then its other seeds at the chosen rate.
+    for spec in arms:
+        for lr in spec.rates(settings.learning_rates):
+            for seed in settings.seeds:
+                if seed in tuning:
+                    runner.run(spec, lr, seed)
+        if later_seeds and not runner.run_at_chosen_rate(spec, later_seeds):
+            waiting.append(spec)
+    # Another process may have finished a waiting arm's tuning runs meanwhile: retry while any gets ready.
+    while waiting:
+        ready = [spec for spec in waiting if runner.run_at_chosen_rate(spec, later_seeds)]
+        if not ready:
+            break
+        waiting = [spec for spec in waiting if spec not in ready]
+    for spec in waiting:
+        then = "" if settings.report_only else "; run the same command again once they have"
+        print(
+            f"{spec.label}: seeds {later_seeds} not run, its learning rate is not chosen yet: its tuning runs (seeds {tuning} at "
+            f"every rate) have not all finished{then}.",
+            flush=True,
+        )
+    results = list(runner.results.values())
+    if not results and waiting:
+        return []  # every arm waits for another process's tuning runs: nothing to report yet
+    if not results:
+        raise ValueError(f"No finished run under {output}; nothing to report.")
+    report = write_report(results, settings, command, base)
+    if settings.wandb.mode != "disabled" and not settings.report_only:
+        plots = sorted(output.glob("*.png"))
+        log_summary_to_wandb(results, settings, plots, base)
+    print(f"Report: {report}", flush=True)
+    return results
+
+
+class _Runner:
+    """Runs or reuses the comparison's runs one by one and keeps their results, keyed by (label, lr, seed)."""
+
+    def __init__(self, settings: CompareSettings, base: dict[str, Any], total: int) -> None:
+        self.settings, self.base, self.total = settings, base, total
+        self.results: dict[tuple[str, float, int], dict[str, Any]] = {}
+        self.index = 0
+
+    def run(self, spec: MethodSpec, lr: float, seed: int) -> dict[str, Any] | None:
+        """The run's result: reused if it finished before, run now otherwise (None under ``report_only``)."""
+        settings = self.settings
+        config = run_config(self.base, settings, spec, lr, seed)
+        self.index += 1
+        tag = f"[{self.index}/{self.total}] {spec.label} lr={lr:g} seed={seed}"
         try:
             result = finished_result(settings, spec, lr, seed, config)
         except DamagedRunError as damaged:
@@ -84,7 +132,7 @@ def compare(settings: CompareSettings, command: str = "") -> list[dict[str, Any]
                 print(f"{tag}: not run yet (report_only)", flush=True)
         if result is None:
             if settings.report_only:
-                continue
+                return None
             result = execute_run(settings, spec, lr, seed, config)
             print(
                 f"{tag}: {settings.selection_metric}={result['val'].get(settings.selection_metric, float('nan')):.4g} "
@@ -92,15 +140,36 @@ def compare(settings: CompareSettings, command: str = "") -> list[dict[str, Any]
                 f"({result['fit_seconds']:.0f} s)",
                 flush=True,
             )
-        results.append(result)
-    if not results:
-        raise ValueError(f"No finished run under {output}; nothing to report.")
-    report = write_report(results, settings, command, base)
-    if settings.wandb.mode != "disabled" and not settings.report_only:
-        plots = sorted(output.glob("*.png"))
-        log_summary_to_wandb(results, settings, plots, base)
-    print(f"Report: {report}", flush=True)
-    return results
+        self.results[spec.label, lr, seed] = result
+        return result
+
+    def run_at_chosen_rate(self, spec: MethodSpec, seeds: Sequence[int]) -> bool:
+        """Run ``seeds`` at the rate ``spec``'s tuning runs chose; False (nothing run) while one of those is unfinished."""
+        tuning_results = []
+        for lr in spec.rates(self.settings.learning_rates):
+            for seed in self.settings.rate_choosing_seeds:
+                result = self.results.get((spec.label, lr, seed))
+                if result is None:  # a tuning seed this process does not run: another one's finished run
+                    try:
+                        result = finished_result(self.settings, spec, lr, seed, run_config(self.base, self.settings, spec, lr, seed))
+                    except DamagedRunError:
+                        result = None
+                if result is None:
+                    return False
+                self.results[spec.label, lr, seed] = result  # in the report too
+                tuning_results.append(result)
+        means = selection_means(runs_frame(tuning_results), self.settings)
+        chosen = choose_rate(means.loc[spec.label], self.settings.selection_mode)
+        for seed in seeds:
+            self.run(spec, chosen, seed)
+        return True
+
+
+def _planned_runs(settings: CompareSettings, arms: Sequence[MethodSpec]) -> int:
+    """How many runs this invocation goes through: every rate for the tuning seeds, one rate for the others."""
+    tuning = settings.rate_choosing_seeds
+    tuned_here = sum(seed in tuning for seed in settings.seeds)
+    return sum(len(spec.rates(settings.learning_rates)) * tuned_here + len(settings.seeds) - tuned_here for spec in arms)
 
 
 def build_parser() -> Any:

@@ -1,8 +1,8 @@
 """The statistics of a comparison, as pure functions of the finished runs (no files, no plots).
 
-Per method the learning rate is chosen on the validation split (mean over seeds of the final
-``selection_metric``; a rate where any seed diverged to NaN never wins), and the test split is
-summarised at that rate only. Means and sample standard deviations are over seeds.
+Per method the learning rate is chosen on the validation split (mean over the rate-choosing seeds
+of the final ``selection_metric``; a rate where any seed diverged to NaN never wins), and the test
+split is summarised at that rate only, over every seed run there. Means and sample standard deviations are over seeds.
 
 Methods are judged *paired*: a seed fixes the task, the data order and the random starts for every
 method, so each method is compared with a reference seed by seed (:func:`paired_comparison`: the
@@ -55,13 +55,30 @@ def validation_means(runs: pd.DataFrame, metric: str) -> pd.Series:
     return runs.groupby(["label", "learning_rate"], sort=True)[metric].agg(_mean)
 
 
+def selection_means(runs: pd.DataFrame, settings: CompareSettings) -> pd.Series:
+    """:func:`validation_means` of the selection metric over the seeds that choose the rates (``tuning_seeds``, or all)."""
+    return validation_means(runs[runs["seed"].isin(settings.rate_choosing_seeds)], settings.selection_metric)
+
+
+def choose_rate(by_rate: pd.Series, mode: Direction) -> float:
+    """The best learning rate of one method's mean validation values (indexed by rate, sorted).
+
+    A non-finite mean (a seed diverged) never wins; if every rate diverged, the smallest is returned.
+    """
+    finite = by_rate[by_rate.map(math.isfinite)]
+    if finite.empty:
+        return float(by_rate.index[0])
+    return float(finite.idxmin() if mode == "min" else finite.idxmax())
+
+
 def summarise(
     results: Sequence[dict[str, Any]], settings: CompareSettings, methods: Sequence[MethodSpec] | None = None
 ) -> pd.DataFrame:
     """Per method (index: label, in the order of ``methods``): the chosen rate and the statistics there.
 
-    Columns: ``method``, ``chosen_lr``, ``val_mean``, ``val_std``, ``test_mean``, ``test_std``, ``seeds``.
-    Methods without a finished run are left out.
+    Columns: ``method``, ``chosen_lr``, ``val_mean``, ``val_std``, ``test_mean``, ``test_std``, ``seeds``
+    (the statistics over every seed at the chosen rate). Methods without a finished run of a
+    rate-choosing seed are left out.
 
     Args:
         results: The finished runs.
@@ -74,17 +91,12 @@ def summarise(
         if metric not in r["val"]:
             raise KeyError(f"selection_metric {metric!r} is not among the logged validation metrics {sorted(r['val'])}.")
     runs = runs_frame(results)
-    means = validation_means(runs, metric)
+    means = selection_means(runs, settings)
     rows = {}
     for spec in settings.methods if methods is None else methods:
         if spec.label not in means.index.get_level_values("label"):
             continue
-        by_rate = means.loc[spec.label]  # sorted by learning rate
-        finite = by_rate[by_rate.map(math.isfinite)]
-        if finite.empty:
-            chosen = float(by_rate.index[0])  # every rate diverged: report the smallest
-        else:
-            chosen = float(finite.idxmin() if settings.selection_mode == "min" else finite.idxmax())
+        chosen = choose_rate(means.loc[spec.label], settings.selection_mode)  # .loc: sorted by learning rate
         at_chosen = runs[(runs["label"] == spec.label) & (runs["learning_rate"] == chosen)]
         rows[spec.label] = {
             "method": spec.method.value,

@@ -9,7 +9,7 @@ from typing import Any
 
 import pandas as pd
 
-from lightning_hrp.recipes.compare.analysis import runs_frame, validation_means, values_at_chosen_rate
+from lightning_hrp.recipes.compare.analysis import runs_frame, selection_means, values_at_chosen_rate
 from lightning_hrp.recipes.compare.running import read_json, read_learning_curve
 from lightning_hrp.recipes.compare.settings import CompareSettings, run_dir
 
@@ -107,9 +107,9 @@ def plot_final_metric(summary: pd.DataFrame, runs: pd.DataFrame, settings: Compa
 
 
 def plot_lr_sweep(runs: pd.DataFrame, settings: CompareSettings, styles: dict) -> Any:
-    """The final validation metric against the learning rate, per method (mean over seeds)."""
+    """The final validation metric against the learning rate, per method (mean over the rate-choosing seeds)."""
     metric = settings.selection_metric
-    means = validation_means(runs, metric)
+    means = selection_means(runs, settings)
     figure, axis = _pyplot().subplots(figsize=(8, 4.5))
     for label in styles:
         by_rate = means.loc[label]
@@ -118,7 +118,7 @@ def plot_lr_sweep(runs: pd.DataFrame, settings: CompareSettings, styles: dict) -
     if settings.selection_mode == "min":
         axis.set_yscale("log")
     axis.set_xlabel("learning rate")
-    axis.set_ylabel(f"final {metric} (mean over seeds)")
+    axis.set_ylabel(f"final {metric} (mean over {'tuning ' if settings.tuning_seeds is not None else ''}seeds)")
     axis.set_title("Learning-rate sweep (validation)")
     axis.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return figure

@@ -12,7 +12,7 @@ from typing import Any
 
 import pandas as pd
 
-from lightning_hrp.recipes.compare.analysis import paired_table, reach_step, runs_frame, summarise, validation_means
+from lightning_hrp.recipes.compare.analysis import paired_table, reach_step, runs_frame, selection_means, summarise
 from lightning_hrp.recipes.compare.folders import require_marker
 from lightning_hrp.recipes.compare.matching import MatchingPlan, is_plain_lora, plan_matching, recipe_overrides
 from lightning_hrp.recipes.compare.plots import write_plots
@@ -176,16 +176,20 @@ def report_lines(
 ) -> list[str]:
     """The markdown report: how the comparison was run, one table row per method, the paired verdicts, the plots."""
     metric, test_metric = settings.selection_metric, settings.reported_test_metric
-    means = validation_means(runs, metric)
+    means = selection_means(runs, settings)
     learning_rates = sorted(runs["learning_rate"].unique())
     seed_keys = f" (each also sets {', '.join(f'`{k}`' for k in settings.seed_keys)})" if settings.seed_keys else ""
+    if settings.tuning_seeds is None:
+        tuned_on = "over seeds"
+    else:
+        tuned_on = f"over the tuning seeds {settings.tuning_seeds}; the other seeds ran at the chosen rate only"
     lines = [
         "# LoRA initialisations compared",
         "",
         f"Recipe: `{settings.recipe_config}`; overrides: `{json.dumps(settings.overrides)}`.",
-        f"Learning rate chosen per method on the validation split (mean of the final `{metric}` over seeds, "
+        f"Learning rate chosen per method on the validation split (mean of the final `{metric}` {tuned_on}, "
         f"{settings.selection_mode}imised); the test split (`{test_metric}`) is reported at that rate only. "
-        f"Seeds: {settings.seeds}{seed_keys}. Mean ± sample std over seeds.",
+        f"Seeds: {settings.seeds}{seed_keys}. Mean ± sample std over every seed at the chosen rate.",
     ]
     if plan is not None:
         lines += [
@@ -213,6 +217,13 @@ def report_lines(
             f"| {label} | {s.method} |{compute} {s.chosen_lr:g} | {s.val_mean:.4g} ± {s.val_std:.2g} | "
             f"{s.test_mean:.4g} ± {s.test_std:.2g} |{per_lr}"
         )
+    at_edge = [label for label, s in summary.iterrows() if _at_grid_edge(means.loc[label].index, float(s.chosen_lr))]
+    if at_edge:
+        lines += [
+            "",
+            f"**Chosen at the edge of the grid:** {', '.join(f'`{label}`' for label in at_edge)}: the best rate may lie "
+            "outside it, so these methods may be under-tuned; widen their grid (a method's own `learning_rates`).",
+        ]
     if paired is not None and not paired.empty:
         lines += [
             "",
@@ -251,6 +262,11 @@ def report_lines(
         "`runs/<method>/lr=<lr>/seed=<seed>/`.",
     ]
     return lines
+
+
+def _at_grid_edge(rates: Sequence[float], chosen: float) -> bool:
+    """Whether ``chosen`` is the smallest or largest of a grid of several rates (not bracketed)."""
+    return len(rates) > 1 and chosen in (min(rates), max(rates))
 
 
 def log_summary_to_wandb(results: Sequence[dict[str, Any]], settings: CompareSettings, plots: Sequence[Path], base: Mapping[str, Any]) -> None:

@@ -71,6 +71,11 @@ class CompareSettings:
         methods: The contenders.
         learning_rates: Grid of ``model.init_args.learning_rate`` values, the same for every method.
         seeds: ``seed_everything`` values; each (method, learning rate) runs once per seed.
+        tuning_seeds: The seeds that choose each method's learning rate: they run at every rate of
+            the method's grid, every other seed only at the rate they chose (``k`` rates, ``n`` seeds
+            and ``t`` tuning seeds cost ``k*t + n - t`` runs per method instead of ``k*n``). None:
+            every seed runs at every rate and the rate is chosen on all of them. They need not be
+            among ``seeds``: a process given other ``--seeds`` reads their finished runs.
         selection_metric: Validation metric that chooses each method's learning rate (its final value).
         selection_mode: ``min`` or ``max`` for the selection metric (and the test metric).
         test_metric: Reported test metric; None: ``selection_metric`` with ``val/`` replaced by ``test/``.
@@ -99,6 +104,7 @@ class CompareSettings:
     methods: list[MethodSpec]
     learning_rates: list[float]
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    tuning_seeds: list[int] | None = None
     selection_metric: str = "val/loss"
     selection_mode: Direction = "min"
     test_metric: str | None = None
@@ -118,6 +124,11 @@ class CompareSettings:
         if not self.selection_metric.startswith("val/"):
             raise ValueError(f"selection_metric {self.selection_metric!r} has no val/ prefix; set test_metric explicitly.")
         return "test/" + self.selection_metric.removeprefix("val/")
+
+    @property
+    def rate_choosing_seeds(self) -> list[int]:
+        """The seeds each method's learning rate is chosen on: ``tuning_seeds``, or every seed."""
+        return list(self.tuning_seeds) if self.tuning_seeds is not None else list(self.seeds)
 
     @property
     def group(self) -> str:
@@ -166,6 +177,14 @@ def check_label(label: Any, argument: str = "methods: label", folder: str = "eac
     return label
 
 
+def _check_seeds(seeds: list[Any], argument: str) -> None:
+    for seed in seeds:
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= _MAX_SEED:
+            raise ValueError(f"{argument}: each must be an integer in [0, {_MAX_SEED}] (seed_everything's range), got {seed!r}.")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"{argument}: must be distinct (a repeated seed is the same run counted twice), got {seeds}.")
+
+
 def check_settings(settings: CompareSettings) -> None:
     """Refuse a comparison that cannot run as asked, before anything is written or run."""
     if not settings.methods:
@@ -189,11 +208,11 @@ def check_settings(settings: CompareSettings) -> None:
         raise ValueError("learning_rates and seeds must each hold at least one value.")
     for grid in [settings.learning_rates] + [spec.learning_rates for spec in settings.methods if spec.learning_rates is not None]:
         _check_rates(grid)
-    for seed in settings.seeds:
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= _MAX_SEED:
-            raise ValueError(f"seeds: each must be an integer in [0, {_MAX_SEED}] (seed_everything's range), got {seed!r}.")
-    if len(set(settings.seeds)) != len(settings.seeds):
-        raise ValueError(f"seeds: must be distinct (a repeated seed is the same run counted twice), got {settings.seeds}.")
+    _check_seeds(settings.seeds, "seeds")
+    if settings.tuning_seeds is not None:
+        if not settings.tuning_seeds:
+            raise ValueError("tuning_seeds: give at least one seed to choose the learning rates on, or leave it unset (null) to tune on every seed.")
+        _check_seeds(settings.tuning_seeds, "tuning_seeds")
     if settings.wandb.mode != "disabled" and importlib.util.find_spec("wandb") is None:
         raise ValueError(
             f"wandb: mode={settings.wandb.mode!r} needs the wandb package: pip install 'lightning-hrp[wandb]', "
