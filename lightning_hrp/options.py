@@ -30,6 +30,10 @@ PreheatDtype = Literal["float32", "bfloat16"]
 OptimizerFactory = Callable[[Iterable[Tensor]], Optimizer]
 
 
+# The numeric options, each with the Python type it is stored as (NumPy scalars are converted).
+_NUMBER_FIELDS = {"preheat_rank": int, "preheat_steps": int, "preheat_lr": float, "drift_tolerance": float, "seed": int, "rank_budget": int}
+
+
 @dataclass(frozen=True)
 class HRPOptions:
     """Every option of one HRP run, checked on construction (an :class:`HRPConfigurationError` names the argument).
@@ -93,12 +97,10 @@ class HRPOptions:
             check_int("rank_budget", self.rank_budget, minimum=1)
         check_choice("allocation_rule", self.allocation_rule, AllocationRule)
         # NumPy scalars are accepted above; stored as Python numbers, so that every later use sees one type.
-        for name, kind in (("preheat_lr", float), ("drift_tolerance", float), ("seed", int), ("rank_budget", int)):
+        for name, kind in _NUMBER_FIELDS.items():
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, kind(value))
-        for name in ("preheat_rank", "preheat_steps"):
-            object.__setattr__(self, name, int(getattr(self, name)))
 
     @classmethod
     def from_arguments(cls, arguments: Mapping[str, Any]) -> HRPOptions:
