@@ -70,6 +70,11 @@ def hrp_init(
     the seed is rank 0's, the preheat gradients are averaged with one flattened all-reduce per step,
     the decomposition is shared out, and every rank ends with bitwise the same adapters.
 
+    The other options (``mode``, ``init_rule``, ``direction_scale``, ``preheat_optimizer``, ``adapter_name``,
+    ``seed``, ``svd_dtype``, ``on_failure``, ``track_subspace_drift``, ``drift_tolerance``, ``preheat_dtype``,
+    ``other_params``, ``reinitialise_trained``) mean what they mean for :class:`lightning_hrp.HRPPreheatCallback`.
+    Build your optimizer after ``hrp_init``: HRP cannot see one built before, nor clear the moments it may hold.
+
     Args:
         model: A module holding peft LoRA layers: plain, wrapped in ``DistributedDataParallel``, or
             sharded with ``fully_shard`` (FSDP2) or FSDP1. Under DDP, ``loss_fn`` gets the module
@@ -87,10 +92,6 @@ def hrp_init(
         preheat_lr: Learning rate of the default AdamW preheat optimizer (the main run's learning rate
             is a good start); needed unless ``preheat_optimizer`` is given.
         accumulate_grad_batches: Batches per preheat optimizer step.
-        mode, init_rule, direction_scale, preheat_optimizer, adapter_name, seed, svd_dtype, on_failure,
-            track_subspace_drift, drift_tolerance, preheat_dtype, other_params, reinitialise_trained: As for
-            :class:`lightning_hrp.HRPPreheatCallback`. Build your optimizer after ``hrp_init``: HRP cannot see
-            one built before, nor clear the moments it may hold.
         rank_budget: The total rank of the trainable LoRA layers, allocated after preheating from the
             preheated spectra (``allocation_rule``) instead of the same r everywhere; each layer gets at
             least 1 and at most its preheat rank, and is resized (new ``lora_A``/``lora_B`` Parameters, the

@@ -57,11 +57,9 @@ class HRPInit(HRPArguments, SetupTimeInit):
     (sharded weights under FSDP, the strategy's precision and gradient scaling) and needs no learning
     rate before the optimizers exist. Here every rank holds the whole bare model while preheating.
 
+    Its options mean what they mean for :class:`lightning_hrp.HRPPreheatCallback`, except these:
+
     Args:
-        preheat_rank, preheat_steps, mode, init_rule, direction_scale, preheat_optimizer, adapter_name,
-            seed, svd_dtype, on_failure, log_layer_metrics, track_subspace_drift, drift_tolerance,
-            preheat_dtype, other_params: As for
-            :class:`lightning_hrp.HRPPreheatCallback`.
         preheat_lr: Learning rate of the default AdamW preheat optimizer; by default the initial
             learning rate of the optimizer ``configure_optimizers`` returns (called once here, its
             optimizer dropped).

@@ -69,10 +69,10 @@ class HRPTrainerCallback(HRPArguments, TrainerCallback):
     from a checkpoint of an HRP run (``hrp/preheat_finished`` in its log history) does not preheat
     again; resuming a checkpoint of a run without HRP with this callback is refused.
 
-    Args: As :class:`lightning_hrp.HRPPreheatCallback`'s; ``preheat_lr`` defaults to the Trainer
-        optimizer's initial learning rate. ``rank_budget`` is refused, as there: the Trainer has built its
-        optimizer (and any wrapper) by ``on_train_begin``, so shapes can no longer change; call
-        :func:`lightning_hrp.hrp_init` with ``rank_budget`` on the model before creating the Trainer instead.
+    Its options are :class:`lightning_hrp.HRPPreheatCallback`'s; ``preheat_lr`` defaults to the Trainer
+    optimizer's initial learning rate. ``rank_budget`` is refused, as there: the Trainer has built its
+    optimizer (and any wrapper) by ``on_train_begin``, so shapes can no longer change; call
+    :func:`lightning_hrp.hrp_init` with ``rank_budget`` on the model before creating the Trainer instead.
     """
 
     def _start(self) -> None:
