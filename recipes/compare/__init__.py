@@ -5,6 +5,8 @@ with only ``model.init_args.init_method`` / ``init_options``, ``learning_rate`` 
 ``seed_everything`` changed. Per method the learning rate is chosen on the *validation* split
 (mean over seeds of the final ``selection_metric``) and the *test* split is reported at that rate
 only, so every method gets the same tuning budget ("Learning Rate Matters", arXiv 2602.04998).
+With ``tuning_seeds`` only those seeds run at every rate and choose it; the other seeds run at
+the chosen rate only.
 With ``compute_matched`` (on by default) every method that computes on training batches before
 its main run gets a plain-LoRA arm with as many more optimizer steps
 (:mod:`~lightning_hrp.recipes.compare.matching`), and each method is judged against it and the
