@@ -361,6 +361,8 @@ def quiet_libraries() -> Iterator[None]:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
             warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+            # peft reads model.is_gradient_checkpointing, deprecated in transformers 5: once per run, nothing to act on.
+            warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated")
             yield
     finally:
         for name, level in levels.items():
