@@ -346,7 +346,8 @@ def quiet_libraries() -> Iterator[None]:
     """Keep a script's output to its own lines and progress bars; everything is restored afterwards.
 
     Lightning's and HRP's info lines, transformers' load reports and download bars, and the
-    dataloader-worker hint (irrelevant on a few cores) are off; warnings and errors still show.
+    dataloader-worker hint (irrelevant on a few cores) and two deprecation warnings between the pinned
+    libraries (Lightning's LeafSpec, peft's is_gradient_checkpointing) are off; other warnings and errors show.
     """
     from transformers.utils import logging as transformers_logging
 
