@@ -2,7 +2,8 @@
 
 Per method the learning rate is chosen on the validation split (mean over the rate-choosing seeds
 of the final ``selection_metric``; a rate where any seed diverged to NaN never wins), and the test
-split is summarised at that rate only, over every seed run there. Means and sample standard deviations are over seeds.
+split is summarised at that rate only, over every seed run there. Means and sample standard
+deviations are over seeds.
 
 Methods are judged *paired*: a seed fixes the task, the data order and the random starts for every
 method, so each method is compared with a reference seed by seed (:func:`paired_comparison`: the
