@@ -179,17 +179,15 @@ def report_lines(
     means = selection_means(runs, settings)
     learning_rates = sorted(runs["learning_rate"].unique())
     seed_keys = f" (each also sets {', '.join(f'`{k}`' for k in settings.seed_keys)})" if settings.seed_keys else ""
-    if settings.tuning_seeds is None:
-        tuned_on = "over seeds"
-    else:
-        tuned_on = f"over the tuning seeds {settings.tuning_seeds}; the other seeds ran at the chosen rate only"
+    tuned_on = "over seeds" if settings.tuning_seeds is None else f"over the tuning seeds {settings.tuning_seeds}"
+    others = "" if settings.tuning_seeds is None else " The other seeds ran at the chosen rate only."
     lines = [
         "# LoRA initialisations compared",
         "",
         f"Recipe: `{settings.recipe_config}`; overrides: `{json.dumps(settings.overrides)}`.",
         f"Learning rate chosen per method on the validation split (mean of the final `{metric}` {tuned_on}, "
         f"{settings.selection_mode}imised); the test split (`{test_metric}`) is reported at that rate only. "
-        f"Seeds: {settings.seeds}{seed_keys}. Mean ± sample std over every seed at the chosen rate.",
+        f"Seeds: {settings.seeds}{seed_keys}.{others} Mean ± sample std over every seed at the chosen rate.",
     ]
     if plan is not None:
         lines += [
