@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ast
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -122,3 +124,16 @@ def test_the_readme_layout_names_every_module():
     files = [p for p in MODULES.values() if p.name != "__init__.py"] + sorted((REPO / "benchmarks").glob("*.py"))
     missing = sorted(str(p.relative_to(REPO)) for p in files if not re.search(rf"(?<![\w.]){re.escape(p.name)}\b", tree))
     assert not missing, f"docs/architecture.md's Layout tree does not name: {missing}"
+
+
+def test_a_committed_comparisons_run_folders_are_not_ignored():
+    """The whole-split evidence resumes from its committed run folders: git must not ignore them,
+    while a comparison's runs elsewhere (runs/compare/...) stay ignored."""
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("needs a git checkout")
+
+    def ignored(path: str) -> bool:
+        return subprocess.run(["git", "check-ignore", "-q", "--no-index", path], cwd=REPO).returncode == 0
+
+    assert not ignored("docs/results/classification_rotten_tomatoes_full/runs/hrp/lr=0.002/seed=0/result.json")
+    assert ignored("runs/compare/classification_rotten_tomatoes_r4/runs/lora/lr=0.004/seed=0/result.json")
