@@ -87,8 +87,14 @@ def compare(settings: CompareSettings, command: str = "") -> list[dict[str, Any]
         if not ready:
             break
         waiting = [spec for spec in waiting if spec not in ready]
+    elsewhere = [seed for seed in tuning if seed not in settings.seeds]
     for spec in waiting:
-        then = "" if settings.report_only else "; run the same command again once they have"
+        if settings.report_only:
+            then = ""
+        elif elsewhere:
+            then = f"; a process whose --seeds hold {elsewhere} runs them, then run this command again"
+        else:
+            then = "; run the same command again once they have"
         print(
             f"{spec.label}: seeds {later_seeds} not run, its learning rate is not chosen yet: its tuning runs (seeds {tuning} at "
             f"every rate) have not all finished{then}.",
