@@ -86,7 +86,7 @@ def test_sweep_reports_resumes_and_logs_offline(tmp_path: Path, wandb_env: None,
     assert matched["model"]["init_args"]["init_method"] == "lora"
 
     # Report files, and the chosen learning rate is the validation-best mean over seeds.
-    files = ("report.md", "runs.csv", "summary.csv", "paired.csv", "equivalent_steps.csv")
+    files = ("report.md", "runs.csv", "summary.csv", "paired.csv", "equivalent_steps.csv", "learning_curves.csv")
     plots = ("learning_curves.png", "final_metric.png", "lr_sweep.png", "paired_differences.png", "hrp_spectra.png")
     for name in files + plots:
         assert (tmp_path / name).stat().st_size > 0, name
@@ -119,6 +119,14 @@ def test_sweep_reports_resumes_and_logs_offline(tmp_path: Path, wandb_env: None,
     assert paired["hrp", "lora_matched_6"]["seeds"] == "2"
     assert "| hrp | lora_matched_6 (matched) | test/loss | 2 |" in report
     assert "## Equivalent plain-LoRA steps" in report
+    # The validation curves table: each method's mean over seeds at its chosen rate, step by step.
+    with (tmp_path / "learning_curves.csv").open() as handle:
+        curve_rows = {float(row["step"]): row for row in csv.DictReader(handle)}
+    hrp_lr = float(summary["hrp"]["chosen_lr"])
+    seed_curves = [read_learning_curve(compare_module.run_dir(settings, "hrp", hrp_lr, seed), "val/loss") for seed in (0, 1)]
+    for step in (2.0, 4.0):
+        assert float(curve_rows[step]["hrp"]) == pytest.approx(statistics.mean(curve[step] for curve in seed_curves))
+    assert curve_rows[6.0]["hrp"] == "" and curve_rows[6.0]["lora_matched_6"] != ""  # only the matched arm ran 6 steps
 
     # W&B offline: one run folder per training run plus the summary run, under the output folder.
     offline_runs = sorted((tmp_path / "wandb").glob("offline-run-*"))

@@ -68,6 +68,8 @@ def write_report(results: Sequence[dict[str, Any]], settings: CompareSettings, c
     summary = summarise(results, settings, arms)
     paired = paired_table(runs, summary, judged_pairs(settings, plan, list(summary.index)), judged_metrics(settings))
     steps = equivalent_steps_table(summary, runs, settings, arms, plan)
+    curves = mean_curves_table(summary, runs, settings)
+    curves.to_csv(output / "learning_curves.csv")
     runs.assign(fit_seconds=runs["fit_seconds"].map("{:.2f}".format)).to_csv(output / "runs.csv", index=False)
     summary_table(summary, settings).to_csv(output / "summary.csv", index=False)
     paired.to_csv(output / "paired.csv", index=False)
@@ -75,7 +77,7 @@ def write_report(results: Sequence[dict[str, Any]], settings: CompareSettings, c
         steps.to_csv(output / "equivalent_steps.csv", index=False)
     plots = write_plots(results, summary, settings, paired)
     report = output / "report.md"
-    report.write_text("\n".join(report_lines(runs, summary, settings, command, plots, plan, paired, steps)) + "\n")
+    report.write_text("\n".join(report_lines(runs, summary, settings, command, plots, plan, paired, steps, curves)) + "\n")
     return report
 
 
@@ -121,6 +123,17 @@ def equivalent_steps_table(
             }
         )
     return pd.DataFrame(rows, columns=columns)
+
+
+def mean_curves_table(summary: pd.DataFrame, runs: pd.DataFrame, settings: CompareSettings) -> pd.DataFrame:
+    """Each method's seed-mean validation curve at its chosen rate: one column per method, indexed by step."""
+    curves = {}
+    for label, s in summary.iterrows():
+        seeds = sorted(runs.loc[(runs["label"] == label) & (runs["learning_rate"] == s.chosen_lr), "seed"])
+        curves[label] = mean_curve(settings, label, float(s.chosen_lr), seeds, settings.selection_metric)
+    table = pd.concat(curves, axis=1).sort_index() if curves else pd.DataFrame()
+    table.index.name = "step"
+    return table
 
 
 def mean_curve(settings: CompareSettings, label: str, lr: float, seeds: Sequence[int], metric: str) -> pd.Series:
@@ -173,6 +186,7 @@ def report_lines(
     plan: MatchingPlan | None = None,
     paired: pd.DataFrame | None = None,
     steps: pd.DataFrame | None = None,
+    curves: pd.DataFrame | None = None,
 ) -> list[str]:
     """The markdown report: how the comparison was run, one table row per method, the paired verdicts, the plots."""
     metric, test_metric = settings.selection_metric, settings.reported_test_metric
@@ -253,10 +267,24 @@ def report_lines(
                 f"| {row.label} | {row.extra_steps} | {row.final_val:.4g} | {row.lora_arm} | {bound}{row.reached_at:.1f} | "
                 f"{bound}{row.equivalent_extra_steps:+.1f} |"
             )
+    if curves is not None and not curves.empty:
+        lines += [
+            "",
+            "## Validation curves",
+            "",
+            f"Mean `{metric}` over the seeds at each method's chosen rate, by optimizer step of the main run (`learning_curves.csv`).",
+            "",
+            "| step | " + " | ".join(curves.columns) + " |",
+            "|---|" + "---|" * len(curves.columns),
+        ]
+        for step, row in curves.iterrows():
+            values = " | ".join("" if pd.isna(v) else f"{v:.4g}" for v in row)
+            lines.append(f"| {step:g} | {values} |")
     lines += ["", "Plots:", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     lines += [
         "",
-        "Every run: `runs.csv`; per method: `summary.csv`; paired comparisons: `paired.csv`; run folders: "
+        "Every run: `runs.csv`; per method: `summary.csv`; paired comparisons: `paired.csv`; validation curves: "
+        "`learning_curves.csv`; run folders: "
         "`runs/<method>/lr=<lr>/seed=<seed>/`.",
     ]
     return lines
