@@ -17,7 +17,6 @@ import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -32,7 +31,7 @@ from lightning.pytorch.loggers import Logger
 # `--trainer.callbacks+=HRPPreheatCallback` among the Callback subclasses imported so far.
 from lightning_hrp import HRPPreheatCallback  # noqa: F401
 from lightning_hrp.recipes import DESCRIPTION
-from lightning_hrp.recipes.packaged_configs import resolve_config, resolve_config_arguments
+from lightning_hrp.recipes.packaged_configs import configs_folder, resolve_config, resolve_config_arguments
 
 SUBCOMMANDS = ("fit", "validate", "test")
 # What a recipe's module must agree on with its data, set once (on the source side) and copied to
@@ -257,7 +256,7 @@ def build_run(config: Mapping[str, Any], *, callbacks: Sequence[Callback] = (), 
 
 def bundled_config(name: str) -> dict[str, Any]:
     """A config shipped in ``recipes/configs/`` by file name, found inside the installed package (a wheel too)."""
-    return load_config(Path(str(resources.files("lightning_hrp.recipes") / "configs" / name)), argument=name)
+    return load_config(configs_folder() / name, argument=name)
 
 
 def load_config(path: str | Path, argument: str = "config") -> dict[str, Any]:
